@@ -53,9 +53,7 @@ class Architecture:
     @classmethod
     def of(cls, hf_model: nn.Module) -> Architecture:
         """Resolve the architecture of `hf_model`; raise ValueError naming what is supported."""
-        layers_path = next(
-            (p for p in _LAYER_PATHS if get_submodule(hf_model, p) is not None), None
-        )
+        layers_path = next((p for p in _LAYER_PATHS if get_submodule(hf_model, p) is not None), None)
         if layers_path is None:
             raise ValueError(
                 f"{type(hf_model).__name__}: no transformer block list found; supported layouts "

@@ -158,15 +158,11 @@ class HookedModel:
                 f"({self.n_ctx} tokens) of {self.name}"
             )
         if tokens.min() < 0 or tokens.max() >= self.d_vocab:
-            raise ValueError(
-                f"token ids must lie in [0, {self.d_vocab}); got {tokens.min()}..{tokens.max()}"
-            )
+            raise ValueError(f"token ids must lie in [0, {self.d_vocab}); got {tokens.min()}..{tokens.max()}")
 
     def _check_layer(self, layer: int, what: str = "layer") -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise ValueError(
-                f"{what} {layer!r} out of range: valid layers are 0..{self.n_layers - 1}"
-            )
+            raise ValueError(f"{what} {layer!r} out of range: valid layers are 0..{self.n_layers - 1}")
         return layer
 
     def _check_head(self, head: int) -> int:
@@ -177,9 +173,7 @@ class HookedModel:
     def _check_direction(self, direction: Tensor) -> Tensor:
         direction = torch.as_tensor(direction)
         if direction.shape != (self.d_model,):
-            raise ValueError(
-                f"direction must have shape ({self.d_model},), got {tuple(direction.shape)}"
-            )
+            raise ValueError(f"direction must have shape ({self.d_model},), got {tuple(direction.shape)}")
         if not torch.isfinite(direction).all() or direction.norm() == 0:
             raise ValueError("direction must be finite and non-zero")
         return direction.to(self.device)
@@ -187,9 +181,7 @@ class HookedModel:
     def _as_input(
         self, tokens: Tensor | str | Sequence[str], attention_mask: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        if isinstance(tokens, str) or (
-            isinstance(tokens, Sequence) and not isinstance(tokens, Tensor)
-        ):
+        if isinstance(tokens, str) or (isinstance(tokens, Sequence) and not isinstance(tokens, Tensor)):
             return self.tokenize(tokens)
         tokens = torch.as_tensor(tokens)
         if tokens.ndim == 1:
@@ -241,9 +233,7 @@ class HookedModel:
     ) -> RunOutput:
         raise NotImplementedError
 
-    def __call__(
-        self, tokens: Tensor | str | Sequence[str], attention_mask: Tensor | None = None
-    ) -> Tensor:
+    def __call__(self, tokens: Tensor | str | Sequence[str], attention_mask: Tensor | None = None) -> Tensor:
         """Logits `[batch, pos, vocab]` under the active interventions."""
         tokens, attention_mask = self._as_input(tokens, attention_mask)
         with torch.no_grad():
@@ -266,12 +256,8 @@ class HookedModel:
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in CACHE_NAMES]
         if unknown or not names:
-            raise ValueError(
-                f"unknown cache name(s) {unknown}: valid names are {list(CACHE_NAMES)}"
-            )
-        layer_list = (
-            list(range(self.n_layers)) if layers is None else [self._check_layer(l) for l in layers]
-        )
+            raise ValueError(f"unknown cache name(s) {unknown}: valid names are {list(CACHE_NAMES)}")
+        layer_list = list(range(self.n_layers)) if layers is None else [self._check_layer(l) for l in layers]
         if not layer_list:
             raise ValueError("layers is empty: give at least one layer")
         tokens, attention_mask = self._as_input(tokens, attention_mask)
@@ -293,9 +279,7 @@ class HookedModel:
         the logit lens of the last layer equals the model's logits.
         """
         if resid.shape[-1] != self.d_model:
-            raise ValueError(
-                f"resid last dim must be d_model={self.d_model}, got {resid.shape[-1]}"
-            )
+            raise ValueError(f"resid last dim must be d_model={self.d_model}, got {resid.shape[-1]}")
         x = self.final_norm(resid) if normalize else resid
         logits = get_submodule(self.hf_model, self.arch.head_path)(x)
         if self.arch.logit_softcap:
@@ -337,9 +321,7 @@ class HookedModel:
             raise ValueError("heads is empty: give (layer, head) pairs")
         means = None
         if mode == "mean" and reference is not None:
-            _, cache = self.run_with_cache(
-                reference, ["z"], layers=sorted(by_layer), return_logits=False
-            )
+            _, cache = self.run_with_cache(reference, ["z"], layers=sorted(by_layer), return_logits=False)
             means = {l: cache.at("z", l).flatten(0, 1).mean(0) for l in by_layer}  # [heads, d_head]
         return self._intervene(HeadAblation(by_layer, mode, means, positions))
 
@@ -356,10 +338,7 @@ class HookedModel:
         As in the Thought Anchors code. Positions count each sequence's own tokens.
         """
         start, end = keys
-        if (
-            not (isinstance(start, int) and isinstance(end, int))
-            or not 0 <= start < end <= self.n_ctx
-        ):
+        if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start < end <= self.n_ctx:
             raise ValueError(
                 f"keys must be a span (start, end) with 0 <= start < end <= {self.n_ctx}, got {keys}"
             )
@@ -376,9 +355,7 @@ class HookedModel:
     ) -> contextlib.AbstractContextManager[None]:
         """Context: add `scale * direction` to the residual stream leaving block `layer`."""
         self._check_layer(layer)
-        return self._intervene(
-            DirectionAddition(layer, self._check_direction(direction), scale, positions)
-        )
+        return self._intervene(DirectionAddition(layer, self._check_direction(direction), scale, positions))
 
     def project_out(
         self, direction: Tensor, layers: Sequence[int] | None = None
@@ -416,9 +393,7 @@ class HookedModel:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         for it in self._interventions.of(HeadAblation):
             if it.mode == "mean" and it.means is None:
-                raise ValueError(
-                    "mean ablation during generate needs reference= tokens for the means"
-                )
+                raise ValueError("mean ablation during generate needs reference= tokens for the means")
         per_batch = max(1, batch_size // n)
         texts: list[str] = []
         new_tokens: list[Tensor] = []
@@ -465,9 +440,7 @@ class HookedModel:
             mask = mask.repeat_interleave(n, 0)
         logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # [rows, vocab]
         rows = logits.shape[0]
-        gens = [
-            torch.Generator().manual_seed(seed * 1_000_003 + first_row + r) for r in range(rows)
-        ]
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + first_row + r) for r in range(rows)]
         eos = self.tokenizer.eos_token_id
         done = torch.zeros(rows, dtype=torch.bool, device=self.device)
         generated: list[Tensor] = []
@@ -493,9 +466,7 @@ class HookedModel:
         return result
 
 
-def _sample_next(
-    logits: Tensor, temperature: float, top_p: float, gens: list[torch.Generator]
-) -> Tensor:
+def _sample_next(logits: Tensor, temperature: float, top_p: float, gens: list[torch.Generator]) -> Tensor:
     """One token per row of `logits [rows, vocab]`: greedy, or temperature + nucleus sampling."""
     if temperature == 0:
         return logits.argmax(-1)

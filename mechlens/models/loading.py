@@ -97,9 +97,7 @@ def _load_hf(name: str, dtype: torch.dtype, device: str | None) -> tuple[nn.Modu
     elif name.startswith("tiny-"):
         arch = name.removeprefix("tiny-")
         if arch not in TINY_ARCHS:
-            raise ValueError(
-                f"unknown tiny model {name!r}: choose from {['tiny-' + a for a in TINY_ARCHS]}"
-            )
+            raise ValueError(f"unknown tiny model {name!r}: choose from {['tiny-' + a for a in TINY_ARCHS]}")
         hf, tok = tiny_model(arch)
         return hf.to(dtype=dtype, device=device or "cpu"), tok
     else:
@@ -143,9 +141,7 @@ def load_model(
         raise ValueError(f"unknown backend {backend!r}: choose from {list(BACKENDS)}")
     if isinstance(name, nn.Module):
         if tokenizer is None:
-            raise ValueError(
-                "wrapping an nn.Module needs its tokenizer: load_model(module, tokenizer=tok)"
-            )
+            raise ValueError("wrapping an nn.Module needs its tokenizer: load_model(module, tokenizer=tok)")
         hf = name.to(dtype=dtype, device=device) if device else name.to(dtype=dtype)
         label = getattr(hf.config, "_name_or_path", None) or type(hf).__name__
     else:

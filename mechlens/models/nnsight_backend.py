@@ -64,9 +64,7 @@ class NNsightModel(HookedModel):
                     found.append(("resid_pre", layer, args[0] if args else kw["hidden_states"]))
                 if iv.touches_scores(layer):
                     args, kw = attn.inputs
-                    kw["attention_mask"] = _suppressed_mask(
-                        kw.get("attention_mask"), iv, layer, pos, n_heads
-                    )
+                    kw["attention_mask"] = _suppressed_mask(kw.get("attention_mask"), iv, layer, pos, n_heads)
                     attn.inputs = (args, kw)
                 want_z = "z" in capture and layer in capture["z"]
                 if iv.touches_z(layer) or want_z:

@@ -55,9 +55,7 @@ def tiny_model(
 
     tok = tiny_tokenizer()
     vocab = len(tok)
-    common = dict(
-        vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1
-    )
+    common = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
     llama_like = dict(
         hidden_size=d_model,
         intermediate_size=2 * d_model,

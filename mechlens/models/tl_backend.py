@@ -46,9 +46,7 @@ class TransformerLensModel(HookedModel):
             "name_or_path": tokenizer.name_or_path or "local",
         }
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.bridge = TransformerBridge.boot_transformers(
-            self.name, hf_model=hf_model, tokenizer=bridge_tok
-        )
+        self.bridge = TransformerBridge.boot_transformers(self.name, hf_model=hf_model, tokenizer=bridge_tok)
         self.bridge.eval()
 
     def _run(
@@ -67,9 +65,7 @@ class TransformerLensModel(HookedModel):
         hooks = []
         for layer in range(self.n_layers if stop_after is None else stop_after + 1):
             if iv.touches_scores(layer):
-                hooks.append(
-                    (f"blocks.{layer}.attn.hook_attn_scores", _edit(iv.scores, layer, pos))
-                )
+                hooks.append((f"blocks.{layer}.attn.hook_attn_scores", _edit(iv.scores, layer, pos)))
             if iv.touches_z(layer):
                 hooks.append((f"blocks.{layer}.attn.hook_z", _edit(iv.z, layer, pos)))
             if iv.touches_resid(layer):
