@@ -9,6 +9,7 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from mechlens.lens import LensResult, logit_lens  # noqa: E402
 from mechlens.models import (  # noqa: E402
     ActivationCache,
     Generation,
@@ -17,6 +18,19 @@ from mechlens.models import (  # noqa: E402
     load_model,
     tiny_model,
 )
+from mechlens.trace import ReasoningTrace, Sentence, split_sentences  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ActivationCache", "Generation", "HookedModel", "cache_dir", "load_model", "tiny_model"]
+__all__ = [
+    "ActivationCache",
+    "Generation",
+    "HookedModel",
+    "cache_dir",
+    "load_model",
+    "tiny_model",
+    "ReasoningTrace",
+    "Sentence",
+    "split_sentences",
+    "LensResult",
+    "logit_lens",
+]

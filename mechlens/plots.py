@@ -1,0 +1,171 @@
+"""Plotly figures, one function per figure kind, one shared style; saving to HTML (+ PNG/SVG).
+
+Example:
+    >>> import torch
+    >>> fig = attention_heatmap(torch.eye(3), ["a", "b", "c"], title="toy")
+    >>> fig.layout.xaxis.title.text
+    'Key token'
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import plotly.graph_objects as go
+import plotly.io as pio
+from torch import Tensor
+
+# Okabe-Ito: distinguishable with the common colour-vision deficiencies.
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+SEQUENTIAL = "Viridis"
+DIVERGING = "RdBu_r"
+
+pio.templates["mechlens"] = go.layout.Template(
+    layout=dict(
+        font=dict(family="Helvetica, Arial, sans-serif", size=14, color="#222"),
+        title=dict(font=dict(size=17), x=0.02, xanchor="left"),
+        colorway=PALETTE,
+        paper_bgcolor="white",
+        plot_bgcolor="white",
+        xaxis=dict(
+            showline=True,
+            linecolor="#444",
+            ticks="outside",
+            gridcolor="#eee",
+            zeroline=False,
+            automargin=True,
+        ),
+        yaxis=dict(
+            showline=True,
+            linecolor="#444",
+            ticks="outside",
+            gridcolor="#eee",
+            zeroline=False,
+            automargin=True,
+        ),
+        margin=dict(l=70, r=30, t=60, b=60),
+        hoverlabel=dict(font=dict(family="monospace", size=12)),
+    )
+)
+TEMPLATE = "mechlens"
+
+
+def _label(token: str) -> str:
+    """A token as readable text in a label or hover: visible whitespace."""
+    return token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "·") or "∅"
+
+
+def lens_heatmap(
+    values: Tensor,
+    top_tokens: Sequence[Sequence[str]],
+    str_tokens: Sequence[str],
+    layers: Sequence[int],
+    stat: str = "entropy (nats)",
+    title: str = "Logit lens",
+) -> go.Figure:
+    """Layers x positions heatmap of a lens statistic; hover shows the input and top token.
+
+    values: [layers, pos]; top_tokens[l][p]: the layer's top next-token string at p.
+    """
+    n_layers, n_pos = values.shape
+    hover = [
+        [
+            f"layer {layers[l]}<br>pos {p}: {_label(str_tokens[p])!s}<br>top-1 next: "
+            f"{_label(top_tokens[l][p])}<br>{stat}: {float(values[l, p]):.3f}"
+            for p in range(n_pos)
+        ]
+        for l in range(n_layers)
+    ]
+    fig = go.Figure(
+        go.Heatmap(
+            z=values.numpy(),
+            x=list(range(n_pos)),
+            y=list(layers),
+            text=[[_label(top_tokens[l][p])[:8] for p in range(n_pos)] for l in range(n_layers)],
+            texttemplate="%{text}" if n_pos * n_layers <= 600 else None,
+            textfont=dict(size=9),
+            hovertext=hover,
+            hoverinfo="text",
+            colorscale=SEQUENTIAL,
+            colorbar=dict(title=stat),
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title,
+        xaxis=dict(
+            title="Input token",
+            tickmode="array",
+            tickvals=list(range(n_pos)),
+            ticktext=[_label(t) for t in str_tokens],
+            tickangle=-60,
+            automargin=True,
+        ),
+        yaxis=dict(title="Layer", automargin=True),
+        height=max(380, 22 * n_layers + 160),
+        width=max(600, 34 * n_pos + 200),
+    )
+    return fig
+
+
+def attention_heatmap(
+    pattern: Tensor, str_tokens: Sequence[str], title: str = "Attention pattern"
+) -> go.Figure:
+    """Query x key heatmap of one head's attention `pattern [q, k]`, token strings on both axes."""
+    labels = [f"{i}:{_label(t)}" for i, t in enumerate(str_tokens)]
+    fig = go.Figure(
+        go.Heatmap(
+            z=pattern.float().numpy(),
+            x=labels,
+            y=labels,
+            colorscale="Blues",
+            zmin=0,
+            colorbar=dict(title="attention"),
+            hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title,
+        xaxis=dict(title="Key token", tickangle=-60, automargin=True),
+        yaxis=dict(title="Query token", autorange="reversed", automargin=True),
+        height=max(420, 18 * len(labels) + 200),
+        width=max(520, 18 * len(labels) + 260),
+    )
+    return fig
+
+
+@functools.cache
+def image_export_available() -> bool:
+    """Whether kaleido can find a Chromium to render PNG/SVG (Debian: apt-get install chromium)."""
+    try:
+        import kaleido  # noqa: F401
+
+        fig = go.Figure(go.Scatter(x=[0], y=[0]))
+        fig.to_image(format="png", width=10, height=10)
+        return True
+    except Exception as err:  # kaleido raises many kinds when no browser is found
+        warnings.warn(
+            f"PNG/SVG export disabled (no Chromium for kaleido: {type(err).__name__}); "
+            "figures are written as HTML only. Install one with: apt-get install chromium",
+            stacklevel=2,
+        )
+        return False
+
+
+def save_figure(fig: go.Figure, stem: str | Path, images: bool = True) -> list[Path]:
+    """Write `stem.html` (plotly.js shared in the folder) and, when possible, `stem.png`/`.svg`."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    html = stem.with_suffix(".html")
+    fig.write_html(html, include_plotlyjs="directory", full_html=True)
+    paths = [html]
+    if images and image_export_available():
+        for fmt in ("png", "svg"):
+            path = stem.with_suffix(f".{fmt}")
+            fig.write_image(path, format=fmt, scale=2 if fmt == "png" else 1)
+            paths.append(path)
+    return paths

@@ -1,0 +1,254 @@
+"""ReasoningTrace: a prompt, a chain of thought and an answer, tokenised with the chat template,
+with sentences as exact token spans.
+
+Sentences follow the Thought Anchors splitter: inside `<think>...</think>` when present (else the
+whole response), cut after `.`, `?` or `!` followed by a space or newline and at blank lines;
+strip; merge fragments under 10 characters into the next sentence (the last into the previous).
+Token spans come from the tokenizer's offset mapping, never from string search, so a sentence that
+repeats keeps its own span.
+
+Example:
+    >>> import mechlens as ml
+    >>> model = ml.load_model("tiny-llama")
+    >>> trace = ml.ReasoningTrace.from_text(model, "What is 2+3?",
+    ...     "<think>First, add 2 and 3. That gives 5.</think>The answer is 5.")
+    >>> [s.text for s in trace.sentences]
+    ['First, add 2 and 3.', 'That gives 5.']
+    >>> s = trace.sentences[1]; model.to_string(trace.tokens[0, s.start:s.end]).strip()
+    'That gives 5.'
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "cf.", "Dr.", "Mr.", "Mrs.", "Ms.", "approx.")
+
+
+def split_sentences(
+    text: str,
+    min_chars: int = 10,
+    max_chunks: int = 275,
+    protect_abbreviations: bool = False,
+) -> list[tuple[int, int]]:
+    """Character spans `[start, end)` of the sentences of `text` (Thought Anchors rules).
+
+    `protect_abbreviations=True` does not cut after "e.g.", "i.e." and similar; the reference
+    splitter does, so the default is False.
+
+        >>> t = "Let x = 3.5. Then 2x = 7!\\n\\nOk. Done with it."
+        >>> [t[a:b] for a, b in split_sentences(t)]
+        ['Let x = 3.5.', 'Then 2x = 7!', 'Ok. Done with it.']
+    """
+    cuts: list[tuple[int, int]] = []  # raw chunks before stripping
+    start = i = 0
+    n = len(text)
+    while i < n:
+        brk = next((b for b in ("\r\n\r\n", "\n\n") if text.startswith(b, i)), None)
+        if brk:
+            cuts.append((start, i))
+            i += len(brk)
+            start = i
+            continue
+        at_end = text[i] in ".?!" and i + 1 < n and text[i + 1] in " \n"
+        if at_end and not (protect_abbreviations and _ends_with_abbreviation(text, i + 1)):
+            cuts.append((start, i + 1))
+            start = i + 1
+        i += 1
+    cuts.append((start, n))
+    spans = [s for s in (_strip_span(text, a, b) for a, b in cuts) if s is not None]
+    i = 0
+    while i < len(spans):
+        a, b = spans[i]
+        if b - a < min_chars and len(spans) > 1:
+            if i + 1 < len(spans):
+                spans[i + 1] = (a, spans[i + 1][1])
+            else:
+                spans[i - 1] = (spans[i - 1][0], b)
+            del spans[i]
+            continue
+        i += 1
+    if len(spans) > max_chunks:
+        warnings.warn(f"{len(spans)} sentences; keeping the first max_chunks={max_chunks}", stacklevel=2)
+        spans = spans[:max_chunks]
+    return spans
+
+
+def _ends_with_abbreviation(text: str, end: int) -> bool:
+    word = text[:end].rsplit(None, 1)[-1] if text[:end].strip() else ""
+    return word.lower() in {a.lower() for a in ABBREVIATIONS}
+
+
+def _strip_span(text: str, a: int, b: int) -> tuple[int, int] | None:
+    while a < b and text[a].isspace():
+        a += 1
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return (a, b) if b > a else None
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """One sentence: its text and token span `[start, end)` in `trace.tokens`."""
+
+    index: int
+    text: str
+    start: int
+    end: int
+    char_start: int
+    char_end: int
+
+
+@dataclass
+class ReasoningTrace:
+    """Prompt + response, chat-templated and tokenised, with sentence token spans.
+
+    Attributes:
+        text: the full templated string; `tokens` [1, pos] its token ids.
+        prompt_len: number of prompt tokens (the response starts there).
+        thinking: character span of the chain of thought inside `text` (None without one).
+        sentences: sentences of the chain of thought (or of the whole response).
+    """
+
+    prompt: str
+    response: str
+    text: str
+    tokens: Tensor  # [1, pos]
+    offsets: list[tuple[int, int]]
+    prompt_len: int
+    thinking: tuple[int, int] | None
+    sentences: list[Sentence]
+
+    @classmethod
+    def from_text(
+        cls,
+        model,
+        prompt: str,
+        response: str,
+        system: str | None = None,
+        chat_template: bool = True,
+        protect_abbreviations: bool = False,
+    ) -> ReasoningTrace:
+        """Build a trace from a prompt and a response string (as a model produced it)."""
+        if not prompt.strip() or not response.strip():
+            raise ValueError("empty trace: both prompt and response must be non-empty")
+        prompt_text = format_prompt(model.tokenizer, prompt, system) if chat_template else prompt
+        text = prompt_text + response
+        enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        tokens = torch.tensor([enc["input_ids"]])
+        model._check_tokens(tokens)
+        offsets = [tuple(o) for o in enc["offset_mapping"]]
+        prompt_len = sum(1 for a, _ in offsets if a < len(prompt_text))
+        thinking = _thinking_span(text, len(prompt_text))
+        seg_start, seg_end = thinking or (len(prompt_text), len(text))
+        spans = split_sentences(text[seg_start:seg_end], protect_abbreviations=protect_abbreviations)
+        sentences = _token_spans(text, offsets, [(a + seg_start, b + seg_start) for a, b in spans])
+        if not sentences:
+            raise ValueError("empty trace: the response has no sentence to analyse")
+        return cls(prompt, response, text, tokens.to(model.device), offsets, prompt_len, thinking, sentences)
+
+    @classmethod
+    def from_generation(
+        cls,
+        model,
+        prompt: str,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        system: str | None = None,
+    ) -> ReasoningTrace:
+        """Let `model` answer `prompt` (greedy by default) and build the trace of its response."""
+        gen = model.generate(
+            format_prompt(model.tokenizer, prompt, system),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+        return cls.from_text(model, prompt, gen.texts[0], system)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def n_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def answer(self) -> str:
+        """The response after `</think>` (the whole response when there is no thinking)."""
+        if THINK_CLOSE in self.response:
+            return self.response.split(THINK_CLOSE, 1)[1].strip()
+        return self.response.strip()
+
+    def sentence_of(self, position: int) -> Sentence | None:
+        """The sentence that contains token `position`, if any."""
+        return next((s for s in self.sentences if s.start <= position < s.end), None)
+
+    def str_tokens(self, tokenizer) -> list[str]:
+        return [tokenizer.decode([t]) for t in self.tokens[0].tolist()]
+
+    # ------------------------------------------------------------------ io
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "response": self.response, "text": self.text,
+                "tokens": self.tokens[0].tolist(), "prompt_len": self.prompt_len,
+                "thinking": self.thinking, "sentences": [asdict(s) for s in self.sentences]}  # fmt: skip
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, model, path: str | Path) -> ReasoningTrace:
+        """Rebuild a saved trace with `model`'s tokenizer (checks the tokens still match)."""
+        data = json.loads(Path(path).read_text())
+        trace = cls.from_text(model, data["prompt"], data["response"])
+        if trace.tokens[0].tolist() != data["tokens"]:
+            raise ValueError(f"{path} was tokenised differently: was it saved with another model?")
+        return trace
+
+
+def format_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The chat-templated prompt with the generation prompt (the assistant turn opener)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _thinking_span(text: str, response_start: int) -> tuple[int, int] | None:
+    """Character span of the chain of thought: after `<think>` (or from the response start when the
+    chat template already opened it, or when only `</think>` appears) up to `</think>` (or the end)."""
+    open_at = text.find(THINK_OPEN, response_start)
+    if open_at >= 0:
+        start = open_at + len(THINK_OPEN)
+    elif text[:response_start].rstrip().endswith(THINK_OPEN) or THINK_CLOSE in text[response_start:]:
+        start = response_start
+    else:
+        return None
+    close_at = text.find(THINK_CLOSE, start)
+    return start, close_at if close_at >= 0 else len(text)
+
+
+def _token_spans(text: str, offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[Sentence]:
+    """Map character spans to token spans: a token belongs to the sentence holding its first
+    non-space character."""
+    anchors = []  # non-decreasing character anchor of each token
+    for a, b in offsets:
+        m = re.search(r"\S", text[a:b])
+        anchors.append(a + m.start() if m else a)
+    sentences = []
+    for cs, ce in spans:
+        first, stop = bisect.bisect_left(anchors, cs), bisect.bisect_left(anchors, ce)
+        if stop > first:
+            sentences.append(Sentence(len(sentences), text[cs:ce], first, stop, cs, ce))
+    return sentences
