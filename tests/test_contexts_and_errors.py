@@ -1,0 +1,98 @@
+"""Contexts restore the model (also after an exception); bad input raises a clear ValueError."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mechlens as ml
+
+
+def all_contexts(model):
+    d = torch.ones(model.d_model)
+    return [
+        lambda: model.ablate_heads([(0, 0)]),
+        lambda: model.ablate_heads([(1, 1)], mode="mean"),
+        lambda: model.suppress_attention(keys=(1, 4)),
+        lambda: model.add_direction(1, d),
+        lambda: model.project_out(d),
+    ]
+
+
+def test_contexts_restore_on_exit_and_exception(llama, tokens):
+    model, _ = llama
+    clean = model(tokens)
+    for make in all_contexts(model):
+        with make():
+            assert not torch.equal(model(tokens), clean)
+        assert torch.equal(model(tokens), clean)
+        with pytest.raises(RuntimeError), make():
+            raise RuntimeError("boom")
+        assert torch.equal(model(tokens), clean)
+        assert not model._interventions.items
+
+
+def test_contexts_nest(llama, tokens):
+    model, _ = llama
+    clean = model(tokens)
+    with model.ablate_heads([(0, 0)]):
+        one = model(tokens)
+        with model.suppress_attention(keys=(1, 3)):
+            both = model(tokens)
+        assert torch.equal(model(tokens), one)
+    assert not torch.equal(one, both)
+    assert torch.equal(model(tokens), clean)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: m.ablate_heads([(3, 0)]), r"layer 3 out of range: valid layers are 0\.\.2"),
+        (lambda m: m.ablate_heads([(0, -1)]), r"head -1 out of range: valid heads are 0\.\.3"),
+        (lambda m: m.ablate_heads([(0, 4)]), r"valid heads are 0\.\.3"),
+        (lambda m: m.ablate_heads([(0, 0)], mode="half"), "mode must be"),
+        (lambda m: m.ablate_heads([]), "heads is empty"),
+        (lambda m: m.suppress_attention(keys=(5, 2)), r"keys must be a span"),
+        (lambda m: m.suppress_attention(keys=(0, 10_000)), r"keys must be a span"),
+        (lambda m: m.suppress_attention(keys=(0, 2), layers=[7]), "valid layers"),
+        (lambda m: m.add_direction(0, torch.ones(5)), r"direction must have shape \(64,\)"),
+        (lambda m: m.add_direction(0, torch.zeros(64)), "non-zero"),
+        (lambda m: m.run_with_cache(m.to_tokens("hi"), ["resid_mid"]), "unknown cache name.*valid names"),
+        (lambda m: m.run_with_cache(m.to_tokens("hi"), ["z"], layers=[9]), "valid layers"),
+        (lambda m: m.to_tokens(""), "empty text"),
+        (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), "empty input"),
+        (lambda m: m(torch.zeros(1, 300, dtype=torch.long)), r"longer than the context window \(256"),
+        (lambda m: m(torch.full((1, 3), 10**6)), "token ids must lie in"),
+        (lambda m: m.generate("hi", max_new_tokens=300), "exceeds the context window"),
+        (lambda m: m.unembed(torch.zeros(3)), "d_model=64"),
+    ],
+)
+def test_bad_input_raises_clear_error(llama, call, match):
+    model, _ = llama
+    with pytest.raises(ValueError, match=match):
+        call(model)
+
+
+def test_mean_ablation_in_generate_needs_reference(llama):
+    model, _ = llama
+    with model.ablate_heads([(0, 0)], mode="mean"), pytest.raises(ValueError, match="reference="):
+        model.generate("hi", max_new_tokens=2)
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown backend 'tl'.*transformer_lens"):
+        ml.load_model("tiny-llama", backend="tl")
+    with pytest.raises(ValueError, match="unknown model .*local folder"):
+        ml.load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="unknown tiny model"):
+        ml.load_model("tiny-rwkv")
+    hf, _ = ml.tiny_model("llama")
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        ml.load_model(hf)
+
+
+def test_repr_and_dims(llama):
+    model, _ = llama
+    assert (model.n_layers, model.n_heads, model.d_model, model.d_head) == (3, 4, 64, 16)
+    assert model.d_vocab == len(model.tokenizer)
+    assert model.backend in repr(model)

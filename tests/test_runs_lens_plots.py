@@ -1,0 +1,114 @@
+"""Runner (seeds, cache, provenance, config), streaming logit lens vs a plain reference, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import plotly.graph_objects as go
+import pytest
+import torch
+from conftest import wrap_with_reference
+
+import mechlens as ml
+from mechlens.plots import attention_heatmap, lens_heatmap, save_figure
+from mechlens.runs import DiskCache, Run, atomic_write_text, parse_config, provenance, stable_hash
+
+
+def test_disk_cache_resumes_and_keys(tmp_path):
+    cache = DiskCache(tmp_path)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": torch.arange(3)}
+
+    a = cache.cached("step", compute, n=1)
+    b = cache.cached("step", compute, n=1)
+    c = cache.cached("step", compute, n=2)
+    assert len(calls) == 2 and torch.equal(a["x"], b["x"]) and c is not None
+    assert not list(tmp_path.rglob(".*"))  # no temporary files left behind
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "out.txt"
+    atomic_write_text(path, "old")
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", broken)
+    with pytest.raises(OSError):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_stable_hash_is_order_free_and_tensor_aware():
+    assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})
+    assert stable_hash(torch.ones(3)) != stable_hash(torch.zeros(3))
+
+
+def test_provenance_fields():
+    model = ml.load_model("tiny-llama")
+    info = provenance({"k": 1}, model, 1.5)
+    assert info["packages"]["torch"] and info["config"] == {"k": 1} and info["wall_time_s"] == 1.5
+    assert info["model"]["model"] == "tiny-llama" and len(info["model"]["weights_sha256"]) == 16
+
+
+def test_run_seeds_caches_and_saves(tmp_path):
+    run = Run("t", {"n": 1}, tmp_path / "figs", cache_root=tmp_path / "cache", seed=3)
+    first = torch.rand(1)
+    Run("t", {"n": 1}, tmp_path / "figs", cache_root=tmp_path / "cache", seed=3)
+    assert torch.equal(first, torch.rand(1))  # seeded identically
+    assert run.cached("sq", lambda: 4) == 4 and run.cached("sq", lambda: 5) == 4
+    paths = run.save_figure(
+        go.Figure(go.Scatter(x=[1], y=[2])),
+        "fig",
+        caption="c",
+    )
+    assert (tmp_path / "figs" / "fig.html").exists() and paths[0].suffix == ".html"
+    assert (tmp_path / "figs" / "plotly.min.js").exists()
+    meta = json.loads((tmp_path / "figs" / "fig.provenance.json").read_text())
+    assert meta["caption"] == "c" and meta["config"] == {"n": 1}
+
+
+def test_parse_config():
+    @dataclasses.dataclass
+    class C:
+        model: str = "m"
+        n: int = 2
+        lr: float = 0.1
+        quick: bool = False
+
+    assert parse_config(C, []) == C()
+    assert parse_config(C, ["--n", "3", "--lr", "0.5", "--quick", "--model", "x"]) == C("x", 3, 0.5, True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_logit_lens_matches_plain_reference(arch, backend, tokens):
+    model, reference = wrap_with_reference(arch, backend)
+    lens = ml.logit_lens(model, tokens, chunk=4)
+    with torch.no_grad():
+        out = reference(tokens, output_hidden_states=True)
+        norm = reference.get_submodule(model.arch.norm_path)
+        head = reference.get_submodule(model.arch.head_path)
+        logp_final = torch.log_softmax(out.logits, -1)
+        for l in range(model.n_layers):
+            h = out.hidden_states[l + 1] if l < model.n_layers - 1 else None
+            logp = logp_final if h is None else torch.log_softmax(head(norm(h)), -1)
+            p = logp.exp()
+            torch.testing.assert_close(lens.entropy[l], -(p * logp).sum(-1), atol=1e-4, rtol=0)
+            kl = (logp_final.exp() * (logp_final - logp)).sum(-1)
+            torch.testing.assert_close(lens.kl_final[l], kl, atol=1e-4, rtol=0)
+            assert torch.equal(lens.top1[l], logp.argmax(-1))
+    assert lens.kl_final[-1].abs().max() < 1e-5
+
+
+def test_plots_have_expected_traces(tmp_path):
+    fig = lens_heatmap(torch.rand(3, 4), [["a"] * 4] * 3, ["w", "x", "y", "z"], [0, 1, 2])
+    assert fig.data[0].type == "heatmap" and fig.layout.yaxis.title.text == "Layer"
+    assert "top-1 next: a" in fig.data[0].hovertext[0][0]
+    fig = attention_heatmap(torch.eye(2), [" a", "\n"])
+    assert list(fig.data[0].x) == ["0:·a", "1:\\n"]
+    paths = save_figure(fig, tmp_path / "att", images=False)
+    assert [p.name for p in paths] == ["att.html"]
