@@ -23,9 +23,9 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects nothing: not a failure of the code under test.
 test: $(STAMP)
-	$(VENV)/bin/ruff check mechlens experiments tests
+	$(VENV)/bin/ruff check mechlens experiments tests benchmarks
 	$(PY) -m pytest -q tests mechlens --doctest-modules -p no:cacheprovider || [ $$? -eq 5 ]
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mechlens experiments tests
-	$(VENV)/bin/ruff format --check mechlens experiments tests
+	$(VENV)/bin/ruff check mechlens experiments tests benchmarks
+	$(VENV)/bin/ruff format --check mechlens experiments tests benchmarks

@@ -23,6 +23,9 @@ PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu_r"
 
+_AXIS = dict(
+    showline=True, linecolor="#444", ticks="outside", gridcolor="#eee", zeroline=False, automargin=True
+)
 pio.templates["mechlens"] = go.layout.Template(
     layout=dict(
         font=dict(family="Helvetica, Arial, sans-serif", size=14, color="#222"),

@@ -73,6 +73,18 @@ def test_bad_input_raises_clear_error(llama, call, match):
         call(model)
 
 
+def test_span_or_positions_past_the_input_raise(llama, tokens):
+    model, _ = llama  # tokens: 11 positions
+    with model.suppress_attention(keys=(8, 12)), pytest.raises(ValueError, match="past the end.*11 tokens"):
+        model(tokens)
+    with model.ablate_heads([(0, 0)], positions=[3, 11]), pytest.raises(ValueError, match=r"0\.\.10"):
+        model.run_with_cache(tokens, ["z"])
+    with model.suppress_attention(keys=(2, 4), queries=[20]), pytest.raises(ValueError, match="must lie in"):
+        model(tokens)
+    with model.suppress_attention(keys=(8, 11)):
+        model(tokens)  # a span ending exactly at the end is fine
+
+
 def test_mean_ablation_in_generate_needs_reference(llama):
     model, _ = llama
     with model.ablate_heads([(0, 0)], mode="mean"), pytest.raises(ValueError, match="reference="):

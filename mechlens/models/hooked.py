@@ -62,6 +62,20 @@ class ActivationCache(dict):
 
 
 @dataclass
+class RunRequest:
+    """One forward pass for a backend's `_run`: inputs, what to capture, where to stop."""
+
+    tokens: Tensor  # [batch, q]
+    attention_mask: Tensor  # [batch, k], k = cached + q
+    position_ids: Tensor  # [batch, q]
+    pos: Positions
+    capture: dict[str, list[int]]  # name -> layers
+    stop_after: int | None = None  # last layer to run; None runs to the logits
+    past_key_values: Any = None
+    use_cache: bool = False
+
+
+@dataclass
 class RunOutput:
     """What a backend's `_run` returns."""
 
@@ -196,6 +210,16 @@ class HookedModel:
             )
         return tokens, attention_mask.to(self.device)
 
+    def _check_interventions_fit(self, n_pos: int) -> None:
+        """Spans and positions of the active contexts must lie inside an input of `n_pos` tokens
+        (generation is exempt: there they may point at tokens still to come)."""
+        for it in self._interventions.items:
+            if isinstance(it, AttentionSuppression) and it.keys[1] > n_pos:
+                raise ValueError(f"suppressed span {it.keys} is past the end of the input ({n_pos} tokens)")
+            wanted = list(getattr(it, "positions", None) or []) + list(getattr(it, "queries", None) or [])
+            if any(not 0 <= p < n_pos for p in wanted):
+                raise ValueError(f"positions {wanted} must lie in 0..{n_pos - 1} (input of {n_pos} tokens)")
+
     # ---------------------------------------------------------------- forward
     def _forward(
         self,
@@ -208,34 +232,26 @@ class HookedModel:
     ) -> RunOutput:
         """Run `_run` with positions worked out from the mask (which covers cached keys too)."""
         pos = Positions.from_mask(attention_mask, tokens.shape[1])
-        position_ids = pos.query.clamp(min=0)
-        return self._run(
+        request = RunRequest(
             tokens,
             attention_mask,
-            position_ids,
+            pos.query.clamp(min=0),
             pos,
             capture or {},
             stop_after,
             past_key_values,
             use_cache,
         )
+        return self._run(request)
 
-    def _run(
-        self,
-        tokens: Tensor,  # [batch, q]
-        attention_mask: Tensor,  # [batch, k]
-        position_ids: Tensor,  # [batch, q]
-        pos: Positions,
-        capture: dict[str, list[int]],
-        stop_after: int | None,
-        past_key_values: Any,
-        use_cache: bool,
-    ) -> RunOutput:
+    def _run(self, req: RunRequest) -> RunOutput:
+        """Run one forward pass applying `self._interventions`; the one primitive a backend writes."""
         raise NotImplementedError
 
     def __call__(self, tokens: Tensor | str | Sequence[str], attention_mask: Tensor | None = None) -> Tensor:
         """Logits `[batch, pos, vocab]` under the active interventions."""
         tokens, attention_mask = self._as_input(tokens, attention_mask)
+        self._check_interventions_fit(tokens.shape[1])
         with torch.no_grad():
             return self._forward(tokens, attention_mask).logits
 
@@ -261,6 +277,7 @@ class HookedModel:
         if not layer_list:
             raise ValueError("layers is empty: give at least one layer")
         tokens, attention_mask = self._as_input(tokens, attention_mask)
+        self._check_interventions_fit(tokens.shape[1])
         capture = {n: layer_list for n in names}
         stop_after = None if return_logits else max(layer_list)
         with torch.set_grad_enabled(grad):

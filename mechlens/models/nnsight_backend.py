@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mechlens.models.hooked import HookedModel, RunOutput
+from mechlens.models.hooked import HookedModel, RunOutput, RunRequest
 from mechlens.models.interventions import Positions
 
 
@@ -31,29 +31,20 @@ class NNsightModel(HookedModel):
 
         self.lm = TransformersModel(hf_model, tokenizer=tokenizer)
 
-    def _run(
-        self,
-        tokens: Tensor,
-        attention_mask: Tensor,
-        position_ids: Tensor,
-        pos: Positions,
-        capture: dict[str, list[int]],
-        stop_after: int | None,
-        past_key_values: Any,
-        use_cache: bool,
-    ) -> RunOutput:
+    def _run(self, req: RunRequest) -> RunOutput:
+        tokens, capture, pos, stop_after = req.tokens, req.capture, req.pos, req.stop_after
         iv = self._interventions
         arch = self.arch
         layers = _envoy(self.lm, arch.layers_path)
         last = self.n_layers - 1 if stop_after is None else stop_after
         n_heads, d_head = self.n_heads, self.d_head
         kwargs: dict[str, Any] = {
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            "use_cache": use_cache,
+            "attention_mask": req.attention_mask,
+            "position_ids": req.position_ids,
+            "use_cache": req.use_cache,
         }
-        if past_key_values is not None:
-            kwargs["past_key_values"] = past_key_values
+        if req.past_key_values is not None:
+            kwargs["past_key_values"] = req.past_key_values
         with self.lm.trace(tokens, **kwargs) as tracer:
             found = list().save()  # (name, layer, tensor)
             for layer in range(last + 1):
@@ -96,7 +87,7 @@ class NNsightModel(HookedModel):
             acts[name][layer] = tensor if tensor.requires_grad else tensor.detach()
         if stop_after is not None:
             return RunOutput(None, acts)
-        return RunOutput(output.logits, acts, output.past_key_values if use_cache else None)
+        return RunOutput(output.logits, acts, output.past_key_values if req.use_cache else None)
 
 
 def _envoy(root, path: str):

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mechlens.models.hooked import HookedModel, RunOutput
+from mechlens.models.hooked import HookedModel, RunOutput, RunRequest
 from mechlens.models.interventions import Positions
 
 _HOOK_NAMES = {
@@ -49,17 +49,8 @@ class TransformerLensModel(HookedModel):
         self.bridge = TransformerBridge.boot_transformers(self.name, hf_model=hf_model, tokenizer=bridge_tok)
         self.bridge.eval()
 
-    def _run(
-        self,
-        tokens: Tensor,
-        attention_mask: Tensor,
-        position_ids: Tensor,
-        pos: Positions,
-        capture: dict[str, list[int]],
-        stop_after: int | None,
-        past_key_values: Any,
-        use_cache: bool,
-    ) -> RunOutput:
+    def _run(self, req: RunRequest) -> RunOutput:
+        tokens, capture, pos, stop_after = req.tokens, req.capture, req.pos, req.stop_after
         iv = self._interventions
         acts: dict[str, dict[int, Tensor]] = {name: {} for name in capture}
         hooks = []
@@ -73,16 +64,16 @@ class TransformerLensModel(HookedModel):
             for name, layers in capture.items():
                 if layer in layers:
                     hooks.append((_HOOK_NAMES[name].format(layer), _store(acts[name], layer)))
-        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "position_ids": position_ids}
+        kwargs: dict[str, Any] = {"attention_mask": req.attention_mask, "position_ids": req.position_ids}
         with self.bridge.hooks(fwd_hooks=hooks):
             if stop_after is not None:
                 self.bridge(tokens, stop_at_layer=stop_after + 1, **kwargs)
                 return RunOutput(None, acts)
-            if use_cache:
+            if req.use_cache:
                 logits, past = self.bridge(
                     tokens,
                     return_type="logits_and_cache",
-                    past_key_values=past_key_values,
+                    past_key_values=req.past_key_values,
                     **kwargs,
                 )
                 return RunOutput(logits, acts, past)
