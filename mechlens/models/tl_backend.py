@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 from torch import Tensor, nn
@@ -45,7 +44,6 @@ class TransformerLensModel(HookedModel):
             "add_bos_token": True,
             "name_or_path": tokenizer.name_or_path or "local",
         }
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.bridge = TransformerBridge.boot_transformers(self.name, hf_model=hf_model, tokenizer=bridge_tok)
         self.bridge.eval()
 
