@@ -26,6 +26,9 @@ DIVERGING = "RdBu_r"
 _AXIS = dict(
     showline=True, linecolor="#444", ticks="outside", gridcolor="#eee", zeroline=False, automargin=True
 )
+_AXIS = dict(
+    showline=True, linecolor="#444", ticks="outside", gridcolor="#eee", zeroline=False, automargin=True
+)
 pio.templates["mechlens"] = go.layout.Template(
     layout=dict(
         font=dict(family="Helvetica, Arial, sans-serif", size=14, color="#222"),
@@ -33,22 +36,8 @@ pio.templates["mechlens"] = go.layout.Template(
         colorway=PALETTE,
         paper_bgcolor="white",
         plot_bgcolor="white",
-        xaxis=dict(
-            showline=True,
-            linecolor="#444",
-            ticks="outside",
-            gridcolor="#eee",
-            zeroline=False,
-            automargin=True,
-        ),
-        yaxis=dict(
-            showline=True,
-            linecolor="#444",
-            ticks="outside",
-            gridcolor="#eee",
-            zeroline=False,
-            automargin=True,
-        ),
+        xaxis=_AXIS,
+        yaxis=_AXIS,
         margin=dict(l=70, r=30, t=60, b=60),
         hoverlabel=dict(font=dict(family="monospace", size=12)),
     )
