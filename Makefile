@@ -24,7 +24,7 @@ demo: $(STAMP)
 # pytest exits 5 when it collects nothing: not a failure of the code under test.
 test: $(STAMP)
 	$(VENV)/bin/ruff check mechlens experiments tests benchmarks
-	$(PY) -m pytest -q tests mechlens --doctest-modules -p no:cacheprovider || [ $$? -eq 5 ]
+	$(PY) -m pytest -q tests mechlens --doctest-modules --nbmake notebooks -p no:cacheprovider || [ $$? -eq 5 ]
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mechlens experiments tests benchmarks
