@@ -174,9 +174,9 @@ class HookedModel:
         if tokens.min() < 0 or tokens.max() >= self.d_vocab:
             raise ValueError(f"token ids must lie in [0, {self.d_vocab}); got {tokens.min()}..{tokens.max()}")
 
-    def _check_layer(self, layer: int, what: str = "layer") -> int:
+    def _check_layer(self, layer: int) -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise ValueError(f"{what} {layer!r} out of range: valid layers are 0..{self.n_layers - 1}")
+            raise ValueError(f"layer {layer!r} out of range: valid layers are 0..{self.n_layers - 1}")
         return layer
 
     def _check_head(self, head: int) -> int:
@@ -195,19 +195,23 @@ class HookedModel:
     def _as_input(
         self, tokens: Tensor | str | Sequence[str], attention_mask: Tensor | None
     ) -> tuple[Tensor, Tensor]:
+        """Validated `(tokens [batch, pos], attention_mask)` from text or ids; the active contexts'
+        spans and positions must fit the input."""
         if isinstance(tokens, str) or (isinstance(tokens, Sequence) and not isinstance(tokens, Tensor)):
-            return self.tokenize(tokens)
-        tokens = torch.as_tensor(tokens)
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        self._check_tokens(tokens)
-        tokens = tokens.to(self.device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(tokens)
-        elif attention_mask.shape != tokens.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != tokens shape {tuple(tokens.shape)}"
-            )
+            tokens, attention_mask = self.tokenize(tokens)
+        else:
+            tokens = torch.as_tensor(tokens)
+            if tokens.ndim == 1:
+                tokens = tokens[None]
+            self._check_tokens(tokens)
+            tokens = tokens.to(self.device)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(tokens)
+            elif attention_mask.shape != tokens.shape:
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} != tokens {tuple(tokens.shape)}"
+                )
+        self._check_interventions_fit(tokens.shape[1])
         return tokens, attention_mask.to(self.device)
 
     def _check_interventions_fit(self, n_pos: int) -> None:
@@ -251,7 +255,6 @@ class HookedModel:
     def __call__(self, tokens: Tensor | str | Sequence[str], attention_mask: Tensor | None = None) -> Tensor:
         """Logits `[batch, pos, vocab]` under the active interventions."""
         tokens, attention_mask = self._as_input(tokens, attention_mask)
-        self._check_interventions_fit(tokens.shape[1])
         with torch.no_grad():
             return self._forward(tokens, attention_mask).logits
 
@@ -277,7 +280,6 @@ class HookedModel:
         if not layer_list:
             raise ValueError("layers is empty: give at least one layer")
         tokens, attention_mask = self._as_input(tokens, attention_mask)
-        self._check_interventions_fit(tokens.shape[1])
         capture = {n: layer_list for n in names}
         stop_after = None if return_logits else max(layer_list)
         with torch.set_grad_enabled(grad):
