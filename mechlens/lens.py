@@ -1,41 +1,116 @@
 """Streaming logit lens: each layer's residual stream read through the final norm and unembedding.
 
-Statistics are computed one layer and one position chunk at a time, so memory holds at most
-`[batch, chunk, vocab]` logits, never `[layers, pos, vocab]`.
+Statistics are computed one layer and one position chunk at a time, so memory holds a few
+`[batch * chunk, vocab]` blocks, never `[layers, pos, vocab]`.
 
 Example:
     >>> import mechlens as ml
     >>> model = ml.load_model("tiny-llama")
-    >>> lens = ml.logit_lens(model, model.to_tokens("one two three"))
+    >>> toks = model.to_tokens("one two three")
+    >>> lens = ml.logit_lens(model, toks, stats=("entropy", "kl_final", "jsd_final", "top1"))
     >>> lens.entropy.shape == (model.n_layers, 1, 13)
     True
-    >>> float(lens.kl_final[-1].abs().max()) < 1e-5   # the last layer is the model's output
+    >>> float(lens.kl_final[-1].abs().max()) < 1e-4   # the last layer is the model's output
     True
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+STATS = ("entropy", "kl_final", "jsd_final", "top1", "target")
+"""Statistics `logit_lens` can compute. `target` needs `targets=` (token ids or "next")."""
+DEFAULT_STATS = ("entropy", "kl_final", "top1")
+_BLOCK_ROWS = 64  # rows per pass over the vocabulary: small enough to stay in cache
+
 
 @dataclass
 class LensResult:
-    """Per-layer logit-lens statistics, each `[layers, batch, pos]`.
+    """Per-layer logit-lens statistics, each `[layers, batch, pos]` (None when not requested).
 
-    entropy: entropy of the layer's distribution (nats).
-    kl_final: KL(p_final || p_layer) (nats), p_final the model's output distribution.
-    top1: the layer's most likely next token; top1_prob its probability.
+    Statistics at padded positions (attention mask 0) are NaN (top1 and ranks: -1).
+
+    entropy: entropy of the layer's next-token distribution p_layer (nats).
+    kl_final: KL(p_final || p_layer) (nats); p_final is the model's output distribution.
+    jsd_final: Jensen-Shannon divergence JSD(p_final, p_layer) (nats, at most log 2).
+    top1, top1_prob: the layer's most likely next token and its probability.
+    target_logprob, target_rank: log p_layer(target) and the target's rank (0 = top); NaN / -1
+        where there is no target (the last position with `targets="next"`, or a negative id).
+    jsd_pairs: `[pairs, batch, pos]` JSD between the layer pairs in `pairs`.
+    top_k_ids, top_k_probs: `[layers, batch, len(top_k_positions), k]` for a few positions.
     """
 
     layers: list[int]
-    entropy: Tensor
-    kl_final: Tensor
-    top1: Tensor
-    top1_prob: Tensor
+    entropy: Tensor | None = None
+    kl_final: Tensor | None = None
+    jsd_final: Tensor | None = None
+    top1: Tensor | None = None
+    top1_prob: Tensor | None = None
+    target_logprob: Tensor | None = None
+    target_rank: Tensor | None = None
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    jsd_pairs: Tensor | None = None
+    top_k_positions: list[int] = field(default_factory=list)
+    top_k_ids: Tensor | None = None
+    top_k_probs: Tensor | None = None
+
+    def top_k_text(self, tokenizer, batch: int = 0) -> list[list[str]]:
+        """Hover text per (layer, top-k position): "'tok' 0.42, 'tok2' 0.13, ..."."""
+        if self.top_k_ids is None:
+            raise ValueError("no top-k view: call logit_lens(..., top_k_positions=[...])")
+        return [
+            [
+                ", ".join(
+                    f"{tokenizer.decode([int(t)])!r} {float(p):.2f}"
+                    for t, p in zip(self.top_k_ids[l, batch, i], self.top_k_probs[l, batch, i], strict=True)
+                )
+                for i in range(len(self.top_k_positions))
+            ]
+            for l in range(len(self.layers))
+        ]
+
+
+class _Dist:
+    """Next-token distributions of a block of rows, from logits `z [rows, vocab]` (float32).
+
+    Few passes over the block: one softmax, one max, one dot product; more only for JSD.
+    """
+
+    def __init__(self, z: Tensor):
+        self.z = z
+        self.p = torch.softmax(z, -1)  # [rows, vocab]
+        top, self.argmax = z.max(-1)  # [rows]
+        self.top_p = self.p.gather(1, self.argmax[:, None])[:, 0]  # >= 1/vocab, so its log is safe
+        self.lse = top - self.top_p.log()  # log-sum-exp of z, [rows]
+        self.entropy = self.lse - torch.linalg.vecdot(self.p, z)  # H = lse - E_p[z]
+
+    def kl_from(self, other: _Dist) -> Tensor:
+        """KL(other || self) = -H(other) - E_other[z_self] + lse_self, [rows]."""
+        return -other.entropy - torch.linalg.vecdot(other.p, self.z) + self.lse
+
+    def jsd(self, other: _Dist) -> Tensor:
+        """JSD(self, other) = H(m) - (H(self) + H(other)) / 2 with m their mean, [rows]."""
+        m = torch.add(self.p, other.p).mul_(0.5).clamp_min_(torch.finfo(self.p.dtype).tiny)
+        return -torch.linalg.vecdot(m, m.log()) - 0.5 * (self.entropy + other.entropy)
+
+
+def jsd(logp: Tensor, logq: Tensor) -> Tensor:
+    """Jensen-Shannon divergence (nats) between distributions given as log-probabilities `[..., vocab]`.
+
+    >>> import math
+    >>> p = torch.tensor([1.0, 0.0]).log(); q = torch.tensor([0.0, 1.0]).log()
+    >>> round(float(jsd(p, q)), 6) == round(math.log(2), 6)
+    True
+    """
+    m = torch.logaddexp(logp, logq) - torch.log(torch.tensor(2.0))
+    p, q = logp.exp(), logq.exp()
+    kl_pm = torch.special.xlogy(p, p).sum(-1) - (p * m.masked_fill(p == 0, 0)).sum(-1)
+    kl_qm = torch.special.xlogy(q, q).sum(-1) - (q * m.masked_fill(q == 0, 0)).sum(-1)
+    return 0.5 * (kl_pm + kl_qm)
 
 
 @torch.no_grad()
@@ -43,28 +118,175 @@ def logit_lens(
     model,
     tokens: Tensor | str,
     layers: Sequence[int] | None = None,
-    chunk: int = 128,
+    stats: Sequence[str] = DEFAULT_STATS,
+    targets: Tensor | str | None = None,
+    pairs: Sequence[tuple[int, int]] = (),
+    top_k_positions: Sequence[int] = (),
+    k: int = 5,
+    chunk: int = 512,
     attention_mask: Tensor | None = None,
 ) -> LensResult:
-    """Logit-lens statistics of `tokens` at every layer in `layers` (default: all)."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    logits, cache = model.run_with_cache(tokens, ["resid_post"], layers=layers, attention_mask=attention_mask)
-    resid = cache["resid_post"]  # [layers, batch, pos, d_model]
-    n_layers, batch, n_pos, _ = resid.shape
-    shape = (n_layers, batch, n_pos)
-    entropy, kl_final, top1_prob = (torch.empty(shape) for _ in range(3))
-    top1 = torch.empty(shape, dtype=torch.long)
+    """Logit-lens statistics of `tokens` at every layer in `layers` (default: all).
+
+    Args:
+        stats: any of `STATS`; unrequested fields of the result are None.
+        targets: `[batch, pos]` token ids whose log-prob and rank to report, or "next" for the
+            input's own next token (what the model was trained to predict).
+        pairs: layer pairs `(a, b)` whose JSD to report in `jsd_pairs` (any model layers).
+        top_k_positions: positions for the `top_k_ids`/`top_k_probs` view (hover text).
+        chunk: positions unembedded at once; memory peaks near `3 * batch * chunk * vocab` floats
+            (about 300 MB for a 49k vocabulary at the default).
+
+    One forward pass captures the residual stream; the final norm and unembedding then run
+    layer by layer and chunk by chunk.
+    """
+    tokens, attention_mask = model._as_input(tokens, attention_mask)
+    lens_layers = range(model.n_layers) if layers is None else layers
+    wanted = sorted({*lens_layers, *(l for p in pairs for l in p)})
+    logits, cache = model.run_with_cache(tokens, ["resid_post"], layers=wanted, attention_mask=attention_mask)
+    return lens_from_cache(
+        model, logits, cache, layers, stats, targets, pairs, top_k_positions, k, chunk, attention_mask, tokens
+    )
+
+
+@torch.no_grad()
+def lens_from_cache(
+    model,
+    logits: Tensor,
+    cache,
+    layers: Sequence[int] | None = None,
+    stats: Sequence[str] = DEFAULT_STATS,
+    targets: Tensor | str | None = None,
+    pairs: Sequence[tuple[int, int]] = (),
+    top_k_positions: Sequence[int] = (),
+    k: int = 5,
+    chunk: int = 512,
+    attention_mask: Tensor | None = None,
+    tokens: Tensor | None = None,
+) -> LensResult:
+    """`logit_lens` on an existing forward: `logits [batch, pos, vocab]` and a cache holding
+    `resid_post` of the needed layers (reuse one forward for the lens and other captures)."""
+    stats = [stats] if isinstance(stats, str) else list(stats)
+    unknown = [s for s in stats if s not in STATS]
+    if unknown:
+        raise ValueError(f"unknown stat(s) {unknown}: valid stats are {list(STATS)}")
+    if chunk < 1 or k < 1:
+        raise ValueError(f"chunk and k must be >= 1, got chunk={chunk}, k={k}")
+    captured = cache.layers["resid_post"]
+    layer_list = captured if layers is None else [model._check_layer(l) for l in layers]
+    pair_list = [(model._check_layer(a), model._check_layer(b)) for a, b in pairs]
+    missing = sorted({*layer_list, *(l for p in pair_list for l in p)} - set(captured))
+    if missing:
+        raise ValueError(f"layers {missing} are not in the cache (captured: {captured})")
+    batch, n_pos = logits.shape[:2]
+    positions = list(top_k_positions)
+    if any(not 0 <= p < n_pos for p in positions):
+        raise ValueError(f"top_k_positions must lie in 0..{n_pos - 1}, got {positions}")
+    target_ids = _targets(targets, tokens, batch, n_pos) if "target" in stats else None
+
+    shape = (len(layer_list), batch, n_pos)
+    out: dict[str, Tensor] = {}
+    for name in ("entropy", "kl_final", "jsd_final"):
+        if name in stats:
+            out[name] = torch.full(shape, float("nan"))
+    if "top1" in stats:
+        out["top1"], out["top1_prob"] = torch.full(shape, -1), torch.full(shape, float("nan"))
+    if target_ids is not None:
+        out["target_logprob"], out["target_rank"] = torch.full(shape, float("nan")), torch.full(shape, -1)
+    if pair_list:
+        out["jsd_pairs"] = torch.full((len(pair_list), batch, n_pos), float("nan"))
+
+    needs_final = any(s in stats for s in ("kl_final", "jsd_final"))
+    free_after = {l: max(max(p) for p in pair_list if l in p) for p in pair_list for l in p}
+    real = torch.ones(batch, n_pos, dtype=torch.bool)  # [batch, pos] positions to report
+    if attention_mask is not None:
+        real = attention_mask.bool().cpu()
+    vocab = logits.shape[-1]
     for start in range(0, n_pos, chunk):
         sl = slice(start, start + chunk)
-        logp_final = torch.log_softmax(logits[:, sl].float(), -1)  # [batch, chunk, vocab]
-        p_final = logp_final.exp()
-        for i in range(n_layers):
-            logp = torch.log_softmax(model.unembed(resid[i, :, sl]).float(), -1)  # [batch, chunk, vocab]
-            p = logp.exp()
-            entropy[i, :, sl] = -(p * logp).sum(-1).cpu()
-            kl_final[i, :, sl] = (p_final * (logp_final - logp)).sum(-1).cpu()
-            best = logp.max(-1)
-            top1[i, :, sl] = best.indices.cpu()
-            top1_prob[i, :, sl] = best.values.exp().cpu()
-    return LensResult(cache.layers["resid_post"], entropy, kl_final, top1, top1_prob)
+        rows = real[:, sl]  # [batch, chunk]
+        tgt = None if target_ids is None else target_ids[:, sl].reshape(-1)  # [rows]
+        final = _blocks(logits[:, sl].float().reshape(-1, vocab)) if needs_final else None
+        kept: dict[int, list[_Dist]] = {}  # layers still needed by a pair
+        for layer in sorted({*layer_list, *free_after}):
+            resid = cache.at("resid_post", layer)[:, sl]  # [batch, chunk, d_model]
+            dists = _blocks(model.unembed(resid).float().reshape(-1, vocab))
+            if layer in layer_list:
+                i = layer_list.index(layer)
+                for name, values in _layer_stats(dists, final, stats, tgt).items():
+                    where = rows & (tgt.reshape(rows.shape) >= 0) if name.startswith("target") else rows
+                    _put(out[name][i], sl, values, where)
+            if layer in free_after:
+                kept[layer] = dists
+            for j, (a, b) in enumerate(pair_list):
+                if layer == max(a, b):
+                    values = torch.cat([da.jsd(db) for da, db in zip(kept[a], kept[b], strict=True)])
+                    _put(out["jsd_pairs"][j], sl, values, rows)
+            kept = {l: d for l, d in kept.items() if free_after[l] > layer}
+    result = LensResult(layer_list, pairs=pair_list, top_k_positions=positions, **out)
+    if positions:
+        result.top_k_ids, result.top_k_probs = _top_k(model, cache, layer_list, positions, k)
+    return result
+
+
+def _blocks(z: Tensor) -> list[_Dist]:
+    """Distributions of `z [rows, vocab]` in blocks of `_BLOCK_ROWS` rows (cache-friendly passes)."""
+    return [_Dist(block) for block in z.split(_BLOCK_ROWS)]
+
+
+def _layer_stats(
+    dists: list[_Dist], final: list[_Dist] | None, stats: list[str], targets: Tensor | None
+) -> dict[str, Tensor]:
+    """The requested statistics of one layer, each `[rows]`, block by block."""
+    parts: dict[str, list[Tensor]] = {}
+    offset = 0
+    for n, dist in enumerate(dists):
+        values = {}
+        if "entropy" in stats:
+            values["entropy"] = dist.entropy
+        if "kl_final" in stats:
+            values["kl_final"] = dist.kl_from(final[n])
+        if "jsd_final" in stats:
+            values["jsd_final"] = dist.jsd(final[n])
+        if "top1" in stats:
+            values["top1"], values["top1_prob"] = dist.argmax, dist.top_p
+        if targets is not None:
+            tgt = targets[offset : offset + len(dist.z)].clamp(min=0).to(dist.z.device)[:, None]
+            zt = dist.z.gather(1, tgt)  # [rows, 1]
+            values["target_logprob"], values["target_rank"] = zt[:, 0] - dist.lse, (dist.z > zt).sum(-1)
+        for name, value in values.items():
+            parts.setdefault(name, []).append(value)
+        offset += len(dist.z)
+    return {name: torch.cat(value) for name, value in parts.items()}
+
+
+def _put(dest: Tensor, sl: slice, values: Tensor, rows: Tensor) -> None:
+    """Write flat chunk `values [batch * chunk]` into `dest[:, sl]` where `rows [batch, chunk]` is True."""
+    block = dest[:, sl]  # a view of [batch, chunk]
+    new = values.detach().to("cpu", dest.dtype).reshape(block.shape)
+    block.copy_(torch.where(rows, new, block))
+
+
+def _targets(targets, tokens: Tensor | None, batch: int, n_pos: int) -> Tensor:
+    if targets is None:
+        raise ValueError('stat "target" needs targets= (token ids [batch, pos] or "next")')
+    if isinstance(targets, str):
+        if targets != "next":
+            raise ValueError(f'targets must be token ids or "next", got {targets!r}')
+        if tokens is None:
+            raise ValueError('targets="next" needs the input tokens')
+        return torch.cat([tokens[:, 1:], torch.full((batch, 1), -1, device=tokens.device)], 1).cpu()
+    targets = torch.as_tensor(targets).cpu()
+    if targets.shape != (batch, n_pos):
+        raise ValueError(f"targets must be [batch, pos] = {[batch, n_pos]}, got {list(targets.shape)}")
+    return targets
+
+
+def _top_k(model, cache, layers: list[int], positions: list[int], k: int) -> tuple[Tensor, Tensor]:
+    ids, probs = [], []
+    for layer in layers:
+        resid = cache.at("resid_post", layer)[:, positions]  # [batch, n, d_model]
+        top = torch.softmax(model.unembed(resid).float(), -1).topk(k, -1)
+        ids.append(top.indices.cpu())
+        probs.append(top.values.cpu())
+    return torch.stack(ids), torch.stack(probs)  # [layers, batch, n, k]

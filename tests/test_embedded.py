@@ -68,3 +68,18 @@ def test_warm_load_is_fast():
     start = time.perf_counter()
     ml.load_model(backend="nnsight")
     assert time.perf_counter() - start < 30
+
+
+def test_lens_matches_hf_on_embedded(embedded_nnsight, embedded_hf):
+    from lens_reference import jsd_plain, reference_logprobs
+
+    model = embedded_nnsight
+    toks = model.to_tokens(TEXT)
+    lens = ml.logit_lens(model, toks, layers=[3, 15, 29], stats=("entropy", "kl_final", "jsd_final", "top1"))
+    logp = reference_logprobs(model, embedded_hf, toks)
+    for i, l in enumerate([3, 15, 29]):
+        torch.testing.assert_close(lens.entropy[i], -(logp[l].exp() * logp[l]).sum(-1), atol=2e-4, rtol=0)
+        kl = (logp[-1].exp() * (logp[-1] - logp[l])).sum(-1)
+        torch.testing.assert_close(lens.kl_final[i], kl, atol=2e-4, rtol=0)
+        torch.testing.assert_close(lens.jsd_final[i].double(), jsd_plain(logp[-1], logp[l]), atol=2e-4, rtol=0)
+        assert torch.equal(lens.top1[i], logp[l].argmax(-1))

@@ -227,3 +227,20 @@ def test_generate_seeded_and_batch_independent(llama):
     assert a == b and len(a) == 6
     assert a != c
     assert len(set(a[:3])) > 1  # the n samples of a prompt differ
+
+
+def test_generate_rows_leave_the_batch_at_eos(llama):
+    """Rows that sample end-of-sequence drop out of the batch; the others continue unchanged."""
+    model, _ = llama
+    kw = dict(max_new_tokens=12, temperature=1.0, n=6, seed=3)
+    full = model.generate(["one", "two words"], stop_at_eos=False, **kw).tokens
+    counts = torch.bincount(torch.cat(full))
+    model.tokenizer.eos_token_id = int(counts.argmax())  # a token most rows will sample
+    stopped = model.generate(["one", "two words"], **kw).tokens
+    lengths = set()
+    for f, s in zip(full, stopped, strict=True):
+        hits = (f == model.tokenizer.eos_token_id).nonzero()
+        end = int(hits[0]) if len(hits) else len(f)
+        assert s.tolist() == f[:end].tolist()
+        lengths.add(end)
+    assert len(lengths) > 2  # rows really finished at different steps

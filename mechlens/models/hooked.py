@@ -460,29 +460,26 @@ class HookedModel:
         logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # [rows, vocab]
         rows = logits.shape[0]
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + first_row + r) for r in range(rows)]
-        eos = self.tokenizer.eos_token_id
-        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        generated: list[Tensor] = []
+        eos = self.tokenizer.eos_token_id if stop_at_eos else None
+        generated = torch.full((rows, max_new_tokens), self.tokenizer.pad_token_id)  # [rows, new]
+        lengths = torch.full((rows,), max_new_tokens)
+        active = torch.arange(rows)  # rows still sampling; finished rows leave the batch
         for step in range(max_new_tokens):
-            nxt = _sample_next(logits, temperature, top_p, gens).to(self.device)  # [rows]
-            nxt = nxt.masked_fill(done, self.tokenizer.pad_token_id)
-            generated.append(nxt)
-            if stop_at_eos and eos is not None:
-                done |= nxt == eos
-            if done.all() or step == max_new_tokens - 1:
+            nxt = _sample_next(logits, temperature, top_p, [gens[r] for r in active.tolist()])
+            generated[active, step] = nxt.cpu()
+            finished = (nxt == eos).cpu() if eos is not None else torch.zeros(len(active), dtype=torch.bool)
+            lengths[active[finished]] = step  # a row ends before its end-of-sequence token
+            if finished.all() or step == max_new_tokens - 1:
                 break
+            if finished.any():
+                keep = (~finished).nonzero()[:, 0]
+                active, nxt, mask = active[keep], nxt[keep.to(nxt.device)], mask[keep.to(mask.device)]
+                past.batch_select_indices(keep.to(self.device))
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            out = self._forward(nxt[:, None], mask, past_key_values=past, use_cache=True)
+            out = self._forward(nxt[:, None].to(self.device), mask, past_key_values=past, use_cache=True)
             past = out.past_key_values
             logits = out.logits[:, -1].float()
-        gen = torch.stack(generated, 1).cpu()  # [rows, new]
-        result = []
-        for r in range(rows):
-            row = gen[r]
-            if stop_at_eos and eos is not None and (row == eos).any():
-                row = row[: int((row == eos).nonzero()[0])]
-            result.append(row)
-        return result
+        return [generated[r, : lengths[r]] for r in range(rows)]
 
 
 def _sample_next(logits: Tensor, temperature: float, top_p: float, gens: list[torch.Generator]) -> Tensor:
