@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -77,40 +78,56 @@ class LensResult:
 class _Dist:
     """Next-token distributions of a block of rows, from logits `z [rows, vocab]` (float32).
 
-    Few passes over the block: one softmax, one max, one dot product; more only for JSD.
+    Few passes over the block: one softmax, one max, one shift, one dot product. Sums run over
+    terms of one sign (logits shifted by their maximum), so float32 stays accurate.
     """
 
     def __init__(self, z: Tensor):
-        self.z = z
         self.p = torch.softmax(z, -1)  # [rows, vocab]
         top, self.argmax = z.max(-1)  # [rows]
+        self.zs = z - top[:, None]  # [rows, vocab], <= 0
         self.top_p = self.p.gather(1, self.argmax[:, None])[:, 0]  # >= 1/vocab, so its log is safe
-        self.lse = top - self.top_p.log()  # log-sum-exp of z, [rows]
-        self.entropy = self.lse - torch.linalg.vecdot(self.p, z)  # H = lse - E_p[z]
+        self.log_top_p = self.top_p.log()  # = max(z) - logsumexp(z)
+        self.entropy = -self.log_top_p - torch.linalg.vecdot(self.p, self.zs)  # H = lse - E_p[z]
+
+    def drop_logits(self) -> _Dist:
+        """Free the shifted logits (probabilities and entropy stay); returns self."""
+        self.zs = None
+        return self
 
     def kl_from(self, other: _Dist) -> Tensor:
-        """KL(other || self) = -H(other) - E_other[z_self] + lse_self, [rows]."""
-        return -other.entropy - torch.linalg.vecdot(other.p, self.z) + self.lse
+        """KL(other || self) = -H(other) - E_other[z_self] + logsumexp(z_self), [rows]."""
+        return -other.entropy - torch.linalg.vecdot(other.p, self.zs) - self.log_top_p
+
+    def logprob(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-probability and rank (0 = most likely) of one token id per row, `ids [rows]`."""
+        zt = self.zs.gather(1, ids[:, None])  # [rows, 1]
+        return zt[:, 0] + self.log_top_p, (self.zs > zt).sum(-1)
 
     def jsd(self, other: _Dist) -> Tensor:
-        """JSD(self, other) = H(m) - (H(self) + H(other)) / 2 with m their mean, [rows]."""
-        m = torch.add(self.p, other.p).mul_(0.5).clamp_min_(torch.finfo(self.p.dtype).tiny)
-        return -torch.linalg.vecdot(m, m.log()) - 0.5 * (self.entropy + other.entropy)
+        """JSD(self, other), [rows]."""
+        return _jsd_probs(self.p, other.p)
+
+
+def _jsd_probs(p: Tensor, q: Tensor) -> Tensor:
+    """JSD of probabilities `[..., vocab]` as a sum of non-negative terms (accurate in float32).
+
+    With s = p + q and r = p / s, each token adds s * (log 2 - binary_entropy(r)) / 2.
+    """
+    s = p + q
+    r = p / s.clamp_min(torch.finfo(s.dtype).tiny)
+    h = torch.special.xlogy(r, r) + torch.special.xlogy(1 - r, 1 - r)  # -binary entropy, in [-log 2, 0]
+    return 0.5 * torch.linalg.vecdot(s, h + math.log(2))
 
 
 def jsd(logp: Tensor, logq: Tensor) -> Tensor:
     """Jensen-Shannon divergence (nats) between distributions given as log-probabilities `[..., vocab]`.
 
-    >>> import math
     >>> p = torch.tensor([1.0, 0.0]).log(); q = torch.tensor([0.0, 1.0]).log()
     >>> round(float(jsd(p, q)), 6) == round(math.log(2), 6)
     True
     """
-    m = torch.logaddexp(logp, logq) - torch.log(torch.tensor(2.0))
-    p, q = logp.exp(), logq.exp()
-    kl_pm = torch.special.xlogy(p, p).sum(-1) - (p * m.masked_fill(p == 0, 0)).sum(-1)
-    kl_qm = torch.special.xlogy(q, q).sum(-1) - (q * m.masked_fill(q == 0, 0)).sum(-1)
-    return 0.5 * (kl_pm + kl_qm)
+    return _jsd_probs(logp.exp(), logq.exp())
 
 
 @torch.no_grad()
@@ -206,22 +223,29 @@ def lens_from_cache(
         sl = slice(start, start + chunk)
         rows = real[:, sl]  # [batch, chunk]
         tgt = None if target_ids is None else target_ids[:, sl].reshape(-1)  # [rows]
-        final = _blocks(logits[:, sl].float().reshape(-1, vocab)) if needs_final else None
+        final = None
+        if needs_final:  # probabilities and entropy only: [rows, vocab] once per chunk
+            final = [
+                _Dist(b).drop_logits() for b in logits[:, sl].float().reshape(-1, vocab).split(_BLOCK_ROWS)
+            ]
         kept: dict[int, list[_Dist]] = {}  # layers still needed by a pair
         for layer in sorted({*layer_list, *free_after}):
             resid = cache.at("resid_post", layer)[:, sl]  # [batch, chunk, d_model]
-            dists = _blocks(model.unembed(resid).float().reshape(-1, vocab))
+            z = model.unembed(resid).float().reshape(-1, vocab)  # [rows, vocab]
+            wanted = stats if layer in layer_list else []
+            values, dists = _layer_stats(z, final, wanted, tgt, keep=layer in free_after)
+            del z
             if layer in layer_list:
                 i = layer_list.index(layer)
-                for name, values in _layer_stats(dists, final, stats, tgt).items():
+                for name, value in values.items():
                     where = rows & (tgt.reshape(rows.shape) >= 0) if name.startswith("target") else rows
-                    _put(out[name][i], sl, values, where)
+                    _put(out[name][i], sl, value, where)
             if layer in free_after:
                 kept[layer] = dists
             for j, (a, b) in enumerate(pair_list):
                 if layer == max(a, b):
-                    values = torch.cat([da.jsd(db) for da, db in zip(kept[a], kept[b], strict=True)])
-                    _put(out["jsd_pairs"][j], sl, values, rows)
+                    value = torch.cat([da.jsd(db) for da, db in zip(kept[a], kept[b], strict=True)])
+                    _put(out["jsd_pairs"][j], sl, value, rows)
             kept = {l: d for l, d in kept.items() if free_after[l] > layer}
     result = LensResult(layer_list, pairs=pair_list, top_k_positions=positions, **out)
     if positions:
@@ -229,18 +253,15 @@ def lens_from_cache(
     return result
 
 
-def _blocks(z: Tensor) -> list[_Dist]:
-    """Distributions of `z [rows, vocab]` in blocks of `_BLOCK_ROWS` rows (cache-friendly passes)."""
-    return [_Dist(block) for block in z.split(_BLOCK_ROWS)]
-
-
 def _layer_stats(
-    dists: list[_Dist], final: list[_Dist] | None, stats: list[str], targets: Tensor | None
-) -> dict[str, Tensor]:
-    """The requested statistics of one layer, each `[rows]`, block by block."""
+    z: Tensor, final: list[_Dist] | None, stats: list[str], targets: Tensor | None, keep: bool
+) -> tuple[dict[str, Tensor], list[_Dist]]:
+    """The requested statistics of one layer's logits `z [rows, vocab]`, each `[rows]`, computed
+    block by block; with `keep`, also the blocks' distributions (for layer pairs)."""
     parts: dict[str, list[Tensor]] = {}
-    offset = 0
-    for n, dist in enumerate(dists):
+    kept = []
+    for n, block in enumerate(z.split(_BLOCK_ROWS)):
+        dist = _Dist(block)
         values = {}
         if "entropy" in stats:
             values["entropy"] = dist.entropy
@@ -250,14 +271,14 @@ def _layer_stats(
             values["jsd_final"] = dist.jsd(final[n])
         if "top1" in stats:
             values["top1"], values["top1_prob"] = dist.argmax, dist.top_p
-        if targets is not None:
-            tgt = targets[offset : offset + len(dist.z)].clamp(min=0).to(dist.z.device)[:, None]
-            zt = dist.z.gather(1, tgt)  # [rows, 1]
-            values["target_logprob"], values["target_rank"] = zt[:, 0] - dist.lse, (dist.z > zt).sum(-1)
+        if targets is not None and "target" in stats:
+            ids = targets[n * _BLOCK_ROWS : n * _BLOCK_ROWS + len(block)].clamp(min=0).to(block.device)
+            values["target_logprob"], values["target_rank"] = dist.logprob(ids)
         for name, value in values.items():
             parts.setdefault(name, []).append(value)
-        offset += len(dist.z)
-    return {name: torch.cat(value) for name, value in parts.items()}
+        if keep:
+            kept.append(dist.drop_logits())
+    return {name: torch.cat(value) for name, value in parts.items()}, kept
 
 
 def _put(dest: Tensor, sl: slice, values: Tensor, rows: Tensor) -> None:

@@ -244,3 +244,24 @@ def test_generate_rows_leave_the_batch_at_eos(llama):
         assert s.tolist() == f[:end].tolist()
         lengths.add(end)
     assert len(lengths) > 2  # rows really finished at different steps
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_continue_prefix_equals_full_forward(arch, backend):
+    model, _ = wrap_with_reference(arch, backend)
+    toks = torch.randint(5, 200, (1, 12), generator=torch.Generator().manual_seed(1))
+    suffix = torch.randint(5, 200, (3, 4), generator=torch.Generator().manual_seed(2))
+    prefix = model.cache_prefix(toks)
+    torch.testing.assert_close(prefix.logits, model(toks), atol=1e-5, rtol=0)
+    for upto in (12, 7, 1):
+        got = model.continue_prefix(prefix, suffix, upto=upto)
+        full = model(torch.cat([toks[:, :upto].expand(3, -1), suffix], 1))[:, upto:]
+        torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
+    with model.suppress_attention(keys=(8, 10)):  # contexts apply to the suffix
+        got = model.continue_prefix(prefix, suffix[:1], upto=10)
+        full = model(torch.cat([toks[:, :10], suffix[:1]], 1))[:, 10:]
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
+    got_again = model.continue_prefix(prefix, suffix[:1], upto=12)  # the stored prefix is unchanged
+    torch.testing.assert_close(got_again, model(torch.cat([toks, suffix[:1]], 1))[:, 12:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="upto must lie in 1..12"):
+        model.continue_prefix(prefix, suffix, upto=13)

@@ -1,6 +1,6 @@
 """Models: `load_model`, the HookedModel protocol and its two backends."""
 
-from mechlens.models.hooked import CACHE_NAMES, ActivationCache, Generation, HookedModel
+from mechlens.models.hooked import CACHE_NAMES, ActivationCache, Generation, HookedModel, Prefix
 from mechlens.models.loading import BACKENDS, EMBEDDED, cache_dir, load_model
 from mechlens.models.tiny import TINY_ARCHS, tiny_model
 
@@ -12,6 +12,7 @@ __all__ = [
     "ActivationCache",
     "Generation",
     "HookedModel",
+    "Prefix",
     "cache_dir",
     "load_model",
     "tiny_model",

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,15 @@ class RunOutput:
     logits: Tensor | None  # [batch, pos, vocab], None when stopped early
     acts: dict[str, dict[int, Tensor]] = field(default_factory=dict)  # name -> layer -> tensor
     past_key_values: Any = None
+
+
+@dataclass
+class Prefix:
+    """One sequence's KV cache (from `HookedModel.cache_prefix`), reusable by `continue_prefix`."""
+
+    tokens: Tensor  # [1, pos]
+    past_key_values: Any
+    logits: Tensor  # [1, pos, vocab]
 
 
 @dataclass
@@ -383,6 +393,45 @@ class HookedModel:
         each block in `layers` (default: every block)."""
         layer_set = None if layers is None else {self._check_layer(l) for l in layers}
         return self._intervene(DirectionProjection(self._check_direction(direction), layer_set))
+
+    # ---------------------------------------------------------------- prefix reuse
+    def cache_prefix(self, tokens: Tensor | str) -> Prefix:
+        """Run one sequence once and keep its KV cache, to continue from any point of it later.
+
+        >>> prefix = model.cache_prefix(toks)                  # doctest: +SKIP
+        >>> logits = model.continue_prefix(prefix, suffixes, upto=5)   # doctest: +SKIP
+        """
+        tokens, mask = self._as_input(tokens, None)
+        if tokens.shape[0] != 1:
+            raise ValueError(f"cache_prefix takes one sequence, got a batch of {tokens.shape[0]}")
+        with torch.no_grad():
+            out = self._forward(tokens, mask, use_cache=True)
+        return Prefix(tokens, out.past_key_values, out.logits)
+
+    def continue_prefix(self, prefix: Prefix, suffix: Tensor, upto: int | None = None) -> Tensor:
+        """Logits `[batch, suffix_pos, vocab]` of `suffix [batch, suffix_pos]` run after the first
+        `upto` tokens of `prefix` (default: all of them), each row after the same prefix.
+
+        Only the suffix is computed; the active contexts apply to it (positions count from the
+        start of the prefix). Equal to running `prefix[:upto] + suffix` from scratch.
+        """
+        n = prefix.tokens.shape[1]
+        upto = n if upto is None else upto
+        if not 1 <= upto <= n:
+            raise ValueError(f"upto must lie in 1..{n} (the prefix has {n} tokens), got {upto}")
+        suffix = torch.as_tensor(suffix).to(self.device)
+        if suffix.ndim == 1:
+            suffix = suffix[None]
+        self._check_tokens(torch.cat([prefix.tokens[:, :upto].expand(len(suffix), -1), suffix], 1))
+        self._check_interventions_fit(upto + suffix.shape[1])
+        past = copy.deepcopy(prefix.past_key_values)
+        if upto < n:
+            past.crop(upto - n)  # a negative count removes that many positions from the end
+        if len(suffix) > 1:
+            past.batch_repeat_interleave(len(suffix))
+        mask = torch.ones(len(suffix), upto + suffix.shape[1], dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            return self._forward(suffix, mask, past_key_values=past, use_cache=True).logits
 
     # ---------------------------------------------------------------- generation
     def generate(

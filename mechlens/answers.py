@@ -1,0 +1,79 @@
+"""Answer extraction and checking for free-text model responses.
+
+The final answer is read after the last "answer is" / "Answer:" marker of the response (after
+`</think>` when present), else from its last non-empty line. Numbers compare as values; text
+answers match any accepted alias as a whole word (short aliases such as chemical symbols
+case-sensitively).
+
+Example:
+    >>> grade("2 + 3 = 5.\\n\\nThe answer is: 5 apples.", "5").correct
+    True
+    >>> grade("The capital is Sydney.", "Canberra").correct
+    False
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_MARKER = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*:?", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class Grade:
+    """correct: the extracted answer matches; extracted: the answer text found (None: nothing);
+    marked: whether it followed an explicit answer marker."""
+
+    correct: bool
+    extracted: str | None
+    marked: bool
+
+
+def extract_answer(response: str) -> tuple[str | None, bool]:
+    """`(answer text, marked)`: the rest of the line after the last answer marker, else the
+    last non-empty line; `(None, False)` for an empty response."""
+    text = response.split("</think>", 1)[1] if "</think>" in response else response
+    found = list(_MARKER.finditer(text))
+    if found:
+        rest = text[found[-1].end() :].strip()
+        line = rest.splitlines()[0] if rest else ""
+        return _clean(line) or None, True
+    lines = [l for l in text.splitlines() if l.strip()]
+    return (_clean(lines[-1]) if lines else None), False
+
+
+def _clean(text: str) -> str:
+    return text.strip().strip("*\"'`").strip()
+
+
+def parse_number(text: str) -> float | None:
+    """The first number in `text` ("1,200" -> 1200.0), or None."""
+    match = _NUMBER.search(text)
+    return float(match.group().replace(",", "")) if match else None
+
+
+def grade(response: str, answer: str, aliases: Sequence[str] = ()) -> Grade:
+    """Check `response` against the gold `answer` (a number or a text with `aliases`).
+
+    A numeric gold answer compares with the first number of the extracted answer (or, without
+    a number there, the last number of the response).
+    """
+    extracted, marked = extract_answer(response)
+    gold = parse_number(answer) if _NUMBER.fullmatch(answer.strip()) else None
+    if gold is not None:
+        value = parse_number(extracted or "")
+        if value is None:
+            numbers = _NUMBER.findall(response.split("</think>")[-1])
+            value = float(numbers[-1].replace(",", "")) if numbers else None
+        return Grade(value is not None and abs(value - gold) < 1e-9, extracted, marked)
+    if extracted is None:
+        return Grade(False, None, marked)
+    return Grade(any(_mentions(extracted, a) for a in (answer, *aliases)), extracted, marked)
+
+
+def _mentions(text: str, alias: str) -> bool:
+    flags = 0 if len(alias) <= 2 else re.IGNORECASE
+    return re.search(rf"(?<!\w){re.escape(alias)}(?!\w)", text, flags) is not None
