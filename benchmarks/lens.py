@@ -70,8 +70,8 @@ def main() -> None:
         "lens",
         {"backend": args.backend, "tokens": args.tokens, "layers": model.n_layers, "chunk": args.chunk,
          "floor_s": round(t_floor, 2), "streaming_s": round(t_stream, 2), "naive_s": round(t_naive, 2),
-         "forward_extra_mb": round(m_forward), "floor_extra_mb": round(m_floor), "streaming_extra_mb": round(m_stream),
-         "naive_extra_mb": round(m_naive), "top1_agreement": agree,
+         "forward_extra_mb": round(m_forward), "floor_extra_mb": round(m_floor),
+         "streaming_extra_mb": round(m_stream), "naive_extra_mb": round(m_naive), "top1_agreement": agree,
          "vs_floor_time_ratio": t_stream / t_floor, "vs_naive_time_ratio": t_stream / t_naive},
     )  # fmt: skip
 
