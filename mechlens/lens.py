@@ -75,7 +75,7 @@ class LensResult:
         ]
 
 
-class _Dist:
+class Distributions:
     """Next-token distributions of a block of rows, from logits `z [rows, vocab]` (float32).
 
     Few passes over the block: one softmax, one max, one shift, one dot product. Sums run over
@@ -90,12 +90,12 @@ class _Dist:
         self.log_top_p = self.top_p.log()  # = max(z) - logsumexp(z)
         self.entropy = -self.log_top_p - torch.linalg.vecdot(self.p, self.zs)  # H = lse - E_p[z]
 
-    def drop_logits(self) -> _Dist:
+    def drop_logits(self) -> Distributions:
         """Free the shifted logits (probabilities and entropy stay); returns self."""
         self.zs = None
         return self
 
-    def kl_from(self, other: _Dist) -> Tensor:
+    def kl_from(self, other: Distributions) -> Tensor:
         """KL(other || self) = -H(other) - E_other[z_self] + logsumexp(z_self), [rows]."""
         return -other.entropy - torch.linalg.vecdot(other.p, self.zs) - self.log_top_p
 
@@ -104,12 +104,12 @@ class _Dist:
         zt = self.zs.gather(1, ids[:, None])  # [rows, 1]
         return zt[:, 0] + self.log_top_p, (self.zs > zt).sum(-1)
 
-    def jsd(self, other: _Dist) -> Tensor:
+    def jsd(self, other: Distributions) -> Tensor:
         """JSD(self, other), [rows]."""
-        return _jsd_probs(self.p, other.p)
+        return jsd_probs(self.p, other.p)
 
 
-def _jsd_probs(p: Tensor, q: Tensor) -> Tensor:
+def jsd_probs(p: Tensor, q: Tensor) -> Tensor:
     """JSD of probabilities `[..., vocab]` as a sum of non-negative terms (accurate in float32).
 
     With s = p + q and r = p / s, each token adds s * (log 2 - binary_entropy(r)) / 2.
@@ -127,7 +127,7 @@ def jsd(logp: Tensor, logq: Tensor) -> Tensor:
     >>> round(float(jsd(p, q)), 6) == round(math.log(2), 6)
     True
     """
-    return _jsd_probs(logp.exp(), logq.exp())
+    return jsd_probs(logp.exp(), logq.exp())
 
 
 @torch.no_grad()
@@ -225,10 +225,9 @@ def lens_from_cache(
         tgt = None if target_ids is None else target_ids[:, sl].reshape(-1)  # [rows]
         final = None
         if needs_final:  # probabilities and entropy only: [rows, vocab] once per chunk
-            final = [
-                _Dist(b).drop_logits() for b in logits[:, sl].float().reshape(-1, vocab).split(_BLOCK_ROWS)
-            ]
-        kept: dict[int, list[_Dist]] = {}  # layers still needed by a pair
+            blocks = logits[:, sl].float().reshape(-1, vocab).split(_BLOCK_ROWS)
+            final = [Distributions(b).drop_logits() for b in blocks]
+        kept: dict[int, list[Distributions]] = {}  # layers still needed by a pair
         for layer in sorted({*layer_list, *free_after}):
             resid = cache.at("resid_post", layer)[:, sl]  # [batch, chunk, d_model]
             z = model.unembed(resid).float().reshape(-1, vocab)  # [rows, vocab]
@@ -254,14 +253,14 @@ def lens_from_cache(
 
 
 def _layer_stats(
-    z: Tensor, final: list[_Dist] | None, stats: list[str], targets: Tensor | None, keep: bool
-) -> tuple[dict[str, Tensor], list[_Dist]]:
+    z: Tensor, final: list[Distributions] | None, stats: list[str], targets: Tensor | None, keep: bool
+) -> tuple[dict[str, Tensor], list[Distributions]]:
     """The requested statistics of one layer's logits `z [rows, vocab]`, each `[rows]`, computed
     block by block; with `keep`, also the blocks' distributions (for layer pairs)."""
     parts: dict[str, list[Tensor]] = {}
     kept = []
     for n, block in enumerate(z.split(_BLOCK_ROWS)):
-        dist = _Dist(block)
+        dist = Distributions(block)
         values = {}
         if "entropy" in stats:
             values["entropy"] = dist.entropy

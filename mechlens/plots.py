@@ -26,9 +26,6 @@ DIVERGING = "RdBu_r"
 _AXIS = dict(
     showline=True, linecolor="#444", ticks="outside", gridcolor="#eee", zeroline=False, automargin=True
 )
-_AXIS = dict(
-    showline=True, linecolor="#444", ticks="outside", gridcolor="#eee", zeroline=False, automargin=True
-)
 pio.templates["mechlens"] = go.layout.Template(
     layout=dict(
         font=dict(family="Helvetica, Arial, sans-serif", size=14, color="#222"),
@@ -126,6 +123,123 @@ def attention_heatmap(
         yaxis=dict(title="Query token", autorange="reversed", automargin=True),
         height=max(420, 18 * len(labels) + 200),
         width=max(520, 18 * len(labels) + 260),
+    )
+    return fig
+
+
+def mean_ci_lines(
+    x: Sequence[float],
+    groups: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+    x_title: str,
+    y_title: str,
+    title: str = "",
+    hover: dict[str, Sequence[str]] | None = None,
+) -> go.Figure:
+    """One line per group with a shaded band: `groups[name] = (mean, low, high)`, each `[len(x)]`."""
+    fig = go.Figure()
+    for k, (name, (mean, low, high)) in enumerate(groups.items()):
+        colour = PALETTE[k % len(PALETTE)]
+        band = list(x) + list(x)[::-1]
+        fig.add_trace(
+            go.Scatter(
+                x=band,
+                y=list(high) + list(low)[::-1],
+                fill="toself",
+                fillcolor=colour,
+                opacity=0.18,
+                line=dict(width=0),
+                hoverinfo="skip",
+                showlegend=False,
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=list(x),
+                y=list(mean),
+                name=name,
+                mode="lines+markers",
+                line=dict(color=colour, width=2.5),
+                text=None if hover is None else list(hover[name]),
+                hovertemplate=f"{name}<br>{x_title}: %{{x}}<br>{y_title}: %{{y:.4f}}"
+                + ("<br>%{text}" if hover else "")
+                + "<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title,
+        xaxis_title=x_title,
+        yaxis_title=y_title,
+        width=760,
+        height=460,
+        legend=dict(x=0.99, xanchor="right", y=0.99),
+    )
+    return fig
+
+
+def histograms_by_group(
+    values: dict[str, Sequence[float]], x_title: str, title: str = "", bins: int = 20
+) -> go.Figure:
+    """Overlaid, normalised histograms, one per group (probability density on y)."""
+    fig = go.Figure()
+    for k, (name, vals) in enumerate(values.items()):
+        fig.add_trace(
+            go.Histogram(
+                x=list(vals),
+                name=f"{name} (n={len(vals)})",
+                histnorm="probability density",
+                nbinsx=bins,
+                opacity=0.6,
+                marker_color=PALETTE[k % len(PALETTE)],
+            )
+        )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title,
+        barmode="overlay",
+        xaxis_title=x_title,
+        yaxis_title="density",
+        width=760,
+        height=460,
+    )
+    return fig
+
+
+def roc_curves(
+    curves: dict[str, tuple[Sequence[float], Sequence[float], float]], title: str = ""
+) -> go.Figure:
+    """ROC curves `curves[name] = (fpr, tpr, auroc)`, with the chance diagonal."""
+    fig = go.Figure(
+        go.Scatter(
+            x=[0, 1],
+            y=[0, 1],
+            mode="lines",
+            line=dict(color="#999", dash="dot"),
+            name="chance",
+            hoverinfo="skip",
+        )
+    )
+    for k, (name, (fpr, tpr, auc)) in enumerate(curves.items()):
+        fig.add_trace(
+            go.Scatter(
+                x=list(fpr),
+                y=list(tpr),
+                mode="lines",
+                name=f"{name} (AUROC {auc:.2f})",
+                line=dict(color=PALETTE[k % len(PALETTE)], width=3 if k == 0 else 2, shape="hv"),
+                hovertemplate=f"{name}<br>FPR %{{x:.2f}}<br>TPR %{{y:.2f}}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title,
+        xaxis_title="false-positive rate",
+        yaxis_title="true-positive rate",
+        width=640,
+        height=560,
+        xaxis=dict(range=[0, 1]),
+        yaxis=dict(range=[0, 1.02]),
+        legend=dict(x=0.98, xanchor="right", y=0.02, yanchor="bottom"),
     )
     return fig
 

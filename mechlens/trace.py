@@ -65,6 +65,36 @@ def split_sentences(
             start = i + 1
         i += 1
     cuts.append((start, n))
+    spans = _merge_short(text, cuts, min_chars)
+    if len(spans) > max_chunks:
+        warnings.warn(f"{len(spans)} sentences; keeping the first max_chunks={max_chunks}", stacklevel=2)
+        spans = spans[:max_chunks]
+    return spans
+
+
+def split_blocks(text: str, unit: str = "paragraph", min_chars: int = 10) -> list[tuple[int, int]]:
+    """Character spans of paragraphs (cut at blank lines) or lines (cut at every newline) of
+    `text`, stripped, with fragments under `min_chars` merged as in `split_sentences`.
+
+        >>> t = "1. Add 2 and 3.\\n2. That is 5.\\n\\nSo the answer is 5."
+        >>> [t[a:b] for a, b in split_blocks(t, "line")]
+        ['1. Add 2 and 3.', '2. That is 5.', 'So the answer is 5.']
+        >>> len(split_blocks(t, "paragraph"))
+        2
+    """
+    pattern = {"paragraph": r"\n[ \t\r]*\n", "line": r"\n"}.get(unit)
+    if pattern is None:
+        raise ValueError(f"unit must be 'paragraph' or 'line', got {unit!r}")
+    cuts, start = [], 0
+    for match in re.finditer(pattern, text):
+        cuts.append((start, match.start()))
+        start = match.end()
+    cuts.append((start, len(text)))
+    return _merge_short(text, cuts, min_chars)
+
+
+def _merge_short(text: str, cuts: list[tuple[int, int]], min_chars: int) -> list[tuple[int, int]]:
+    """Strip each span; merge spans under `min_chars` into the next (the last into the previous)."""
     spans = [s for s in (_strip_span(text, a, b) for a, b in cuts) if s is not None]
     i = 0
     while i < len(spans):
@@ -77,9 +107,6 @@ def split_sentences(
             del spans[i]
             continue
         i += 1
-    if len(spans) > max_chunks:
-        warnings.warn(f"{len(spans)} sentences; keeping the first max_chunks={max_chunks}", stacklevel=2)
-        spans = spans[:max_chunks]
     return spans
 
 
@@ -188,6 +215,15 @@ class ReasoningTrace:
         if THINK_CLOSE in self.response:
             return self.response.split(THINK_CLOSE, 1)[1].strip()
         return self.response.strip()
+
+    def segments(self, unit: str = "sentence") -> list[Sentence]:
+        """Steps of the chain of thought as token spans: "sentence" (the Thought Anchors
+        splitter, `self.sentences`), "paragraph" (blank lines) or "line" (newlines)."""
+        if unit == "sentence":
+            return self.sentences
+        start, end = self.thinking or (len(self.text) - len(self.response), len(self.text))
+        spans = split_blocks(self.text[start:end], unit)
+        return _token_spans(self.text, self.offsets, [(a + start, b + start) for a, b in spans])
 
     def sentence_of(self, position: int) -> Sentence | None:
         """The sentence that contains token `position`, if any."""

@@ -81,5 +81,6 @@ def test_lens_matches_hf_on_embedded(embedded_nnsight, embedded_hf):
         torch.testing.assert_close(lens.entropy[i], -(logp[l].exp() * logp[l]).sum(-1), atol=2e-4, rtol=0)
         kl = (logp[-1].exp() * (logp[-1] - logp[l])).sum(-1)
         torch.testing.assert_close(lens.kl_final[i], kl, atol=2e-4, rtol=0)
-        torch.testing.assert_close(lens.jsd_final[i].double(), jsd_plain(logp[-1], logp[l]), atol=2e-4, rtol=0)
+        want = jsd_plain(logp[-1], logp[l])
+        torch.testing.assert_close(lens.jsd_final[i].double(), want, atol=2e-4, rtol=0)
         assert torch.equal(lens.top1[i], logp[l].argmax(-1))

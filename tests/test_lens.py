@@ -77,7 +77,7 @@ def test_jsd_hand_computed():
     assert abs(float(lens_module.jsd(q.log(), p.log())) - want) < 1e-6  # symmetric
     assert float(lens_module.jsd(p.log(), p.log())) == pytest.approx(0.0, abs=1e-7)
     # the streaming kernel gives the same on a 2-token vocabulary
-    a, b = lens_module._Dist(p.log()[None]), lens_module._Dist(q.log().clamp(min=-1e4)[None])
+    a, b = lens_module.Distributions(p.log()[None]), lens_module.Distributions(q.log().clamp(min=-1e4)[None])
     assert float(a.jsd(b)) == pytest.approx(want, abs=1e-6)
     assert float(a.kl_from(b)) == pytest.approx(math.log(1 / 0.5), abs=1e-4)  # KL(q || p)
 

@@ -1,0 +1,177 @@
+"""Output-level signals of a response: perplexity, entropy, self-certainty, dynamic instability,
+conditional entropy of the answer per step, and P(True).
+
+These are the baselines and step signals beside the logit-lens Reasoning Score. Token-level
+signals read the distribution that predicted each response token (position t-1 for token t).
+
+Example:
+    >>> import mechlens as ml
+    >>> model = ml.load_model("tiny-llama")
+    >>> trace = ml.ReasoningTrace.from_text(model, "What is 2+3?", "First, 2+3 is 5. So the answer is 5.")
+    >>> sig = token_signals(model, trace)
+    >>> sig.logprob.shape == (trace.n_tokens - trace.prompt_len,)
+    True
+    >>> bool(sig.perplexity > 1)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mechlens.lens import _BLOCK_ROWS, Distributions, jsd_probs
+from mechlens.trace import ReasoningTrace, Sentence, format_prompt
+
+
+@dataclass
+class TokenSignals:
+    """Per response token, each `[n]` (n = response tokens; `positions` their indices).
+
+    logprob: log p(token | everything before it); entropy: entropy of that distribution (nats);
+    self_certainty: KL(uniform || p) (high = confident); instability: JSD between this token's
+    distribution and the previous one (the first entry compares with the last prompt position).
+    """
+
+    positions: Tensor
+    logprob: Tensor
+    entropy: Tensor
+    self_certainty: Tensor
+    instability: Tensor
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-float(self.logprob.mean()))
+
+    @property
+    def mean_entropy(self) -> float:
+        return float(self.entropy.mean())
+
+    @property
+    def mean_self_certainty(self) -> float:
+        return float(self.self_certainty.mean())
+
+
+@torch.no_grad()
+def token_signals(model, trace: ReasoningTrace, logits: Tensor | None = None) -> TokenSignals:
+    """Signals of every response token of `trace`; pass the trace's `logits [1, pos, vocab]` to
+    reuse a forward pass you already ran."""
+    tokens = trace.tokens
+    if logits is None:
+        logits = model(tokens)
+    start, end = trace.prompt_len, trace.n_tokens
+    if start < 2 or end <= start:
+        raise ValueError(f"need >= 2 prompt tokens and >= 1 response token, got {start} and {end - start}")
+    # rows start-2 .. end-2 predict tokens start-1 .. end-1; the first row only feeds instability
+    z = logits[0, start - 2 : end - 1].float()  # [n + 1, vocab]
+    targets = tokens[0, start - 1 : end].to(z.device)  # [n + 1]
+    logprob, entropy, certainty, unstable = [], [], [], []
+    prev = None
+    for a in range(0, len(z), _BLOCK_ROWS):
+        dist = Distributions(z[a : a + _BLOCK_ROWS])
+        ids = targets[a : a + _BLOCK_ROWS]
+        logprob.append(dist.logprob(ids)[0])
+        entropy.append(dist.entropy)
+        # mean_v log p_v = mean_v (z_v - max) + log p_max
+        certainty.append(-math.log(z.shape[-1]) - dist.zs.mean(-1) - dist.log_top_p)
+        p = dist.p if prev is None else torch.cat([prev, dist.p])
+        unstable.append(jsd_probs(p[1:], p[:-1]))
+        prev = dist.p[-1:]
+    per_token = [torch.cat(parts)[1:].cpu() for parts in (logprob, entropy, certainty)]  # drop the extra row
+    return TokenSignals(torch.arange(start, end), *per_token, torch.cat(unstable).cpu())
+
+
+@dataclass
+class Instability:
+    """Dynamic instability: per-token score, its peak and where the peak falls (0 = start, 1 = end)."""
+
+    score: Tensor  # [n]
+    peak: float
+    peak_index: int
+    peak_fraction: float
+
+
+def dynamic_instability(signals: TokenSignals, combine: str = "product") -> Instability:
+    """I_t = JSD(p_t, p_{t-1}) combined with the entropy H(p_t): their product (default) or the sum
+    of their z-scores (`combine="zsum"`). The trace's score is the peak; an early peak reads as
+    corrective, a late one as destructive."""
+    jsd_t, h_t = signals.instability, signals.entropy
+    if combine == "product":
+        score = jsd_t * h_t
+    elif combine == "zsum":
+        score = _z(jsd_t) + _z(h_t)
+    else:
+        raise ValueError(f"combine must be 'product' or 'zsum', got {combine!r}")
+    i = int(score.argmax())
+    return Instability(score, float(score[i]), i, i / max(1, len(score) - 1))
+
+
+def _z(x: Tensor) -> Tensor:
+    return (x - x.mean()) / x.std().clamp_min(1e-12) if len(x) > 1 else torch.zeros_like(x)
+
+
+@torch.no_grad()
+def conditional_entropy_per_step(
+    model,
+    trace: ReasoningTrace,
+    answer: str,
+    steps: Sequence[Sentence] | None = None,
+    answer_prefix: str = "\nThe answer is ",
+) -> Tensor:
+    """H_k for k = 0..n_steps: mean entropy over the answer's tokens, teacher-forced as
+    `answer_prefix + answer` right after the prompt and the first k steps.
+
+    A falling H_k means the steps make the answer more certain. The trace runs once; each k
+    reuses its KV cache up to the end of step k and runs only the appended answer.
+    """
+    steps = trace.sentences if steps is None else list(steps)
+    if not answer.strip():
+        raise ValueError("answer is empty")
+    head = model.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
+    suffix = model.tokenizer(answer_prefix + answer, add_special_tokens=False)["input_ids"]
+    if suffix[: len(head)] != head or len(suffix) == len(head):
+        raise ValueError(f"answer_prefix {answer_prefix!r} and the answer do not tokenise apart")
+    suffix_ids = torch.tensor([suffix], device=model.device)  # [1, S]
+    prefix = model.cache_prefix(trace.tokens)
+    ends = [trace.prompt_len] + [s.end for s in steps]
+    values = []
+    for upto in ends:
+        logits = model.continue_prefix(prefix, suffix_ids, upto=upto)  # [1, S, vocab]
+        rows = logits[0, len(head) - 1 : -1].float()  # the distributions that predict the answer
+        values.append(float(Distributions(rows).entropy.mean()))
+    return torch.tensor(values)
+
+
+P_TRUE_TEMPLATE = (
+    "Question: {question}\nProposed answer: {answer}\n"
+    "Is the proposed answer true or false? Reply with one word: True or False."
+)
+
+
+@torch.no_grad()
+def p_true(
+    model,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    template: str = P_TRUE_TEMPLATE,
+    batch_size: int = 8,
+) -> Tensor:
+    """P(True) per (question, proposed answer): the model's next-token probability of "True",
+    renormalised over {"True", "False"}, after the chat-templated `template`."""
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    ids = [model.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("True", "False")]
+    prompts = [
+        format_prompt(model.tokenizer, template.format(question=q, answer=a))
+        for q, a in zip(questions, answers, strict=True)
+    ]
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        tokens, mask = model.tokenize(prompts[i : i + batch_size])
+        last = model(tokens, attention_mask=mask)[:, -1, ids].float()  # [batch, 2], left-padded
+        out.append(torch.softmax(last, -1)[:, 0].cpu())
+    return torch.cat(out) if out else torch.empty(0)
