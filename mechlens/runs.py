@@ -192,9 +192,13 @@ class Run:
         self.outputs: list[Path] = []
         seed_everything(seed)
 
-    def cached(self, step: str, compute: Callable[[], Any], **key: Any) -> Any:
-        """Cache `compute()` under the step name, the config, the model and `key`."""
-        full_key = {"config": self.config, "seed": self.seed, **key}
+    def cached(self, step: str, compute: Callable[[], Any], config: bool = True, **key: Any) -> Any:
+        """Cache `compute()` under the step name, the model, the seed and `key`, and the whole
+        config unless `config=False` (then `key` must name every setting the step depends on,
+        so that changing an unrelated setting keeps the stored result)."""
+        full_key = {"seed": self.seed, **key}
+        if config:
+            full_key["config"] = self.config
         if self.model is not None:
             full_key["model"] = model_fingerprint(self.model)
         return self.cache.cached(step, compute, **full_key)

@@ -1,0 +1,92 @@
+"""Datasets, answer grading, AUROC/ROC, linear probes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mechlens import datasets
+from mechlens.answers import extract_answer, grade
+from mechlens.metrics import auroc, roc_curve
+from mechlens.probes import LinearProbe
+
+
+def test_arithmetic_is_deterministic_and_correct():
+    a = datasets.load("arithmetic", n=30, seed=4)
+    assert a == datasets.load("arithmetic", n=30, seed=4)
+    assert a != datasets.load("arithmetic", n=30, seed=5)
+    assert {p.level for p in a} == {1, 2, 3} and len({p.id for p in a}) == 30
+    for p in a:
+        assert int(p.answer) == eval(p.expression.replace("/", "//"))  # our own expressions
+        assert int(p.answer) >= 0 and p.kind == "number" and p.question.endswith("?")
+    with pytest.raises(ValueError, match="levels"):
+        datasets.load("arithmetic", levels=(4,))
+
+
+def test_factual_and_unknown_names():
+    f = datasets.load("factual")
+    assert len(f) == 100 and len({p.id for p in f}) == 100 and all(p.answer for p in f)
+    assert datasets.load("factual", n=5) == f[:5]
+    with pytest.raises(ValueError, match=r"available datasets are \['arithmetic', 'factual'\]"):
+        datasets.load("gsm8k")
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "aliases", "correct", "extracted"),
+    [
+        ("2 + 3 = 5\n\nThe answer is 5.", "5", (), True, "5."),
+        ("So 12 * 10 = 120.\nAnswer: **1,200**", "1200", (), True, "1,200"),
+        ("We get 7 apples.", "7", (), True, "We get 7 apples."),  # no marker: last line / last number
+        ("The answer is 8, not 7.", "7", (), False, "8, not 7."),
+        ("<think>Maybe 3? No, 4.</think>Answer: 4", "4", (), True, "4"),
+        ("The final answer is: Sydney", "Canberra", (), False, "Sydney"),
+        ("Answer: The capital is Ottawa.", "Ottawa", (), True, "The capital is Ottawa."),
+        ("The symbol is Au.\nAnswer: au", "Au", (), False, "au"),  # short aliases are case-sensitive
+        (
+            "Answer: Leonardo painted it",
+            "Leonardo da Vinci",
+            ("da Vinci", "Leonardo"),
+            True,
+            "Leonardo painted it",
+        ),
+        ("", "5", (), False, None),
+    ],
+)
+def test_grading(response, gold, aliases, correct, extracted):
+    g = grade(response, gold, aliases)
+    assert (g.correct, g.extracted) == (correct, extracted)
+
+
+def test_extract_answer_prefers_last_marker():
+    assert extract_answer("Answer: 3\nWait.\nThe answer is 4") == ("4", True)
+
+
+def test_auroc_and_roc():
+    assert auroc([0.1, 0.2, 0.3, 0.4], [0, 0, 1, 1]) == 1.0
+    assert auroc([0.1, 0.2, 0.3, 0.4], [1, 1, 0, 0]) == 0.0
+    assert auroc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5  # ties count half
+    assert np.isnan(auroc([0.1, 0.2], [1, 1]))
+    rng = np.random.default_rng(0)
+    s, y = rng.normal(size=200), rng.integers(0, 2, 200)
+    s[y == 1] += 0.7
+    fpr, tpr = roc_curve(s, y)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(s, y), abs=1e-9)
+    with pytest.raises(ValueError, match="NaN"):
+        auroc([np.nan, 1.0], [0, 1])
+
+
+def test_probe_recovers_planted_direction_deterministically():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, generator=gen)
+    X = torch.randn(600, 16, generator=gen) * torch.linspace(0.5, 3, 16)  # unequal scales
+    y = (torch.rand(600, generator=gen) < torch.sigmoid(X @ w)).long()
+    probe = LinearProbe(seed=0).fit(X, y)
+    cos = torch.nn.functional.cosine_similarity(probe.direction, w, dim=0)
+    assert cos > 0.9
+    again = LinearProbe(seed=0).fit(X, y)
+    assert torch.equal(probe.predict_proba(X), again.predict_proba(X))
+    assert len(probe.history) < 500  # early stopping on the validation split
+    with pytest.raises(ValueError, match="both labels"):
+        LinearProbe().fit(X, torch.zeros(600))
