@@ -39,7 +39,7 @@ class DepthConfig:
     model: str = "smollm2-135m-instruct"
     backend: str = "transformer_lens"
     n_arithmetic: int = 60
-    n_factual: int = 60
+    n_factual: int = 100
     max_new_tokens: int = 160
     batch_size: int = 16
     unit: str = "line"  # SmolLM2 writes one step per line
@@ -53,7 +53,7 @@ class DepthConfig:
 
     def __post_init__(self):
         if self.quick:
-            self.n_arithmetic, self.n_factual, self.max_new_tokens = 12, 12, 112
+            self.n_arithmetic, self.n_factual, self.max_new_tokens = 8, 8, 112
 
 
 def load_problems(cfg: DepthConfig) -> list[datasets.Problem]:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from mechlens.attention import span_attention
 from mechlens.lens import lens_from_cache
+from mechlens.models.hooked import ActivationCache
 from mechlens.probes import LinearProbe
 from mechlens.signals import TokenSignals, token_signals
 from mechlens.trace import ReasoningTrace, Sentence
@@ -237,8 +238,12 @@ def analyze_trace(
     names = ["resid_post", "pattern"] if attention else ["resid_post"]
     captured = sorted({*layers, *attention_layers}) if attention else layers
     logits, cache = model.run_with_cache(trace.tokens, names, layers=captured)
-    lens = lens_from_cache(model, logits, cache, layers=layers, stats=[stat])
-    token_scores = _token_scores(getattr(lens, stat)[:, 0].mean(0))  # [pos]
+    first = steps[0].start - 1  # the lens is only needed where the steps are predicted
+    resid = ActivationCache({"resid_post": cache["resid_post"][:, :, first:]}, {"resid_post": captured})
+    lens = lens_from_cache(model, logits[:, first:], resid, layers=layers, stats=[stat])
+    per_position = torch.full((trace.n_tokens,), float("nan"))
+    per_position[first:] = getattr(lens, stat)[:, 0].mean(0)
+    token_scores = _token_scores(per_position)  # [pos]
     step_scores = step_means(token_scores, steps)
     score = ReasoningScore(layers, divergence, steps, token_scores, step_scores)
 

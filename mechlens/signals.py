@@ -131,10 +131,15 @@ def conditional_entropy_per_step(
     steps = trace.sentences if steps is None else list(steps)
     if not answer.strip():
         raise ValueError("answer is empty")
-    head = model.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
-    suffix = model.tokenizer(answer_prefix + answer, add_special_tokens=False)["input_ids"]
-    if suffix[: len(head)] != head or len(suffix) == len(head):
-        raise ValueError(f"answer_prefix {answer_prefix!r} and the answer do not tokenise apart")
+    def encode(text: str) -> list[int]:
+        return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    suffix = encode(answer_prefix + answer)
+    # a trailing space usually joins the answer's first token ("is" + " 5"): cut before it then
+    heads = [encode(h) for h in (answer_prefix, answer_prefix.rstrip())]
+    head = next((h for h in heads if suffix[: len(h)] == h and len(h) < len(suffix)), None)
+    if head is None:
+        raise ValueError(f"answer_prefix {answer_prefix!r} and the answer {answer!r} do not tokenise apart")
     suffix_ids = torch.tensor([suffix], device=model.device)  # [1, S]
     prefix = model.cache_prefix(trace.tokens)
     ends = [trace.prompt_len] + [s.end for s in steps]

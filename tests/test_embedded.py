@@ -84,3 +84,13 @@ def test_lens_matches_hf_on_embedded(embedded_nnsight, embedded_hf):
         want = jsd_plain(logp[-1], logp[l])
         torch.testing.assert_close(lens.jsd_final[i].double(), want, atol=2e-4, rtol=0)
         assert torch.equal(lens.top1[i], logp[l].argmax(-1))
+
+
+def test_conditional_entropy_with_merging_tokenizer(embedded_tl):
+    from mechlens.signals import conditional_entropy_per_step
+
+    trace = ml.ReasoningTrace.from_text(
+        embedded_tl, "Symbol of gold?", "Gold is a metal.\n\nIts symbol is Au."
+    )
+    h = conditional_entropy_per_step(embedded_tl, trace, "Au")  # "is " + "Au" tokenises as "is", " Au"
+    assert h.shape == (len(trace.sentences) + 1,) and torch.isfinite(h).all()

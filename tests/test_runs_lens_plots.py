@@ -60,6 +60,11 @@ def test_run_seeds_caches_and_saves(tmp_path):
     Run("t", {"n": 1}, tmp_path / "figs", cache_root=tmp_path / "cache", seed=3)
     assert torch.equal(first, torch.rand(1))  # seeded identically
     assert run.cached("sq", lambda: 4) == 4 and run.cached("sq", lambda: 5) == 4
+    other = Run("t", {"n": 2}, tmp_path / "figs", cache_root=tmp_path / "cache", seed=3)
+    assert other.cached("sq", lambda: 6) == 6  # the config is part of the key by default
+    assert run.cached("gen", lambda: 7, config=False, k=1) == 7
+    assert other.cached("gen", lambda: 8, config=False, k=1) == 7  # keyed by k only
+    assert other.cached("gen", lambda: 9, config=False, k=2) == 9
     paths = run.save_figure(
         go.Figure(go.Scatter(x=[1], y=[2])),
         "fig",
