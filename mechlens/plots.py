@@ -54,16 +54,19 @@ def lens_heatmap(
     layers: Sequence[int],
     stat: str = "entropy (nats)",
     title: str = "Logit lens",
+    extra_hover: Sequence[Sequence[str]] | None = None,
 ) -> go.Figure:
     """Layers x positions heatmap of a lens statistic; hover shows the input and top token.
 
-    values: [layers, pos]; top_tokens[l][p]: the layer's top next-token string at p.
+    values: [layers, pos]; top_tokens[l][p]: the layer's top next-token string at p;
+    extra_hover[l][p]: more hover text (e.g. `LensResult.top_k_text`).
     """
     n_layers, n_pos = values.shape
     hover = [
         [
             f"layer {layers[l]}<br>pos {p}: {_label(str_tokens[p])!s}<br>top-1 next: "
             f"{_label(top_tokens[l][p])}<br>{stat}: {float(values[l, p]):.3f}"
+            + (f"<br>{extra_hover[l][p]}" if extra_hover is not None else "")
             for p in range(n_pos)
         ]
         for l in range(n_layers)

@@ -96,3 +96,19 @@ def test_plots_have_expected_traces(tmp_path):
     assert list(fig.data[0].x) == ["0:·a", "1:\\n"]
     paths = save_figure(fig, tmp_path / "att", images=False)
     assert [p.name for p in paths] == ["att.html"]
+
+
+def test_method_plots_have_expected_traces():
+    from mechlens.plots import histograms_by_group, mean_ci_lines, roc_curves
+
+    fig = lens_heatmap(
+        torch.rand(2, 2), [["a", "b"]] * 2, ["x", "y"], [0, 1], extra_hover=[["top-3: q"] * 2] * 2
+    )
+    assert fig.data[0].hovertext[1][1].endswith("top-3: q")
+    fig = mean_ci_lines([1, 2], {"g": ([1, 2], [0, 1], [2, 3])}, "step", "score", hover={"g": ["n=3", "n=2"]})
+    assert [t.type for t in fig.data] == ["scatter", "scatter"] and fig.layout.xaxis.title.text == "step"
+    assert list(fig.data[1].text) == ["n=3", "n=2"]
+    fig = histograms_by_group({"a": [1, 2], "b": [3]}, "cv")
+    assert [t.name for t in fig.data] == ["a (n=2)", "b (n=1)"]
+    fig = roc_curves({"det": ([0, 0.5, 1], [0, 1, 1], 0.75)})
+    assert fig.data[1].name == "det (AUROC 0.75)" and fig.layout.xaxis.title.text == "false-positive rate"
