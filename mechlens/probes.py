@@ -1,4 +1,5 @@
-"""Linear probes: logistic regression in torch with L2, a validation split and early stopping.
+"""Activation collection and linear probes: batched, cached captures; logistic-regression probes
+with L2, a validation split and early stopping; difference-in-means directions; per-layer sweeps.
 
 Example:
     >>> import torch
@@ -12,9 +13,172 @@ Example:
 from __future__ import annotations
 
 import copy
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechlens.metrics import auroc
+from mechlens.runs import DiskCache, atomic_write_bytes, model_fingerprint, stable_hash
+
+POSITIONS = ("last", "mean", "all")
+
+
+@torch.no_grad()
+def collect_activations(
+    model,
+    texts: Sequence[str],
+    name: str = "resid_post",
+    layers: Sequence[int] | None = None,
+    positions: str | Sequence[tuple[int, int]] = "last",
+    batch_size: int = 8,
+    cache: DiskCache | str | Path | None = None,
+    progress: bool = True,
+) -> Tensor | list[Tensor]:
+    """Activations of `texts` at `layers` (default all) of one cache name, in batches.
+
+    Args:
+        positions: "last" (each text's last token) -> `[layers, n, d]`; "mean" (mean over its
+            tokens) -> `[layers, n, d]`; "all" -> a list of `[layers, pos_i, d]`; or one token span
+            `(start, end)` per text, averaged -> `[layers, n, d]`.
+        cache: a `DiskCache` or folder; each batch is stored under the model, texts and settings,
+            so an interrupted collection resumes.
+
+    Only the named activation is captured and the forward stops after the last layer needed.
+
+        >>> import mechlens as ml
+        >>> model = ml.load_model("tiny-llama")
+        >>> collect_activations(model, ["a b", "c d e"], layers=[0, 2], progress=False).shape
+        torch.Size([2, 2, 64])
+    """
+    layer_list = list(range(model.n_layers)) if layers is None else [model._check_layer(l) for l in layers]
+    spans = None if isinstance(positions, str) else list(positions)
+    if spans is None and positions not in POSITIONS:
+        raise ValueError(
+            f"positions must be one of {POSITIONS} or one (start, end) span per text, got {positions!r}"
+        )
+    if spans is not None and len(spans) != len(texts):
+        raise ValueError(f"{len(spans)} spans for {len(texts)} texts: give one (start, end) per text")
+    if not texts:
+        raise ValueError("no texts to collect activations from")
+    store = DiskCache(cache) if isinstance(cache, str | Path) else cache
+    fingerprint = model_fingerprint(model) if store is not None else None
+    parts: list = []
+    for i in tqdm(range(0, len(texts), batch_size), desc="collect activations", disable=not progress):
+        batch = list(texts[i : i + batch_size])
+        batch_spans = None if spans is None else spans[i : i + batch_size]
+
+        def compute(batch=batch, batch_spans=batch_spans):
+            return _collect_batch(model, batch, name, layer_list, positions, batch_spans)
+
+        if store is None:
+            parts.append(compute())
+        else:
+            key = dict(model=fingerprint, texts=stable_hash(batch), hook=name, layers=layer_list,
+                       positions=positions if spans is None else batch_spans)  # fmt: skip
+            parts.append(store.cached("activations", compute, **key))
+    if positions == "all":
+        return [t for part in parts for t in part]
+    return torch.cat(parts, 1)
+
+
+def _collect_batch(model, texts, name, layers, positions, spans) -> Tensor | list[Tensor]:
+    tokens, mask = model.tokenize(texts)
+    _, cache = model.run_with_cache(tokens, [name], layers=layers, attention_mask=mask, return_logits=False)
+    acts = cache[name].float().cpu()  # [layers, batch, pos, d] (left-padded)
+    if acts.ndim != 4:
+        raise ValueError(
+            f"collect_activations needs a per-position activation, not {name!r} {tuple(acts.shape)}"
+        )
+    n_real = mask.sum(1).cpu()
+    n_pos = tokens.shape[1]
+    if positions == "last":
+        return acts[:, :, -1]
+    if positions == "all":
+        return [acts[:, b, n_pos - int(n_real[b]) :].clone() for b in range(len(texts))]
+    rows = []
+    for b in range(len(texts)):
+        pad = n_pos - int(n_real[b])
+        start, end = (0, int(n_real[b])) if spans is None else spans[b]
+        if not 0 <= start < end <= int(n_real[b]):
+            raise ValueError(f"span {(start, end)} outside text {b} of {int(n_real[b])} tokens")
+        rows.append(acts[:, b, pad + start : pad + end].mean(1))
+    return torch.stack(rows, 1)
+
+
+def diff_in_means(acts: Tensor, labels: Sequence[int], normalize: bool = True) -> Tensor:
+    """Difference-in-means direction `mean(acts[y == 1]) - mean(acts[y == 0])` over axis -2.
+
+    `acts [..., n, d]` -> `[..., d]` (e.g. one direction per layer), unit length by default.
+
+        >>> diff_in_means(torch.tensor([[0.0, 0], [2.0, 0]]), [0, 1])
+        tensor([1., 0.])
+    """
+    y = torch.as_tensor(labels).bool()
+    if y.all() or not y.any():
+        raise ValueError("labels must contain both 0 and 1")
+    d = acts[..., y, :].mean(-2) - acts[..., ~y, :].mean(-2)
+    return d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12) if normalize else d
+
+
+@dataclass
+class ProbeSweep:
+    """A probe per layer and its held-out metrics: `auroc`, `accuracy` `[layers]`."""
+
+    layers: list[int]
+    probes: list[LinearProbe]
+    auroc: np.ndarray
+    accuracy: np.ndarray
+
+    @property
+    def best_layer(self) -> int:
+        return self.layers[int(np.nanargmax(self.auroc))]
+
+
+def probe_sweep(
+    acts: Tensor,
+    labels: Sequence[int],
+    layers: Sequence[int] | None = None,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    **probe_kwargs,
+) -> ProbeSweep:
+    """Fit one `LinearProbe` per layer of `acts [layers, n, d]` on a stratified, seeded split and
+    report AUROC and accuracy on the held-out part."""
+    y = torch.as_tensor(labels).long()
+    if acts.ndim != 3 or acts.shape[1] != len(y):
+        raise ValueError(f"acts must be [layers, n={len(y)}, d], got {tuple(acts.shape)}")
+    layers = list(range(acts.shape[0])) if layers is None else list(layers)
+    train, test = _stratified_split(y, test_fraction, seed)
+    probes, aucs, accs = [], [], []
+    for i in range(acts.shape[0]):
+        probe = LinearProbe(seed=seed, **probe_kwargs).fit(acts[i, train], y[train])
+        p = probe.predict_proba(acts[i, test])
+        probes.append(probe)
+        aucs.append(auroc(p.numpy(), y[test].numpy()))
+        accs.append(float(((p > 0.5).long() == y[test]).float().mean()))
+    return ProbeSweep(layers, probes, np.array(aucs), np.array(accs))
+
+
+def _stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded indices `(keep, held_out)`, `fraction` of each label held out."""
+    gen = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for label in y.unique():
+        idx = (y == label).nonzero()[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_held = int(round(fraction * len(idx)))
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return torch.cat(keep).sort().values, torch.cat(held).sort().values
+
+
+_SETTINGS = ("l2", "lr", "max_epochs", "val_fraction", "patience", "standardize", "seed")
 
 
 class LinearProbe:
@@ -57,7 +221,8 @@ class LinearProbe:
             raise ValueError(f"X must be [n, d] and y [n]; got {tuple(X.shape)} and {tuple(y.shape)}")
         if not torch.isin(y, torch.tensor([0.0, 1.0])).all() or y.min() == y.max():
             raise ValueError("y must hold both labels 0 and 1")
-        train, val = self._split(y)
+        y_int = y.long()
+        train, val = _stratified_split(y_int, self.val_fraction, self.seed)
         self.mean = X[train].mean(0) if self.standardize else torch.zeros(X.shape[1])
         self.std = X[train].std(0).clamp_min(1e-8) if self.standardize else torch.ones(X.shape[1])
         Z = (X - self.mean) / self.std
@@ -90,18 +255,6 @@ class LinearProbe:
         self.linear = linear.eval()
         return self
 
-    def _split(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Stratified, seeded train/validation indices."""
-        gen = torch.Generator().manual_seed(self.seed)
-        train, val = [], []
-        for label in (0.0, 1.0):
-            idx = (y == label).nonzero()[:, 0]
-            idx = idx[torch.randperm(len(idx), generator=gen)]
-            n_val = int(round(self.val_fraction * len(idx)))
-            val.append(idx[:n_val])
-            train.append(idx[n_val:])
-        return torch.cat(train).sort().values, torch.cat(val).sort().values
-
     def decision_function(self, X: Tensor) -> Tensor:
         """Logits `[n]`."""
         if self.linear is None:
@@ -113,6 +266,26 @@ class LinearProbe:
     def predict_proba(self, X: Tensor) -> Tensor:
         """P(y = 1) `[n]`."""
         return torch.sigmoid(self.decision_function(X))
+
+    def save(self, path: str | Path) -> None:
+        """Write the fitted probe (weights, standardisation, settings) atomically."""
+        if self.linear is None:
+            raise RuntimeError("fit the probe first")
+        state = {"settings": {k: getattr(self, k) for k in _SETTINGS}, "linear": self.linear.state_dict(),
+                 "mean": self.mean, "std": self.std}  # fmt: skip
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> LinearProbe:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        probe = cls(**state["settings"])
+        probe.mean, probe.std = state["mean"], state["std"]
+        probe.linear = torch.nn.Linear(len(probe.mean), 1)
+        probe.linear.load_state_dict(state["linear"])
+        probe.linear.eval()
+        return probe
 
     @property
     def direction(self) -> Tensor:

@@ -131,6 +131,7 @@ def conditional_entropy_per_step(
     steps = trace.sentences if steps is None else list(steps)
     if not answer.strip():
         raise ValueError("answer is empty")
+
     def encode(text: str) -> list[int]:
         return model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
