@@ -47,6 +47,7 @@ class DepthConfig:
     min_steps: int = 3
     max_steps_plotted: int = 10
     folds: int = 5
+    subset: str = "factual"  # traces compared by label in the figures: "factual" or "all"
     quick: bool = False
     out: str = "figures/depth"
     seed: int = 0
@@ -54,6 +55,9 @@ class DepthConfig:
     def __post_init__(self):
         if self.quick:
             self.n_arithmetic, self.n_factual, self.max_new_tokens = 8, 8, 112
+            self.subset = "all"
+        if self.subset not in SUBSET_TITLES:
+            raise ValueError(f"subset must be one of {list(SUBSET_TITLES)}, got {self.subset!r}")
 
 
 def load_problems(cfg: DepthConfig) -> list[datasets.Problem]:
@@ -125,6 +129,54 @@ def mean_ci(rows: list[list[float]], length: int) -> tuple[np.ndarray, np.ndarra
     return np.array(mean), np.array(low), np.array(high), counts
 
 
+SUBSET_TITLES = {"all": "all traces", "factual": "factual questions"}
+ROC_CURVES = ("RHD detector", "perplexity", "mean token entropy", "self-certainty", "P(True)")
+# each signal with the direction that should mean "hallucinated" (+1: higher is more suspicious)
+SIGNALS = {
+    "perplexity": ("perplexity", +1), "mean token entropy": ("mean_entropy", +1),
+    "self-certainty": ("self_certainty", -1), "P(True)": ("p_true", -1),
+    "instability peak": ("instability_peak", +1),
+    "feature: mean_score": ("mean_score", -1),  # low = shallow reasoning
+    **{f"feature: {f}": (f, +1) for f in FEATURES[1:]},
+}  # fmt: skip
+
+
+def subsets(kept: list[dict], cfg: DepthConfig) -> dict[str, list[dict]]:
+    """All analysed traces, and the factual ones alone (arithmetic answers are almost all wrong
+    on a small model, so over all traces the label is confounded with the dataset)."""
+    return {"all": kept, "factual": [r for r in kept if r["problem"].kind == "text"]}
+
+
+def evaluate(rows: list[dict], cfg: DepthConfig) -> dict[str, dict]:
+    """AUROC of the RHD detector and of each signal, "hallucinated" the positive class.
+
+    a_priori: the signal in its expected direction (e.g. high perplexity = suspicious);
+    cross_validated: out-of-fold scores of a logistic regression on the signal (its direction
+    learned), the same protocol as the detector.
+    """
+    labels = np.array([r["label"] for r in rows])
+    folds = min(cfg.folds, int(labels.sum()), int((1 - labels).sum()))
+    if folds < 2:
+        return {}
+    out = {}
+    features = [r["features"] for r in rows]
+    rhd = cross_validated_scores(features, labels, folds=folds, seed=cfg.seed)
+    out["RHD detector"] = {"auroc_a_priori": float("nan"), "auroc_cross_validated": auroc(rhd, labels),
+                           "scores": rhd}  # fmt: skip
+    for name, (key, sign) in SIGNALS.items():
+        values = [{key: (r["features"] if key in FEATURES else r)[key]} for r in rows]
+        cv = cross_validated_scores(values, labels, folds=folds, seed=cfg.seed, features=(key,))
+        prior = sign * np.array([v[key] for v in values])
+        out[name] = {"auroc_a_priori": auroc(prior, labels), "auroc_cross_validated": auroc(cv, labels),
+                     "scores": cv}  # fmt: skip
+    return out
+
+
+def _nanmean(values: list[float]) -> float | None:
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else None
+
+
 def main(cfg: DepthConfig) -> dict:
     model = ml.load_model(cfg.model, backend=cfg.backend)
     run = Run("depth_scoring", cfg, cfg.out, model=model, seed=cfg.seed)
@@ -155,24 +207,13 @@ def main(cfg: DepthConfig) -> dict:
     print(f"{len(records)} traces, {len(kept)} with >= {cfg.min_steps} steps; "
           f"{int(labels.sum())} hallucinated, {int((1 - labels).sum())} correct")  # fmt: skip
 
-    # ---- detector vs baselines (higher score = more likely hallucinated)
-    scores: dict[str, np.ndarray] = {}
-    folds = min(cfg.folds, int(labels.sum()), int((1 - labels).sum()))
-    if folds >= 2:
-        scores["RHD (cross-validated)"] = cross_validated_scores(
-            [r["features"] for r in kept], labels, folds=folds, seed=cfg.seed
-        )
-    scores["perplexity"] = np.array([r["perplexity"] for r in kept])
-    scores["mean token entropy"] = np.array([r["mean_entropy"] for r in kept])
-    scores["- self-certainty"] = -np.array([r["self_certainty"] for r in kept])
-    scores["1 - P(True)"] = 1 - np.array([r["p_true"] for r in kept])
-    scores["instability peak"] = np.array([r["instability_peak"] for r in kept])
-    for f in FEATURES:
-        scores[f"feature: {f}"] = np.array([r["features"][f] for r in kept])
-    aurocs = {name: auroc(s, labels) if len(set(labels)) == 2 else float("nan") for name, s in scores.items()}
+    # ---- detector vs baselines, on every analysed trace and on the chosen subset
+    evaluation = {name: evaluate(rows, cfg) for name, rows in subsets(kept, cfg).items()}
+    shown = subsets(kept, cfg)[cfg.subset]  # the traces the label-comparison figures show
+    labels = np.array([r["label"] for r in shown])
 
     # ---- figures
-    example = min((r for r in kept if r["label"] == 1), key=lambda r: r["trace"].n_tokens, default=kept[0])
+    example = min((r for r in shown if r["label"] == 1), key=lambda r: r["trace"].n_tokens, default=shown[0])
     trace = example["trace"]
     span = range(max(0, trace.prompt_len - 8), trace.n_tokens)
     lens = ml.logit_lens(model, trace.tokens, top_k_positions=span, k=3)
@@ -189,72 +230,73 @@ def main(cfg: DepthConfig) -> dict:
 
     groups, hover = {}, {}
     for label, name in LABELS.items():
-        rows = [r["step_scores"] for r in kept if r["label"] == label]
+        rows = [r["step_scores"] for r in shown if r["label"] == label]
         if rows:
             m, lo, hi, counts = mean_ci(rows, cfg.max_steps_plotted)
             groups[f"{name} (n={len(rows)})"] = (m, lo, hi)
             hover[f"{name} (n={len(rows)})"] = [f"traces with this step: {c}" for c in counts]
     x = list(range(1, cfg.max_steps_plotted + 1))
     fig = mean_ci_lines(x, groups, "reasoning step", f"Reasoning Score ({cfg.divergence.upper()}, nats)",
-                        title="Reasoning Score by step: mean and 95% CI", hover=hover)  # fmt: skip
+                        title=f"Reasoning Score by step, {SUBSET_TITLES[cfg.subset]}: mean and 95% CI",
+                        hover=hover)  # fmt: skip
     run.save_figure(fig, "score_by_step", caption="Reasoning Score per step, correct vs hallucinated traces.")
 
     fig = histograms_by_group(
         {
-            name: [r["features"]["fluctuation"] for r in kept if r["label"] == label]
+            name: [r["features"]["fluctuation"] for r in shown if r["label"] == label]
             for label, name in LABELS.items()
         },
         "early-stage fluctuation (CV of the Reasoning Score)",
-        title="Early-stage fluctuation by label",
+        title=f"Early-stage fluctuation by label, {SUBSET_TITLES[cfg.subset]}",
     )
     run.save_figure(
         fig, "fluctuation_hist", caption="Coefficient of variation of early step scores, by label."
     )
 
     curves = {}
-    for name in [
-        "RHD (cross-validated)",
-        "perplexity",
-        "mean token entropy",
-        "- self-certainty",
-        "1 - P(True)",
-    ]:
-        if name in scores and not np.isnan(aurocs[name]):
-            fpr, tpr = roc_curve(scores[name], labels)
-            curves[name] = (fpr, tpr, aurocs[name])
+    for name, result in evaluation[cfg.subset].items():
+        if name in ROC_CURVES and result["scores"] is not None:
+            fpr, tpr = roc_curve(result["scores"], labels)
+            curves[name] = (fpr, tpr, result["auroc_cross_validated"])
     fig = roc_curves(
-        curves, title=f"Hallucination detection on {model.name.split('/')[-1]} ({len(kept)} traces)"
+        curves, title=f"Hallucination detection, {SUBSET_TITLES[cfg.subset]} ({len(shown)} traces)"
     )
     run.save_figure(
-        fig, "roc", caption="ROC of the RHD detector (cross-validated) against output-level baselines."
+        fig, "roc", caption="ROC of the RHD detector against output-level baselines (cross-validated)."
     )
 
     groups = {}
     for label, name in LABELS.items():
-        rows = [r["conditional_entropy"] for r in kept if r["label"] == label]
+        rows = [r["conditional_entropy"] for r in shown if r["label"] == label]
         if rows:
             m, lo, hi, _ = mean_ci(rows, cfg.max_steps_plotted + 1)
             groups[f"{name} (n={len(rows)})"] = (m, lo, hi)
+    title = f"Conditional entropy of the answer after k steps, {SUBSET_TITLES[cfg.subset]}"
     fig = mean_ci_lines(list(range(cfg.max_steps_plotted + 1)), groups, "steps seen (k)",
-                        "entropy of the gold answer (nats)",
-                        title="Conditional entropy of the answer after k steps")  # fmt: skip
+                        "entropy of the gold answer (nats)", title=title)  # fmt: skip
     run.save_figure(
         fig, "conditional_entropy", caption="Entropy of the teacher-forced gold answer after k steps."
     )
 
     results = {
-        "traces": len(records), "analysed": len(kept), "hallucinated": int(labels.sum()),
-        "correct": int((1 - labels).sum()), "folds": folds, "auroc": aurocs,
+        "traces": len(records), "analysed": len(kept), "subset_shown": cfg.subset,
+        "labels": {name: {"hallucinated": int(sum(r["label"] for r in rows)),
+                          "correct": int(sum(1 - r["label"] for r in rows))}
+                   for name, rows in subsets(kept, cfg).items()},
         "accuracy_by_dataset": {
             kind: float(np.mean([1 - r["label"] for r in records if r["problem"].kind == kind]))
             for kind in ("number", "text") if any(r["problem"].kind == kind for r in records)
         },
-        "feature_means": {name: {f: float(np.nanmean([r["features"][f] for r in kept if r["label"] == label]))
+        "auroc": {subset: {name: {k: v for k, v in res.items() if k != "scores"} for name, res in ev.items()}
+                  for subset, ev in evaluation.items()},
+        "feature_means": {name: {f: _nanmean([r["features"][f] for r in shown if r["label"] == label])
                                  for f in [*FEATURES, "backtrack_attn"]} for label, name in LABELS.items()},
     }  # fmt: skip
     atomic_write_text(run.out_dir / "results.json", json.dumps(results, indent=1))
-    for name, value in aurocs.items():
-        print(f"AUROC {name}: {value:.3f}")
+    for subset, ev in evaluation.items():
+        for name, res in ev.items():
+            print(f"AUROC [{subset}] {name}: a priori {res['auroc_a_priori']:.3f}, "
+                  f"cross-validated {res['auroc_cross_validated']:.3f}")  # fmt: skip
     return results
 
 

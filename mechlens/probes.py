@@ -237,8 +237,9 @@ class LinearProbe:
         self.history = []
         for _ in range(self.max_epochs):
             opt.zero_grad()
-            loss = loss_fn(linear(Z[train])[:, 0], y[train]) + self.l2 * linear.weight.pow(2).sum()
-            loss.backward()
+            with torch.enable_grad():  # also inside a caller's no_grad
+                loss = loss_fn(linear(Z[train])[:, 0], y[train]) + self.l2 * linear.weight.pow(2).sum()
+                loss.backward()
             opt.step()
             if len(val):
                 with torch.no_grad():

@@ -67,7 +67,8 @@ def test_diff_in_means_and_sweep_find_the_informative_layer():
 def test_probe_save_load_roundtrip(tmp_path):
     X = torch.randn(50, 4, generator=torch.Generator().manual_seed(1))
     y = (X[:, 1] > 0).long()
-    probe = LinearProbe(l2=0.01, seed=2).fit(X, y)
+    with torch.no_grad():  # fitting works inside a caller's no_grad
+        probe = LinearProbe(l2=0.01, seed=2).fit(X, y)
     probe.save(tmp_path / "probe.pt")
     loaded = LinearProbe.load(tmp_path / "probe.pt")
     assert torch.equal(loaded.predict_proba(X), probe.predict_proba(X)) and loaded.l2 == 0.01
