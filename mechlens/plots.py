@@ -43,8 +43,9 @@ TEMPLATE = "mechlens"
 
 
 def _label(token: str) -> str:
-    """A token as readable text in a label or hover: visible whitespace."""
-    return token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "·") or "∅"
+    """A token as readable text in a label or hover: visible whitespace, escaped control bytes."""
+    token = token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "·")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in token) or "∅"
 
 
 def lens_heatmap(

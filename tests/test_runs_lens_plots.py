@@ -94,6 +94,7 @@ def test_plots_have_expected_traces(tmp_path):
     assert "top-1 next: a" in fig.data[0].hovertext[0][0]
     fig = attention_heatmap(torch.eye(2), [" a", "\n"])
     assert list(fig.data[0].x) == ["0:·a", "1:\\n"]
+    assert list(attention_heatmap(torch.eye(2), ["\x00", "\ufffd"]).data[0].x) == ["0:\\x00", "1:\ufffd"]
     paths = save_figure(fig, tmp_path / "att", images=False)
     assert [p.name for p in paths] == ["att.html"]
 

@@ -1,0 +1,156 @@
+"""The `mechlens` command line.
+
+    mechlens info [--model NAME] [--backend transformer_lens|nnsight]
+    mechlens lens "The capital of France is" [--layers 10,20,29] [--out lens.html]
+    mechlens run experiments/depth_scoring.py [--quick] [--model PATH] [--backend nnsight]
+
+A mistake (unknown model, layer out of range, missing script) exits with status 2 and one line
+that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("mechlens", "torch", "transformers", "transformer-lens", "nnsight", "plotly", "kaleido")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mechlens",
+        description="Mechanistic interpretability for reasoning language models.",
+        epilog="Run `mechlens COMMAND --help` for the options of one command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--model", default=None, help="model folder, hub id or tiny-<arch>; default: embedded SmolLM2"
+        )
+        p.add_argument("--backend", default="transformer_lens", choices=["transformer_lens", "nnsight"])
+
+    p = sub.add_parser("info", help="versions, cache locations and the model's dimensions")
+    model_options(p)
+    p.add_argument("--no-model", action="store_true", help="do not load a model (faster)")
+
+    p = sub.add_parser("lens", help="logit lens of a text: each layer's top next token and entropy")
+    p.add_argument("text", help="the text to read (quote it)")
+    model_options(p)
+    p.add_argument("--layers", default=None, help="comma-separated layers to print (default: 6 spread out)")
+    p.add_argument("--chat", action="store_true", help="wrap the text in the chat template as a user turn")
+    p.add_argument("--out", default=None, help="also write a heatmap (.html, plus .png/.svg with a Chromium)")
+
+    p = sub.add_parser("run", help="run an experiment script; other options go to the script")
+    p.add_argument("script", help="path to a script, or a name in experiments/ (e.g. depth_scoring)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = _parser().parse_known_args(argv)
+    if rest and args.command != "run":
+        _parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return {"info": _info, "lens": _lens, "run": _run}[args.command](args, rest)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"mechlens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _load(args):
+    import mechlens as ml
+
+    return ml.load_model(args.model, backend=args.backend)
+
+
+def _info(args, rest) -> int:
+    from mechlens.models.loading import cache_dir
+
+    for pkg in PACKAGES:
+        try:
+            version = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"{pkg:17s} {version}")
+    print(f"{'cache':17s} {cache_dir()}  (set MECHLENS_CACHE to move it)")
+    from mechlens.plots import image_export_available
+
+    print(f"{'PNG/SVG export':17s} {'yes' if image_export_available() else 'no (apt-get install chromium)'}")
+    if not args.no_model:
+        model = _load(args)
+        print(f"{'model':17s} {model!r}")
+        print(f"{'':17s} d_head={model.d_head} d_vocab={model.d_vocab} n_ctx={model.n_ctx} "
+              f"dtype={model.dtype} device={model.device}")  # fmt: skip
+    return 0
+
+
+def _lens(args, rest) -> int:
+    import mechlens as ml
+    from mechlens.trace import format_prompt
+
+    if not args.text.strip():
+        raise ValueError("empty text: give the text to read, e.g. mechlens lens 'The capital of France is'")
+    model = _load(args)
+    text = format_prompt(model.tokenizer, args.text) if args.chat else args.text
+    toks = model.to_tokens(text)
+    lens = ml.logit_lens(model, toks)
+    if args.layers:
+        try:
+            shown = [int(l) for l in args.layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
+        for l in shown:
+            model._check_layer(l)
+    else:
+        shown = sorted({round(i * (model.n_layers - 1) / 5) for i in range(6)})
+    str_tokens = model.to_str_tokens(toks)
+    width = max(8, *(len(repr(t)) for t in str_tokens[-12:]))
+    print("top-1 next token (entropy in nats) by layer, last 12 positions")
+    print(f"{'token':>{width}s} " + " ".join(f"{'L' + str(l):>14s}" for l in shown))
+    for p in range(max(0, len(str_tokens) - 12), len(str_tokens)):
+        cells = []
+        for l in shown:
+            token = model.tokenizer.decode([int(lens.top1[l, 0, p])])
+            cells.append(f"{repr(token)[:9]:>9s} {float(lens.entropy[l, 0, p]):4.1f}")
+        print(f"{repr(str_tokens[p]):>{width}s} " + " ".join(cells))
+    if args.out:
+        from mechlens.plots import lens_heatmap, save_figure
+
+        top = [[model.tokenizer.decode([t]) for t in row] for row in lens.top1[:, 0].tolist()]
+        fig = lens_heatmap(
+            lens.entropy[:, 0], top, str_tokens, lens.layers, title=f"Logit lens of {model.name}"
+        )
+        for path in save_figure(fig, Path(args.out).with_suffix("")):
+            print(path)
+    return 0
+
+
+def _run(args, rest) -> int:
+    path = Path(args.script)
+    if not path.exists() and path.suffix != ".py":
+        path = Path("experiments") / f"{args.script}.py"
+    if not path.is_file():
+        found = (
+            sorted(p.stem for p in Path("experiments").glob("*.py")) if Path("experiments").is_dir() else []
+        )
+        raise FileNotFoundError(
+            f"no script {args.script!r}; experiments here: {found or 'none (run from the repo)'}"
+        )
+    old_argv = sys.argv
+    sys.argv = [str(path), *rest]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = old_argv
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
