@@ -54,7 +54,7 @@ class DepthConfig:
 
     def __post_init__(self):
         if self.quick:
-            self.n_arithmetic, self.n_factual, self.max_new_tokens = 8, 8, 112
+            self.n_arithmetic, self.n_factual, self.max_new_tokens = 4, 12, 112
             self.subset = "all"
         if self.subset not in SUBSET_TITLES:
             raise ValueError(f"subset must be one of {list(SUBSET_TITLES)}, got {self.subset!r}")
@@ -155,20 +155,24 @@ def evaluate(rows: list[dict], cfg: DepthConfig) -> dict[str, dict]:
     learned), the same protocol as the detector.
     """
     labels = np.array([r["label"] for r in rows])
-    folds = min(cfg.folds, int(labels.sum()), int((1 - labels).sum()))
-    if folds < 2:
+    if len(set(labels.tolist())) < 2:
         return {}
+    folds = min(cfg.folds, int(labels.sum()), int((1 - labels).sum()))  # < 2: no cross-validation
     out = {}
-    features = [r["features"] for r in rows]
-    rhd = cross_validated_scores(features, labels, folds=folds, seed=cfg.seed)
-    out["RHD detector"] = {"auroc_a_priori": float("nan"), "auroc_cross_validated": auroc(rhd, labels),
-                           "scores": rhd}  # fmt: skip
+    if folds >= 2:
+        rhd = cross_validated_scores([r["features"] for r in rows], labels, folds=folds, seed=cfg.seed)
+        out["RHD detector"] = {"auroc_a_priori": float("nan"), "auroc_cross_validated": auroc(rhd, labels),
+                               "scores": rhd}  # fmt: skip
     for name, (key, sign) in SIGNALS.items():
         values = [{key: (r["features"] if key in FEATURES else r)[key]} for r in rows]
-        cv = cross_validated_scores(values, labels, folds=folds, seed=cfg.seed, features=(key,))
         prior = sign * np.array([v[key] for v in values])
-        out[name] = {"auroc_a_priori": auroc(prior, labels), "auroc_cross_validated": auroc(cv, labels),
-                     "scores": cv}  # fmt: skip
+        if np.isnan(prior).any():
+            continue
+        result = {"auroc_a_priori": auroc(prior, labels), "auroc_cross_validated": np.nan, "scores": prior}
+        if folds >= 2:
+            cv = cross_validated_scores(values, labels, folds=folds, seed=cfg.seed, features=(key,))
+            result.update(auroc_cross_validated=auroc(cv, labels), scores=cv)
+        out[name] = result
     return out
 
 
@@ -257,7 +261,8 @@ def main(cfg: DepthConfig) -> dict:
     for name, result in evaluation[cfg.subset].items():
         if name in ROC_CURVES and result["scores"] is not None:
             fpr, tpr = roc_curve(result["scores"], labels)
-            curves[name] = (fpr, tpr, result["auroc_cross_validated"])
+            cv = result["auroc_cross_validated"]
+            curves[name] = (fpr, tpr, result["auroc_a_priori"] if np.isnan(cv) else cv)
     fig = roc_curves(
         curves, title=f"Hallucination detection, {SUBSET_TITLES[cfg.subset]} ({len(shown)} traces)"
     )
