@@ -9,6 +9,7 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from mechlens import datasets, depth, metrics, probes, signals  # noqa: E402  (ml.depth, ml.datasets, ...)
 from mechlens.lens import LensResult, logit_lens  # noqa: E402
 from mechlens.models import (  # noqa: E402
     ActivationCache,
@@ -33,4 +34,9 @@ __all__ = [
     "split_sentences",
     "LensResult",
     "logit_lens",
+    "datasets",
+    "depth",
+    "metrics",
+    "probes",
+    "signals",
 ]
