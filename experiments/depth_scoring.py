@@ -226,7 +226,7 @@ def main(cfg: DepthConfig) -> dict:
     top_k = [["top-3: " + text for text in row] for row in lens.top_k_text(model.tokenizer)]
     fig = lens_heatmap(
         lens.entropy[:, 0, span.start :], top, str_tokens, lens.layers, extra_hover=top_k,
-        title=f"Logit lens over a hallucinated trace ({example['problem'].id}): entropy, top-1 in hover",
+        title=f"Logit lens over a hallucinated trace ({example['problem'].id}): entropy; hover: top-1, top-3",
     )  # fmt: skip
     run.save_figure(
         fig, "lens_heatmap", caption="Logit-lens entropy by layer and token over one hallucinated trace."

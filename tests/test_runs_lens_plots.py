@@ -113,3 +113,25 @@ def test_method_plots_have_expected_traces():
     assert [t.name for t in fig.data] == ["a (n=2)", "b (n=1)"]
     fig = roc_curves({"det": ([0, 0.5, 1], [0, 1, 1], 0.75)})
     assert fig.data[1].name == "det (AUROC 0.75)" and fig.layout.xaxis.title.text == "false-positive rate"
+
+
+def test_gallery_from_fake_outputs(tmp_path):
+    from mechlens.gallery import write_gallery
+
+    for folder, stem, png in [("demo", "a", True), ("depth", "b", True), ("depth", "c", False)]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        if png:
+            (tmp_path / folder / f"{stem}.png").write_bytes(b"")
+        info = {
+            "caption": f"Caption {stem}.",
+            "command": f"experiments/{folder}.py --quick",
+            "git_commit": "0123456789ab",
+        }
+        (tmp_path / folder / f"{stem}.provenance.json").write_text(json.dumps(info))
+    text = write_gallery(tmp_path).read_text()
+    assert text.index("## demo") < text.index("## depth")
+    assert "![Caption a.](demo/a.png)" in text and "![Caption b.](depth/b.png)" in text
+    assert "[c (interactive HTML)](depth/c.html)" in text  # no PNG without a Chromium
+    assert "`python experiments/depth.py --quick`, commit 0123456789" in text
+    with pytest.raises(ValueError, match="no figures"):
+        write_gallery(tmp_path / "empty")
