@@ -176,6 +176,15 @@ def evaluate(rows: list[dict], cfg: DepthConfig) -> dict[str, dict]:
     return out
 
 
+def _finite(obj):
+    """NaN -> None, so that results.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, float) and np.isnan(obj):
+        return None
+    return obj
+
+
 def _nanmean(values: list[float]) -> float | None:
     finite = [v for v in values if not np.isnan(v)]
     return float(np.mean(finite)) if finite else None
@@ -297,7 +306,7 @@ def main(cfg: DepthConfig) -> dict:
         "feature_means": {name: {f: _nanmean([r["features"][f] for r in shown if r["label"] == label])
                                  for f in [*FEATURES, "backtrack_attn"]} for label, name in LABELS.items()},
     }  # fmt: skip
-    atomic_write_text(run.out_dir / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(run.out_dir / "results.json", json.dumps(_finite(results), indent=1, allow_nan=False))
     for subset, ev in evaluation.items():
         for name, res in ev.items():
             print(f"AUROC [{subset}] {name}: a priori {res['auroc_a_priori']:.3f}, "
