@@ -74,6 +74,8 @@ class RunRequest:
     stop_after: int | None = None  # last layer to run; None runs to the logits
     past_key_values: Any = None
     use_cache: bool = False
+    start_at: int | None = None  # run blocks start_at.. only, from `resid_in`
+    resid_in: Tensor | None = None  # [batch, q, d_model], the residual entering block start_at
 
 
 @dataclass
@@ -243,8 +245,13 @@ class HookedModel:
         stop_after: int | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
+        start_at: int | None = None,
+        resid_in: Tensor | None = None,
     ) -> RunOutput:
-        """Run `_run` with positions worked out from the mask (which covers cached keys too)."""
+        """Run `_run` with positions worked out from the mask (which covers cached keys too).
+
+        With `start_at`, `resid_in [batch, q, d_model]` replaces the residual entering that block
+        (backends that can skip the blocks below do)."""
         pos = Positions.from_mask(attention_mask, tokens.shape[1])
         request = RunRequest(
             tokens,
@@ -255,6 +262,8 @@ class HookedModel:
             stop_after,
             past_key_values,
             use_cache,
+            start_at,
+            resid_in,
         )
         return self._run(request)
 

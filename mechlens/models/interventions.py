@@ -48,12 +48,16 @@ class HeadAblation:
     mode: str = "zero"  # "zero" | "mean"
     means: dict[int, Tensor] | None = None  # layer -> [n_heads, d_head], from a reference
     positions: Sequence[int] | None = None
+    row_heads: Tensor | None = None  # [batch]: zero only this head in each row (-1: none)
 
     def apply(self, layer: int, z: Tensor, pos: Positions) -> Tensor:
         """z: [batch, q, n_heads, d_head] -> same, with the listed heads replaced."""
         heads = self.heads.get(layer)
         if not heads:
             return z
+        if self.row_heads is not None:  # one head per row, zeroed (a batched sweep)
+            hit = self.row_heads.to(z.device)[:, None] == torch.arange(z.shape[2], device=z.device)
+            return z.masked_fill(hit[:, None, :, None], 0.0)
         sel = _select(pos.query, self.positions)[:, :, None, None]  # [batch, q, 1, 1]
         if self.mode == "zero":
             repl = torch.zeros_like(z[:, :, heads])
@@ -66,6 +70,19 @@ class HeadAblation:
         z = z.clone()
         z[:, :, heads] = torch.where(sel, repl, z[:, :, heads])
         return z
+
+
+@dataclass
+class HeadScaling:
+    """Multiply each head's output z by a factor, `scales[layer]: [n_heads]` (differentiable:
+    gradients with respect to the factors give attribution patching)."""
+
+    scales: dict[int, Tensor]
+
+    def apply(self, layer: int, z: Tensor, pos: Positions) -> Tensor:
+        if layer not in self.scales:
+            return z
+        return z * self.scales[layer].to(z)[None, None, :, None]
 
 
 @dataclass
@@ -144,8 +161,9 @@ class Interventions:
         return [it for it in self.items if isinstance(it, kind)]
 
     def z(self, layer: int, z: Tensor, pos: Positions) -> Tensor:
-        for it in self.of(HeadAblation):
-            z = it.apply(layer, z, pos)
+        for it in self.items:
+            if isinstance(it, HeadAblation | HeadScaling):
+                z = it.apply(layer, z, pos)
         return z
 
     def scores(self, layer: int, scores: Tensor, pos: Positions) -> Tensor:
@@ -161,7 +179,9 @@ class Interventions:
         return resid
 
     def touches_z(self, layer: int) -> bool:
-        return any(layer in it.heads for it in self.of(HeadAblation))
+        return any(layer in it.heads for it in self.of(HeadAblation)) or any(
+            layer in it.scales for it in self.of(HeadScaling)
+        )
 
     def touches_scores(self, layer: int) -> bool:
         return any(it.active(layer) for it in self.of(AttentionSuppression))

@@ -50,6 +50,13 @@ class NNsightModel(HookedModel):
             for layer in range(last + 1):
                 block = layers[layer]
                 attn = getattr(block, arch.attn_name)
+                if layer == req.start_at:  # blocks below still run (on the tokens), then are overridden
+                    args, kw = block.inputs
+                    if args:
+                        args = (req.resid_in, *args[1:])
+                    else:
+                        kw["hidden_states"] = req.resid_in
+                    block.inputs = (args, kw)
                 if "resid_pre" in capture and layer in capture["resid_pre"]:
                     args, kw = block.inputs
                     found.append(("resid_pre", layer, args[0] if args else kw["hidden_states"]))

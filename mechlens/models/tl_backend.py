@@ -52,7 +52,8 @@ class TransformerLensModel(HookedModel):
         iv = self._interventions
         acts: dict[str, dict[int, Tensor]] = {name: {} for name in capture}
         hooks = []
-        for layer in range(self.n_layers if stop_after is None else stop_after + 1):
+        first = req.start_at or 0
+        for layer in range(first, self.n_layers if stop_after is None else stop_after + 1):
             if iv.touches_scores(layer):
                 hooks.append((f"blocks.{layer}.attn.hook_attn_scores", _edit(iv.scores, layer, pos)))
             if iv.touches_z(layer):
@@ -64,6 +65,8 @@ class TransformerLensModel(HookedModel):
                     hooks.append((_HOOK_NAMES[name].format(layer), _store(acts[name], layer)))
         kwargs: dict[str, Any] = {"attention_mask": req.attention_mask, "position_ids": req.position_ids}
         with self.bridge.hooks(fwd_hooks=hooks):
+            if req.start_at is not None:  # the bridge runs blocks start_at.. from the residual
+                return RunOutput(self.bridge(req.resid_in, start_at_layer=req.start_at, **kwargs), acts)
             if stop_after is not None:
                 self.bridge(tokens, stop_at_layer=stop_after + 1, **kwargs)
                 return RunOutput(None, acts)
