@@ -9,7 +9,7 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from mechlens import datasets, depth, metrics, probes, signals  # noqa: E402  (ml.depth, ml.datasets, ...)
+from mechlens import datasets, depth, heads, metrics, probes, signals  # noqa: E402  (ml.depth, ...)
 from mechlens.lens import LensResult, logit_lens  # noqa: E402
 from mechlens.models import (  # noqa: E402
     ActivationCache,
@@ -36,6 +36,7 @@ __all__ = [
     "logit_lens",
     "datasets",
     "depth",
+    "heads",
     "metrics",
     "probes",
     "signals",
