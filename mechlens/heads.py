@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechlens.models.interventions import HeadAblation, HeadScaling
+from mechlens.models.interventions import HeadScaling
 
 METHODS = ("exact", "attribution")
 
@@ -51,11 +51,11 @@ def head_ablation_effects(
             clean_out = model._forward(tokens, mask, capture={"resid_pre": layer_list})
             clean = _check_metric(metric(clean_out.logits), tokens.shape[0])  # [batch]
             batch, heads = tokens.shape[0], model.n_heads
-            rows = torch.arange(heads).repeat_interleave(batch)  # row h * batch + b ablates head h
+            # row h * batch + b zeroes head h: factor 0 for that head, 1 for the others
+            keep = (1 - torch.eye(heads)).repeat_interleave(batch, 0)  # [heads * batch, heads]
             for layer in tqdm(layer_list, desc="ablate heads", disable=not progress):
                 resid = clean_out.acts["resid_pre"][layer].repeat(heads, 1, 1)  # [heads * batch, pos, d]
-                ablation = HeadAblation({layer: list(range(heads))}, row_heads=rows)
-                with model._intervene(ablation):
+                with model._intervene(HeadScaling({layer: keep})):
                     logits = model._forward(tokens.repeat(heads, 1), mask.repeat(heads, 1),
                                             start_at=layer, resid_in=resid).logits  # fmt: skip
                 effects[layer] = (metric(logits).reshape(heads, batch) - clean).mean(1).float().cpu()

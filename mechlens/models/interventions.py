@@ -48,16 +48,12 @@ class HeadAblation:
     mode: str = "zero"  # "zero" | "mean"
     means: dict[int, Tensor] | None = None  # layer -> [n_heads, d_head], from a reference
     positions: Sequence[int] | None = None
-    row_heads: Tensor | None = None  # [batch]: zero only this head in each row (-1: none)
 
     def apply(self, layer: int, z: Tensor, pos: Positions) -> Tensor:
         """z: [batch, q, n_heads, d_head] -> same, with the listed heads replaced."""
         heads = self.heads.get(layer)
         if not heads:
             return z
-        if self.row_heads is not None:  # one head per row, zeroed (a batched sweep)
-            hit = self.row_heads.to(z.device)[:, None] == torch.arange(z.shape[2], device=z.device)
-            return z.masked_fill(hit[:, None, :, None], 0.0)
         sel = _select(pos.query, self.positions)[:, :, None, None]  # [batch, q, 1, 1]
         if self.mode == "zero":
             repl = torch.zeros_like(z[:, :, heads])
@@ -74,15 +70,17 @@ class HeadAblation:
 
 @dataclass
 class HeadScaling:
-    """Multiply each head's output z by a factor, `scales[layer]: [n_heads]` (differentiable:
-    gradients with respect to the factors give attribution patching)."""
+    """Multiply each head's output z by a factor: `scales[layer]` is `[n_heads]` (every row) or
+    `[batch, n_heads]` (per row, e.g. one head zeroed per row in a batched sweep). Differentiable:
+    gradients with respect to the factors give attribution patching."""
 
     scales: dict[int, Tensor]
 
     def apply(self, layer: int, z: Tensor, pos: Positions) -> Tensor:
         if layer not in self.scales:
             return z
-        return z * self.scales[layer].to(z)[None, None, :, None]
+        scale = self.scales[layer].to(z)
+        return z * scale.reshape(-1, 1, z.shape[2], 1)  # [1 | batch, 1, heads, 1]
 
 
 @dataclass
