@@ -43,7 +43,7 @@ def main(cfg: DemoConfig) -> list:
     str_tokens = model.to_str_tokens(toks)
 
     lens = ml.logit_lens(model, toks)
-    top = [[model.tokenizer.decode([t]) for t in row] for row in lens.top1[:, 0].tolist()]
+    top = lens.top1_text(model.tokenizer)
     title = f"Logit lens of {model.name}: entropy by layer and position (hover: top-1 token)"
     fig = lens_heatmap(lens.entropy[:, 0], top, str_tokens, lens.layers, title=title)
     run.save_figure(

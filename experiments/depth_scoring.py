@@ -231,7 +231,7 @@ def main(cfg: DepthConfig) -> dict:
     span = range(max(0, trace.prompt_len - 8), trace.n_tokens)
     lens = ml.logit_lens(model, trace.tokens, top_k_positions=span, k=3)
     str_tokens = model.to_str_tokens(trace.tokens[:, span.start :])
-    top = [[model.tokenizer.decode([t]) for t in row] for row in lens.top1[:, 0, span.start :].tolist()]
+    top = lens.top1_text(model.tokenizer, start=span.start)
     top_k = [["top-3: " + text for text in row] for row in lens.top_k_text(model.tokenizer)]
     fig = lens_heatmap(
         lens.entropy[:, 0, span.start :], top, str_tokens, lens.layers, extra_hover=top_k,

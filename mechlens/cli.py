@@ -121,7 +121,7 @@ def _lens(args, rest) -> int:
     if args.out:
         from mechlens.plots import lens_heatmap, save_figure
 
-        top = [[model.tokenizer.decode([t]) for t in row] for row in lens.top1[:, 0].tolist()]
+        top = lens.top1_text(model.tokenizer)
         fig = lens_heatmap(
             lens.entropy[:, 0], top, str_tokens, lens.layers, title=f"Logit lens of {model.name}"
         )

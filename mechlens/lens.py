@@ -59,6 +59,12 @@ class LensResult:
     top_k_ids: Tensor | None = None
     top_k_probs: Tensor | None = None
 
+    def top1_text(self, tokenizer, batch: int = 0, start: int = 0) -> list[list[str]]:
+        """The top-1 next token as a string per (layer, position >= start), for labels and hover."""
+        if self.top1 is None:
+            raise ValueError('no top-1 tokens: call logit_lens(..., stats=[..., "top1"])')
+        return [[tokenizer.decode([t]) for t in row] for row in self.top1[:, batch, start:].tolist()]
+
     def top_k_text(self, tokenizer, batch: int = 0) -> list[list[str]]:
         """Hover text per (layer, top-k position): "'tok' 0.42, 'tok2' 0.13, ..."."""
         if self.top_k_ids is None:

@@ -44,6 +44,8 @@ def test_every_stat_matches_plain_reference(arch, backend, tokens, monkeypatch):
     for j, (a, b) in enumerate([(0, 2), (1, 0)]):
         torch.testing.assert_close(lens.jsd_pairs[j].double(), jsd_plain(logp[a], logp[b]), atol=1e-4, rtol=0)
     assert lens.jsd_final[-1].abs().max() < 1e-5 and lens.kl_final[-1].abs().max() < 1e-5
+    words = lens.top1_text(model.tokenizer, batch=1, start=3)
+    assert words[2][0] == model.tokenizer.decode([int(lens.top1[2, 1, 3])]) and len(words[0]) == 8
     text = lens.top_k_text(model.tokenizer)
     assert len(text) == model.n_layers and len(text[0]) == 2 and text[0][0].count(",") >= 2
 
