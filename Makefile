@@ -31,9 +31,9 @@ figures: $(STAMP)
 
 # pytest exits 5 when it collects nothing: not a failure of the code under test.
 test: $(STAMP)
-	$(VENV)/bin/ruff check mechlens experiments tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests mechlens --doctest-modules --nbmake notebooks -p no:cacheprovider || [ $$? -eq 5 ]
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mechlens experiments tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check mechlens experiments tests benchmarks

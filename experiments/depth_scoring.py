@@ -141,7 +141,7 @@ SIGNALS = {
 }  # fmt: skip
 
 
-def subsets(kept: list[dict], cfg: DepthConfig) -> dict[str, list[dict]]:
+def subsets(kept: list[dict]) -> dict[str, list[dict]]:
     """All analysed traces, and the factual ones alone (arithmetic answers are almost all wrong
     on a small model, so over all traces the label is confounded with the dataset)."""
     return {"all": kept, "factual": [r for r in kept if r["problem"].kind == "text"]}
@@ -221,8 +221,9 @@ def main(cfg: DepthConfig) -> dict:
           f"{int(labels.sum())} hallucinated, {int((1 - labels).sum())} correct")  # fmt: skip
 
     # ---- detector vs baselines, on every analysed trace and on the chosen subset
-    evaluation = {name: evaluate(rows, cfg) for name, rows in subsets(kept, cfg).items()}
-    shown = subsets(kept, cfg)[cfg.subset]  # the traces the label-comparison figures show
+    by_subset = subsets(kept)
+    evaluation = {name: evaluate(rows, cfg) for name, rows in by_subset.items()}
+    shown = by_subset[cfg.subset]  # the traces the label-comparison figures show
     labels = np.array([r["label"] for r in shown])
 
     # ---- figures
@@ -296,7 +297,7 @@ def main(cfg: DepthConfig) -> dict:
         "traces": len(records), "analysed": len(kept), "subset_shown": cfg.subset,
         "labels": {name: {"hallucinated": int(sum(r["label"] for r in rows)),
                           "correct": int(sum(1 - r["label"] for r in rows))}
-                   for name, rows in subsets(kept, cfg).items()},
+                   for name, rows in by_subset.items()},
         "accuracy_by_dataset": {
             kind: float(np.mean([1 - r["label"] for r in records if r["problem"].kind == kind]))
             for kind in ("number", "text") if any(r["problem"].kind == kind for r in records)
