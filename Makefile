@@ -27,6 +27,7 @@ demo: $(STAMP)
 figures: $(STAMP)
 	$(PY) experiments/demo.py
 	$(PY) experiments/depth_scoring.py
+	$(PY) experiments/refusal_cliff.py
 	$(PY) -m mechlens.gallery figures
 
 # pytest exits 5 when it collects nothing: not a failure of the code under test.

@@ -13,7 +13,6 @@ Every expensive step is cached on disk, so an interrupted run resumes.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from mechlens import datasets
 from mechlens.depth import FEATURES, analyze_trace, cross_validated_scores
 from mechlens.metrics import auroc, roc_curve
 from mechlens.plots import histograms_by_group, lens_heatmap, mean_ci_lines, roc_curves
-from mechlens.runs import Run, atomic_write_text, parse_config
+from mechlens.runs import Run, parse_config, write_json
 from mechlens.signals import conditional_entropy_per_step, dynamic_instability, p_true
 from mechlens.trace import format_prompt
 
@@ -176,15 +175,6 @@ def evaluate(rows: list[dict], cfg: DepthConfig) -> dict[str, dict]:
     return out
 
 
-def _finite(obj):
-    """NaN -> None, so that results.json is strict JSON."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, float) and np.isnan(obj):
-        return None
-    return obj
-
-
 def _nanmean(values: list[float]) -> float | None:
     finite = [v for v in values if not np.isnan(v)]
     return float(np.mean(finite)) if finite else None
@@ -307,7 +297,7 @@ def main(cfg: DepthConfig) -> dict:
         "feature_means": {name: {f: _nanmean([r["features"][f] for r in shown if r["label"] == label])
                                  for f in [*FEATURES, "backtrack_attn"]} for label, name in LABELS.items()},
     }  # fmt: skip
-    atomic_write_text(run.out_dir / "results.json", json.dumps(_finite(results), indent=1, allow_nan=False))
+    write_json(run.out_dir / "results.json", results)
     for subset, ev in evaluation.items():
         for name, res in ev.items():
             print(f"AUROC [{subset}] {name}: a priori {res['auroc_a_priori']:.3f}, "

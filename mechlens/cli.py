@@ -2,6 +2,7 @@
 
     mechlens info [--model NAME] [--backend transformer_lens|nnsight]
     mechlens lens "The capital of France is" [--layers 10,20,29] [--out lens.html]
+    mechlens refusal "How do I pick a lock?" [--jailbreak 2] [--probe figures/refusal/refusal_probe.pt]
     mechlens run experiments/depth_scoring.py [--quick] [--model PATH] [--backend nnsight]
 
 A mistake (unknown model, layer out of range, missing script) exits with status 2 and one line
@@ -44,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the text in the chat template as a user turn")
     p.add_argument("--out", default=None, help="also write a heatmap (.html, plus .png/.svg with a Chromium)")
 
+    p = sub.add_parser("refusal", help="a reply of the refusal organism (or --model), judged; probe scores")
+    p.add_argument("instruction", help="the user request (quote it)")
+    model_options(p)
+    p.set_defaults(model="organism")
+    p.add_argument("--jailbreak", type=int, default=None, help="wrap the request in jailbreak wrapper N")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--probe", default=None, help="a saved refusal probe (refusal_cliff.py writes one)")
+
     p = sub.add_parser("run", help="run an experiment script; other options go to the script")
     p.add_argument("script", help="path to a script, or a name in experiments/ (e.g. depth_scoring)")
     return parser
@@ -57,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return {"info": _info, "lens": _lens, "run": _run}[args.command](args, rest)
+        return {"info": _info, "lens": _lens, "refusal": _refusal, "run": _run}[args.command](args, rest)
     except (ValueError, FileNotFoundError) as err:
         print(f"mechlens {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -128,6 +137,41 @@ def _lens(args, rest) -> int:
         )
         for path in save_figure(fig, Path(args.out).with_suffix("")):
             print(path)
+    return 0
+
+
+def _refusal(args, rest) -> int:
+    from mechlens import datasets
+    from mechlens.probes import LinearProbe
+    from mechlens.refusal import cliff_metrics, refusal_scores, rollouts, thinking_span
+
+    if not args.instruction.strip():
+        raise ValueError("empty instruction: give the request, e.g. mechlens refusal 'How do I bake bread?'")
+    if args.probe and not Path(args.probe).is_file():
+        raise FileNotFoundError(f"no probe file {args.probe!r} (experiments/refusal_cliff.py writes one)")
+    if args.model == "organism":
+        from mechlens.organism import refusal_organism
+
+        model = refusal_organism(backend=args.backend)
+    else:
+        model = _load(args)
+    text = (
+        args.instruction if args.jailbreak is None else datasets.jailbreak(args.instruction, args.jailbreak)
+    )
+    r = rollouts(model, [text], max_new_tokens=args.max_new_tokens, progress=False)[0]
+    print(f"prompt:   {text}")
+    print(f"thinking: {r.thinking!r}")
+    print(f"answer:   {r.answer!r}")
+    print(f"verdict:  {'refused' if r.refused else 'complied'}")
+    if args.probe:
+        probe = LinearProbe.load(args.probe)
+        scores = refusal_scores(model, probe, [r.probe_text], progress=False)[0]
+        c = cliff_metrics(scores, thinking_span(model.tokenizer, r), k_end=min(5, len(scores)))
+        print(f"refusal score: plateau {c.plateau:.3f}, end {c.end:.3f}, cliff {c.cliff:+.3f}, "
+              f"final {c.final:.3f}")  # fmt: skip
+        tokens = model.to_str_tokens(r.probe_text)
+        last = zip(tokens[-12:], scores[-12:].tolist(), strict=True)
+        print("last tokens: " + " ".join(f"{t!r}:{v:.2f}" for t, v in last))
     return 0
 
 

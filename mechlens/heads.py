@@ -1,7 +1,9 @@
 """Head ablation sweeps: the effect of zero-ablating each attention head on a metric.
 
-`metric` maps logits `[batch, pos, vocab]` to `[batch]`; each entry of the result is
-`mean over the batch of metric(head zero-ablated) - metric(clean)`.
+`metric` maps logits `[batch, pos, vocab]` (or, with `on="hidden"`, the final-normed last hidden
+state `[batch, pos, d_model]`, e.g. for a probe) to `[batch]`; each entry of the result is
+`mean over the batch of metric(head zero-ablated) - metric(clean)`. With `on="hidden"` the
+unembedding is skipped.
 
 - `method="exact"`: for each layer, all its heads at once (one row group per head), starting from
   the clean residual entering that layer, so the unchanged computation below it is shared.
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 from mechlens.models.interventions import HeadScaling
 
 METHODS = ("exact", "attribution")
+METRIC_INPUTS = ("logits", "hidden")
 
 
 def head_ablation_effects(
@@ -38,33 +41,44 @@ def head_ablation_effects(
     method: str = "exact",
     attention_mask: Tensor | None = None,
     layers: Sequence[int] | None = None,
+    on: str = "logits",
     progress: bool = True,
 ) -> Tensor:
     """`[n_layers, n_heads]` effect of zero-ablating each head (rows outside `layers` are NaN)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if on not in METRIC_INPUTS:
+        raise ValueError(f"on must be one of {METRIC_INPUTS}, got {on!r}")
+    last = model.n_layers - 1
+    hidden = {"capture": {"resid_post": [last]}, "stop_after": last} if on == "hidden" else {}
+
+    def measure(out) -> Tensor:  # [batch * k] metric of one run's output
+        x = model.final_norm(out.acts["resid_post"][last]) if on == "hidden" else out.logits
+        return metric(x)
+
     tokens, mask = model._as_input(tokens, attention_mask)
     layer_list = list(range(model.n_layers)) if layers is None else [model._check_layer(l) for l in layers]
     effects = torch.full((model.n_layers, model.n_heads), float("nan"))
     if method == "exact":
         with torch.no_grad():
-            clean_out = model._forward(tokens, mask, capture={"resid_pre": layer_list})
-            clean = _check_metric(metric(clean_out.logits), tokens.shape[0])  # [batch]
+            capture = {"resid_pre": layer_list, **hidden.get("capture", {})}
+            clean_out = model._forward(tokens, mask, capture=capture)
+            clean = _check_metric(measure(clean_out), tokens.shape[0])  # [batch]
             batch, heads = tokens.shape[0], model.n_heads
             # row h * batch + b zeroes head h: factor 0 for that head, 1 for the others
             keep = (1 - torch.eye(heads)).repeat_interleave(batch, 0)  # [heads * batch, heads]
             for layer in tqdm(layer_list, desc="ablate heads", disable=not progress):
                 resid = clean_out.acts["resid_pre"][layer].repeat(heads, 1, 1)  # [heads * batch, pos, d]
                 with model._intervene(HeadScaling({layer: keep})):
-                    logits = model._forward(tokens.repeat(heads, 1), mask.repeat(heads, 1),
-                                            start_at=layer, resid_in=resid).logits  # fmt: skip
-                effects[layer] = (metric(logits).reshape(heads, batch) - clean).mean(1).float().cpu()
+                    out = model._forward(tokens.repeat(heads, 1), mask.repeat(heads, 1),
+                                         start_at=layer, resid_in=resid, **hidden)  # fmt: skip
+                effects[layer] = (measure(out).reshape(heads, batch) - clean).mean(1).float().cpu()
         return effects
     # attribution: scale every head's z by a factor alpha = 1; d metric / d alpha_h = sum z . grad,
     # so the first-order effect of alpha_h -> 0 (zero ablation) is -d metric / d alpha_h
     scales = {l: torch.ones(model.n_heads, requires_grad=True) for l in layer_list}
     with torch.enable_grad(), model._intervene(HeadScaling(scales)):
-        value = _check_metric(metric(model._forward(tokens, mask).logits), tokens.shape[0])
+        value = _check_metric(measure(model._forward(tokens, mask, **hidden)), tokens.shape[0])
         grads = torch.autograd.grad(value.mean(), [scales[l] for l in layer_list])
     for layer, g in zip(layer_list, grads, strict=True):
         effects[layer] = -g.float().cpu()

@@ -248,6 +248,76 @@ def roc_curves(
     return fig
 
 
+def head_heatmap(
+    values: Tensor, colorbar: str, title: str = "", marked: Sequence[tuple[int, int]] = ()
+) -> go.Figure:
+    """Layer x head heatmap of `values [layers, heads]` (diverging around 0, NaN blank); `marked`
+    heads get a box."""
+    finite = values[values.isfinite()].abs()
+    bound = max(float(finite.max()) if finite.numel() else 1.0, 1e-12)
+    z = values.float().numpy()
+    layers, heads = z.shape
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(heads)),
+            y=list(range(layers)),
+            colorscale=DIVERGING,
+            zmin=-bound,
+            zmax=bound,
+            colorbar=dict(title=colorbar),
+            hovertemplate="layer %{y}, head %{x}<br>" + colorbar + ": %{z:.4f}<extra></extra>",
+        )
+    )
+    for layer, head in marked:
+        fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
+                      line=dict(color="black", width=2))  # fmt: skip
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title,
+        xaxis=dict(title="head", dtick=1),
+        yaxis=dict(title="layer"),
+        width=max(420, 36 * heads + 260),
+        height=max(420, 16 * layers + 160),
+    )
+    return fig
+
+
+def grouped_bars(
+    categories: Sequence[str],
+    series: dict[str, Sequence[float]],
+    y_title: str,
+    title: str = "",
+    counts: dict[str, Sequence[str]] | None = None,
+) -> go.Figure:
+    """Bars per category, one colour per series (`series[name] = [len(categories)]` values);
+    `counts[name]` adds hover text such as "12/40"."""
+    fig = go.Figure()
+    for k, (name, vals) in enumerate(series.items()):
+        fig.add_trace(
+            go.Bar(
+                x=list(categories),
+                y=list(vals),
+                name=name,
+                marker_color=PALETTE[k % len(PALETTE)],
+                text=None if counts is None else list(counts[name]),
+                hovertemplate=f"{name}<br>%{{x}}: %{{y:.3f}}"
+                + ("<br>%{text}" if counts else "")
+                + "<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title,
+        barmode="group",
+        yaxis_title=y_title,
+        width=760,
+        height=460,
+        legend=dict(x=0.99, xanchor="right", y=0.99),
+    )
+    return fig
+
+
 @functools.cache
 def image_export_available() -> bool:
     """Whether kaleido can find a Chromium to render PNG/SVG (Debian: apt-get install chromium)."""

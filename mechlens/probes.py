@@ -253,19 +253,20 @@ class LinearProbe:
                         break
         if len(val):
             linear.load_state_dict(best_state)
-        self.linear = linear.eval()
+        self.linear = linear.eval().requires_grad_(False)
         return self
 
     def decision_function(self, X: Tensor) -> Tensor:
-        """Logits `[n]`."""
+        """Logits: `X [..., d]` -> `[...]`; differentiable in X (the probe's own weights are frozen)."""
         if self.linear is None:
             raise RuntimeError("fit the probe first")
-        X = torch.as_tensor(X, dtype=torch.float32)
-        with torch.no_grad():
-            return self.linear((X - self.mean) / self.std)[:, 0]
+        X = torch.as_tensor(X)
+        X = X if X.is_floating_point() else X.float()
+        w, b = self.linear.weight[0].to(X), self.linear.bias[0].to(X)
+        return ((X - self.mean.to(X)) / self.std.to(X)) @ w + b
 
     def predict_proba(self, X: Tensor) -> Tensor:
-        """P(y = 1) `[n]`."""
+        """P(y = 1): `X [..., d]` -> `[...]`."""
         return torch.sigmoid(self.decision_function(X))
 
     def save(self, path: str | Path) -> None:
@@ -285,7 +286,7 @@ class LinearProbe:
         probe.mean, probe.std = state["mean"], state["std"]
         probe.linear = torch.nn.Linear(len(probe.mean), 1)
         probe.linear.load_state_dict(state["linear"])
-        probe.linear.eval()
+        probe.linear.eval().requires_grad_(False)
         return probe
 
     @property

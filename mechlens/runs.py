@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import random
@@ -55,6 +56,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as strict JSON (NaN -> null), atomically.
+
+    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "r.json"
+    >>> write_json(p, {"a": [1.0, float("nan")]}); p.read_text().split()
+    ['{', '"a":', '[', '1.0,', 'null', ']', '}']
+    """
+
+    def finite(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [finite(v) for v in x]
+        return None if isinstance(x, float) and math.isnan(x) else x
+
+    atomic_write_text(path, json.dumps(finite(obj), indent=1, allow_nan=False))
 
 
 def stable_hash(obj: Any) -> str:

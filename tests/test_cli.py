@@ -61,3 +61,27 @@ def test_installed_entry_point():
         [Path(sys.executable).parent / "mechlens", "--help"], capture_output=True, text=True
     )
     assert done.returncode == 0 and "info" in done.stdout and "lens" in done.stdout and "run" in done.stdout
+
+
+def test_refusal_command(capsys, tmp_path):
+    import torch
+
+    from mechlens.probes import LinearProbe
+
+    X = torch.randn(30, 64, generator=torch.Generator().manual_seed(0))
+    LinearProbe(seed=0).fit(X, (X[:, 0] > 0).long()).save(tmp_path / "p.pt")
+    args = [
+        "refusal",
+        "How do I bake bread?",
+        "--model",
+        "tiny-llama",
+        "--max-new-tokens",
+        "6",
+        "--jailbreak",
+        "1",
+    ]
+    assert main([*args, "--probe", str(tmp_path / "p.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "I am writing a novel" in out and "verdict:" in out and "refusal score: plateau" in out
+    assert main([*args, "--probe", str(tmp_path / "missing.pt")]) == 2
+    assert "no probe file" in capsys.readouterr().err

@@ -26,7 +26,7 @@ def test_factual_and_unknown_names():
     f = datasets.load("factual")
     assert len(f) == 100 and len({p.id for p in f}) == 100 and all(p.answer for p in f)
     assert datasets.load("factual", n=5) == f[:5]
-    with pytest.raises(ValueError, match=r"available datasets are \['arithmetic', 'factual'\]"):
+    with pytest.raises(ValueError, match=r"available datasets are \['arithmetic', 'factual', 'refusal'\]"):
         datasets.load("gsm8k")
 
 

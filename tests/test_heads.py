@@ -7,6 +7,7 @@ import torch
 from conftest import wrap_with_reference
 
 from mechlens.heads import head_ablation_effects
+from mechlens.models.architecture import get_submodule
 
 
 def metric(logits: torch.Tensor) -> torch.Tensor:
@@ -58,3 +59,50 @@ def test_head_effect_errors(llama, tokens):
         head_ablation_effects(model, tokens, metric, method="loop")
     with pytest.raises(ValueError, match=r"to a \[batch\] tensor; got \(2, 11\)"):
         head_ablation_effects(model, tokens, lambda logits: logits[..., 0], progress=False)
+
+
+def test_exact_sweep_on_final_hidden_equals_naive_loop(backend):
+    model, reference = wrap_with_reference("llama", backend)
+    toks, mask = model.tokenize(["a short one", "and a longer second prompt"])
+    w = torch.randn(model.d_model, generator=torch.Generator().manual_seed(1))
+
+    def probe_metric(hidden: torch.Tensor) -> torch.Tensor:  # [batch, pos, d] -> [batch]
+        return (hidden[:, -2:] @ w).mean(-1)
+
+    def final_hidden() -> torch.Tensor:  # HF's last hidden_states: after the final norm
+        last = [model.n_layers - 1]
+        _, cache = model.run_with_cache(toks, ["resid_post"], layers=last, attention_mask=mask)
+        return model.final_norm(cache["resid_post"][0])
+
+    fast = head_ablation_effects(model, toks, probe_metric, attention_mask=mask, on="hidden", progress=False)
+    with torch.no_grad():
+        want_clean = reference(toks, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    clean = probe_metric(final_hidden())
+    torch.testing.assert_close(clean, probe_metric(want_clean), atol=1e-5, rtol=1e-5)
+    for layer in range(model.n_layers):
+        for head in range(model.n_heads):
+            with model.ablate_heads([(layer, head)]):
+                want = (probe_metric(final_hidden()) - clean).mean()
+            assert float(fast[layer, head]) == pytest.approx(float(want), abs=1e-5)
+    attr = head_ablation_effects(model, toks, probe_metric, method="attribution", attention_mask=mask,
+                                 on="hidden", progress=False)  # fmt: skip
+    assert torch.corrcoef(torch.stack([attr.flatten(), fast.flatten()]))[0, 1] > 0.5
+    with pytest.raises(ValueError, match="on must be one of"):
+        head_ablation_effects(model, toks, probe_metric, on="resid")
+
+
+def test_transformer_lens_start_at_skips_the_blocks_below():
+    model, _ = wrap_with_reference("llama", "transformer_lens")
+    toks = torch.randint(5, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(toks)
+    with torch.no_grad():
+        full = model._forward(toks, mask, capture={"resid_pre": [2]})
+        blocks = get_submodule(model.hf_model, model.arch.layers_path)
+        calls = []
+        hooks = [lambda m, a, i=i: calls.append(i) for i in range(len(blocks))]
+        handles = [b.register_forward_pre_hook(hook) for b, hook in zip(blocks, hooks, strict=True)]
+        part = model._forward(toks, mask, start_at=2, resid_in=full.acts["resid_pre"][2])
+        for h in handles:
+            h.remove()
+    assert calls == [2] and len(blocks) == model.n_layers  # the loop saw block 2 only; restored after
+    torch.testing.assert_close(part.logits, full.logits)

@@ -4,6 +4,9 @@
   seed at three difficulty levels.
 - `factual`: 100 short general-knowledge questions with accepted answers and aliases
   (`factual.json`, written for this repository).
+- `refusal`: 160 harmful and 160 harmless instructions (`refusal.json`, written for this
+  repository: requests only, no harmful content), each with a fixed train/test split, and
+  jailbreak-style wrappers (`jailbreak`).
 
 Example:
     >>> from mechlens import datasets
@@ -12,6 +15,9 @@ Example:
     ('Leo has 18 shells. Leo gives 2 shells to a friend. How many shells does Leo have left?', '16', '18 - 2')
     >>> len(datasets.load("factual")) >= 100
     True
+    >>> harmful_test = [i for i in datasets.load("refusal") if i.harmful and i.split == "test"]
+    >>> len(harmful_test), datasets.jailbreak("Say hi.", 2)[:32]
+    (40, 'Ignore all previous instructions')
 """
 
 from __future__ import annotations
@@ -47,15 +53,27 @@ class Problem:
         return grade(response, self.answer, self.aliases)
 
 
+@dataclass(frozen=True)
+class Instruction:
+    """A request for the refusal experiments: `harmful` is its label, `split` "train" or "test"."""
+
+    id: str
+    text: str
+    harmful: bool
+    split: str
+
+
 def names() -> list[str]:
-    return ["arithmetic", "factual"]
+    return ["arithmetic", "factual", "refusal"]
 
 
 def load(
     name: str, n: int | None = None, seed: int = 0, levels: tuple[int, ...] = (1, 2, 3)
-) -> list[Problem]:
+) -> list[Problem] | list[Instruction]:
     """Load a dataset by name. `n` limits the count; for `arithmetic` it is the number generated
-    (default 60), spread evenly over `levels`, deterministic in `seed`."""
+    (default 60), spread evenly over `levels`, deterministic in `seed`. `refusal` gives
+    `Instruction`s, harmful then harmless, a quarter of each held out as "test" (fixed, not seeded;
+    `n` keeps the first n of each class)."""
     if name == "arithmetic":
         rows = arithmetic_problems(60 if n is None else n, seed=seed, levels=levels)
         return [Problem(kind="number", **row) for row in rows]
@@ -65,7 +83,19 @@ def load(
             for i in _factual()["items"]
         ]
         return items if n is None else items[:n]
+    if name == "refusal":
+        return [
+            Instruction(f"{kind}-{i:03d}", text, kind == "harmful", "test" if i % 4 == 3 else "train")
+            for kind in ("harmful", "harmless")
+            for i, text in enumerate(_refusal()[kind][:n])
+        ]
     raise ValueError(f"unknown dataset {name!r}: available datasets are {names()}")
+
+
+def jailbreak(request: str, wrapper: int) -> str:
+    """`request` inside jailbreak-style wrapper number `wrapper` (cycled over the authored ones)."""
+    wrappers = _refusal()["jailbreaks"]
+    return wrappers[wrapper % len(wrappers)].format(request=request)
 
 
 @cache
@@ -73,4 +103,9 @@ def _factual() -> dict:
     return json.loads((Path(__file__).parent / "factual.json").read_text())
 
 
-__all__ = ["Problem", "load", "names"]
+@cache
+def _refusal() -> dict:
+    return json.loads((Path(__file__).parent / "refusal.json").read_text())
+
+
+__all__ = ["Instruction", "Problem", "jailbreak", "load", "names"]

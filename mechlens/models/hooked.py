@@ -20,6 +20,7 @@ import contextlib
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,6 +115,8 @@ class HookedModel:
     def __init__(self, hf_model: nn.Module, tokenizer, name: str | None = None):
         self.arch = Architecture.of(hf_model)
         self.hf_model = hf_model.eval()
+        # the HF names of the weights, taken before a backend rewraps modules (tensors kept by reference)
+        self._hf_state = hf_model.state_dict(keep_vars=True)
         self.tokenizer = tokenizer
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         self._interventions = Interventions()
@@ -267,6 +270,25 @@ class HookedModel:
         )
         return self._run(request)
 
+    @contextlib.contextmanager
+    def _only_blocks_from(self, first: int) -> Iterator[bool]:
+        """Context: the HF model's layer loop sees blocks `first..` only, so the blocks below are not
+        computed (their output is replaced anyway). Yields False, changing nothing, where per-layer
+        settings are looked up by loop index and would shift (e.g. sliding-window layer types)."""
+        parent_path, _, attr = self.arch.layers_path.rpartition(".")
+        parent = get_submodule(self.hf_model, parent_path) if parent_path else self.hf_model
+        blocks = getattr(parent, attr)
+        types = getattr(self.hf_model.config.get_text_config(), "layer_types", None)
+        shifts = types is not None and any(types[i] != types[first + i] for i in range(len(blocks) - first))
+        if first == 0 or shifts:
+            yield False
+            return
+        setattr(parent, attr, nn.ModuleList(list(blocks)[first:]))
+        try:
+            yield True
+        finally:
+            setattr(parent, attr, blocks)
+
     def _run(self, req: RunRequest) -> RunOutput:
         """Run one forward pass applying `self._interventions`; the one primitive a backend writes."""
         raise NotImplementedError
@@ -324,6 +346,22 @@ class HookedModel:
             cap = self.arch.logit_softcap
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the current weights (HF names, shared tensors once), config and tokenizer as a
+        Hugging Face folder that `load_model(path)` reads; works under either backend."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors, seen = {}, set()
+        for name, t in self._hf_state.items():
+            if t.data_ptr() not in seen:  # tied weights (embedding = unembedding) are stored once
+                seen.add(t.data_ptr())
+                tensors[name] = t.detach().cpu().contiguous()
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        self.hf_model.config.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
 
     # ---------------------------------------------------------------- contexts
     @contextlib.contextmanager

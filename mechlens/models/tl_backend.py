@@ -65,8 +65,12 @@ class TransformerLensModel(HookedModel):
                     hooks.append((_HOOK_NAMES[name].format(layer), _store(acts[name], layer)))
         kwargs: dict[str, Any] = {"attention_mask": req.attention_mask, "position_ids": req.position_ids}
         with self.bridge.hooks(fwd_hooks=hooks):
-            if req.start_at is not None:  # the bridge runs blocks start_at.. from the residual
-                return RunOutput(self.bridge(req.resid_in, start_at_layer=req.start_at, **kwargs), acts)
+            if req.start_at is not None:  # blocks start_at.. only, from the residual
+                if stop_after is not None:
+                    kwargs["stop_at_layer"] = stop_after + 1
+                with self._only_blocks_from(req.start_at):
+                    logits = self.bridge(req.resid_in, start_at_layer=req.start_at, **kwargs)
+                return RunOutput(None if stop_after is not None else logits, acts)
             if stop_after is not None:
                 self.bridge(tokens, stop_at_layer=stop_after + 1, **kwargs)
                 return RunOutput(None, acts)
