@@ -75,25 +75,29 @@ class RefusalConfig:
 GROUPS = ("harmful, refused", "harmful, complied", "harmless")
 
 
-def generate(run: Run, model, cfg: RefusalConfig, sets: dict[str, list[str]], heads=()) -> dict:
-    """Greedy rollouts of several prompt sets in one batched call, cached by the texts, the length
-    and the ablated heads -> `{set name: [Rollout]}`."""
-    texts = [t for ts in sets.values() for t in ts]
-
-    def compute():
-        with model.ablate_heads(list(heads)) if heads else contextlib.nullcontext():
-            return [asdict(r) for r in rollouts(model, texts, cfg.max_new_tokens, batch_size=cfg.batch_size)]
-
-    rows = run.cached("rollouts", compute, config=False, texts=texts, n=cfg.max_new_tokens, heads=list(heads))
-    return split_sets(sets, [Rollout(**r) for r in rows])
-
-
-def split_sets(sets: dict[str, list], rows: list) -> dict[str, list]:
-    """`rows` (one per item of the concatenated sets) regrouped by set."""
+def rollouts_by_set(model, cfg: RefusalConfig, sets: dict[str, list[str]]) -> dict[str, list[Rollout]]:
+    """Greedy rollouts of several prompt sets in one batched call -> `{set name: [Rollout]}`."""
+    rows = rollouts(
+        model, [t for ts in sets.values() for t in ts], cfg.max_new_tokens, batch_size=cfg.batch_size
+    )
     out, start = {}, 0
     for name, items in sets.items():
         out[name], start = rows[start : start + len(items)], start + len(items)
     return out
+
+
+def generate(run: Run, model, cfg: RefusalConfig, sets: dict[str, list[str]], heads=()) -> dict:
+    """`rollouts_by_set` with `heads` ablated, cached by the texts, the length and the heads."""
+
+    def compute():
+        with model.ablate_heads(list(heads)) if heads else contextlib.nullcontext():
+            return {k: [asdict(r) for r in v] for k, v in rollouts_by_set(model, cfg, sets).items()}
+
+    texts = [t for ts in sets.values() for t in ts]
+    rows = run.cached(
+        "rollouts by set", compute, config=False, texts=texts, n=cfg.max_new_tokens, heads=list(heads)
+    )
+    return {k: [Rollout(**r) for r in v] for k, v in rows.items()}
 
 
 def rates(rolls: dict[str, list[Rollout]]) -> dict[str, float]:
@@ -110,19 +114,14 @@ def answer_perplexity(model, clean: list[Rollout], heads=()) -> float:
     """Capability check: mean perplexity of the organism's own clean replies to harmless prompts,
     teacher-forced, with `heads` ablated."""
 
-    def ppl() -> float:
+    with model.ablate_heads(list(heads)) if heads else contextlib.nullcontext():
         values = []
         for r in clean:
             reply = THINK_OPEN + r.thinking + THINK_CLOSE + r.answer
             values.append(
                 token_signals(model, ReasoningTrace.from_text(model, r.instruction, reply)).perplexity
             )
-        return float(np.mean(values))
-
-    if not heads:
-        return ppl()
-    with model.ablate_heads(list(heads)):
-        return ppl()
+    return float(np.mean(values))
 
 
 def main(cfg: RefusalConfig) -> dict:
@@ -411,9 +410,7 @@ def safety_finetune(
     prompts_ft = [r.prompt for r in chosen + kept]
     finetune(model, prompts_ft, targets, train_layers=recipe.train_layers, epochs=cfg.judge_epochs,
              lr=recipe.lr, batch_size=4, seed=cfg.seed)  # fmt: skip
-    sets = {s: prompts[s] for s in ("jailbreak", "harmless")}
-    texts = [t for ts in sets.values() for t in ts]
-    out = split_sets(sets, rollouts(model, texts, cfg.max_new_tokens, batch_size=cfg.batch_size))
+    out = rollouts_by_set(model, cfg, {s: prompts[s] for s in ("jailbreak", "harmless")})
     return {**rates(out), "examples": len(chosen), "replayed": len(kept)}
 
 
