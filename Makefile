@@ -28,6 +28,7 @@ figures: $(STAMP)
 	$(PY) experiments/demo.py
 	$(PY) experiments/depth_scoring.py
 	$(PY) experiments/refusal_cliff.py
+	$(PY) experiments/thought_anchors.py
 	$(PY) -m mechlens.gallery figures
 
 # pytest exits 5 when it collects nothing: not a failure of the code under test.

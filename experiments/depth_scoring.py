@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 import mechlens as ml
 from mechlens import datasets
+from mechlens.datasets import STEP_BY_STEP
 from mechlens.depth import FEATURES, analyze_trace, cross_validated_scores
 from mechlens.metrics import auroc, roc_curve
 from mechlens.plots import histograms_by_group, lens_heatmap, mean_ci_lines, roc_curves
@@ -29,7 +30,6 @@ from mechlens.runs import Run, parse_config, write_json
 from mechlens.signals import conditional_entropy_per_step, dynamic_instability, p_true
 from mechlens.trace import format_prompt
 
-INSTRUCTION = " Think step by step, then give the final answer as 'Answer: <answer>'."
 LABELS = {0: "correct", 1: "hallucinated"}
 
 
@@ -72,7 +72,7 @@ def generate_responses(model, run: Run, cfg: DepthConfig, problems) -> list[str]
     batches = range(0, len(problems), cfg.batch_size)
     for i in tqdm(batches, desc="generate traces"):
         chunk = problems[i : i + cfg.batch_size]
-        prompts = [format_prompt(model.tokenizer, p.question + INSTRUCTION) for p in chunk]
+        prompts = [format_prompt(model.tokenizer, p.question + STEP_BY_STEP) for p in chunk]
         texts = run.cached(
             "responses",
             lambda prompts=prompts: (
@@ -190,7 +190,7 @@ def main(cfg: DepthConfig) -> dict:
     for problem, response in tqdm(list(zip(problems, responses, strict=True)), desc="analyse traces"):
         if not response.strip():
             continue
-        trace = ml.ReasoningTrace.from_text(model, problem.question + INSTRUCTION, response)
+        trace = ml.ReasoningTrace.from_text(model, problem.question + STEP_BY_STEP, response)
         grade = problem.grade(response)
         result = analyse(model, run, cfg, problem, trace)
         records.append({"problem": problem, "trace": trace, "grade": grade, "label": int(not grade.correct),

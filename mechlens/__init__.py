@@ -9,7 +9,7 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from mechlens import datasets, depth, heads, metrics, probes, signals  # noqa: E402  (ml.depth, ...)
+from mechlens import anchors, datasets, depth, heads, metrics, probes, signals  # noqa: E402  (ml.depth, ...)
 from mechlens.lens import LensResult, logit_lens  # noqa: E402
 from mechlens.models import (  # noqa: E402
     ActivationCache,
@@ -34,6 +34,7 @@ __all__ = [
     "split_sentences",
     "LensResult",
     "logit_lens",
+    "anchors",
     "datasets",
     "depth",
     "heads",

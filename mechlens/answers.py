@@ -55,6 +55,36 @@ def parse_number(text: str) -> float | None:
     return float(match.group().replace(",", "")) if match else None
 
 
+def final_number(response: str) -> float | None:
+    """The numeric answer of `response`: the first number of the extracted answer, else the last
+    number after `</think>` (None without any).
+
+    >>> final_number("3 + 4 = 7. The answer is 7 apples."), final_number("No idea.")
+    (7.0, None)
+    """
+    value = parse_number(extract_answer(response)[0] or "")
+    if value is None:
+        numbers = _NUMBER.findall(response.split("</think>")[-1])
+        value = float(numbers[-1].replace(",", "")) if numbers else None
+    return value
+
+
+def answer_key(response: str, numeric: bool) -> str | None:
+    """The final answer as a category for answer distributions: the number's value written
+    canonically ("1,200.0" -> "1200") when `numeric`, else the extracted text in lower case.
+
+    >>> answer_key("So the answer is: 1,200.0 apples", numeric=True)
+    '1200'
+    """
+    if numeric:
+        value = final_number(response)
+        if value is None:
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    extracted = extract_answer(response)[0]
+    return extracted.lower() if extracted else None
+
+
 def grade(response: str, answer: str, aliases: Sequence[str] = ()) -> Grade:
     """Check `response` against the gold `answer` (a number or a text with `aliases`).
 
@@ -64,10 +94,7 @@ def grade(response: str, answer: str, aliases: Sequence[str] = ()) -> Grade:
     extracted, marked = extract_answer(response)
     gold = parse_number(answer) if _NUMBER.fullmatch(answer.strip()) else None
     if gold is not None:
-        value = parse_number(extracted or "")
-        if value is None:
-            numbers = _NUMBER.findall(response.split("</think>")[-1])
-            value = float(numbers[-1].replace(",", "")) if numbers else None
+        value = final_number(response)
         return Grade(value is not None and abs(value - gold) < 1e-9, extracted, marked)
     if extracted is None:
         return Grade(False, None, marked)

@@ -289,9 +289,10 @@ def grouped_bars(
     y_title: str,
     title: str = "",
     counts: dict[str, Sequence[str]] | None = None,
+    errors: dict[str, Sequence[float]] | None = None,
 ) -> go.Figure:
     """Bars per category, one colour per series (`series[name] = [len(categories)]` values);
-    `counts[name]` adds hover text such as "12/40"."""
+    `counts[name]` adds hover text such as "12/40"; `errors[name]` draws error bars (e.g. SE)."""
     fig = go.Figure()
     for k, (name, vals) in enumerate(series.items()):
         fig.add_trace(
@@ -300,6 +301,7 @@ def grouped_bars(
                 y=list(vals),
                 name=name,
                 marker_color=PALETTE[k % len(PALETTE)],
+                error_y=None if errors is None else dict(type="data", array=list(errors[name]), visible=True),
                 text=None if counts is None else list(counts[name]),
                 hovertemplate=f"{name}<br>%{{x}}: %{{y:.3f}}"
                 + ("<br>%{text}" if counts else "")
@@ -315,6 +317,132 @@ def grouped_bars(
         height=460,
         legend=dict(x=0.99, xanchor="right", y=0.99),
     )
+    return fig
+
+
+def _short(text: str, n: int = 48) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def category_scatter(
+    x: Sequence[float],
+    y: Sequence[float],
+    categories: Sequence[str],
+    hover: Sequence[str],
+    x_title: str,
+    y_title: str,
+    title: str = "",
+) -> go.Figure:
+    """Points coloured by category (one legend entry each), `hover` text per point (wrapped).
+
+    >>> fig = category_scatter([0, 1], [0.5, 0.2], ["plan", "check"], ["Let me plan.", "Check."], "i", "v")
+    >>> [t.name for t in fig.data]
+    ['plan', 'check']
+    """
+    fig = go.Figure()
+    for k, cat in enumerate(dict.fromkeys(categories)):
+        idx = [i for i, c in enumerate(categories) if c == cat]
+        fig.add_trace(
+            go.Scatter(
+                x=[x[i] for i in idx],
+                y=[y[i] for i in idx],
+                mode="markers",
+                name=cat,
+                marker=dict(color=PALETTE[k % len(PALETTE)], size=9, line=dict(width=0.5, color="#333")),
+                text=["<br>".join(_wrap(hover[i])) for i in idx],
+                hovertemplate=f"{cat}<br>{x_title}: %{{x:.3g}}<br>{y_title}: %{{y:.4g}}"
+                "<br>%{text}<extra></extra>",
+            )
+        )
+    fig.update_layout(template=TEMPLATE, title=title, xaxis_title=x_title, yaxis_title=y_title,
+                      width=820, height=480)  # fmt: skip
+    return fig
+
+
+def _wrap(text: str, width: int = 70) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(" ".join(text.split()), width) or [""]
+
+
+def sentence_heatmap(
+    matrix: Tensor, sentences: Sequence[str], colorbar: str, title: str = "", diverging: bool = False
+) -> go.Figure:
+    """Sentence x sentence heatmap `matrix [rows, columns]` (NaN blank) with "index: start of the
+    sentence" on the axes and both sentences in full in the hover."""
+    z = matrix.float().numpy() if isinstance(matrix, Tensor) else matrix
+    labels = [f"{i}: {_short(s, 28)}" for i, s in enumerate(sentences)]
+    full = ["<br>".join(_wrap(s, 60)) for s in sentences]
+    custom = [[[full[r], full[c]] for c in range(len(sentences))] for r in range(len(sentences))]
+    finite = abs(z[z == z]) if (z == z).any() else [1.0]
+    bound = max(float(max(finite)), 1e-12)
+    scale = dict(colorscale=DIVERGING, zmin=-bound, zmax=bound) if diverging else dict(colorscale=SEQUENTIAL)
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=labels,
+            y=labels,
+            customdata=custom,
+            colorbar=dict(title=colorbar),
+            hovertemplate="row: %{customdata[0]}<br>column: %{customdata[1]}<br>"
+            + colorbar
+            + ": %{z:.4f}<extra></extra>",
+            **scale,
+        )
+    )
+    side = max(520, 22 * len(sentences) + 300)
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title,
+        xaxis=dict(tickangle=-50, automargin=True),
+        yaxis=dict(autorange="reversed", automargin=True),
+        width=side + 120,
+        height=side,
+    )
+    return fig
+
+
+def correlation_scatter(
+    vectors: dict[str, Sequence[float]],
+    categories: Sequence[str],
+    hover: Sequence[str],
+    title: str = "",
+    rho: dict[tuple[str, str], float] | None = None,
+) -> go.Figure:
+    """One panel per pair of the named per-point vectors, points coloured by category; `rho[(a,
+    b)]` goes in the panel title."""
+    from plotly.subplots import make_subplots
+
+    names = list(vectors)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    titles = [
+        f"{b} vs {a}" + (f" (Spearman {rho[(a, b)]:.2f})" if rho and (a, b) in rho else "") for a, b in pairs
+    ]
+    fig = make_subplots(rows=1, cols=len(pairs), subplot_titles=titles, horizontal_spacing=0.08)
+    cats = list(dict.fromkeys(categories))
+    for p, (a, b) in enumerate(pairs):
+        for k, cat in enumerate(cats):
+            idx = [i for i, c in enumerate(categories) if c == cat]
+            fig.add_trace(
+                go.Scatter(
+                    x=[vectors[a][i] for i in idx],
+                    y=[vectors[b][i] for i in idx],
+                    mode="markers",
+                    name=cat,
+                    legendgroup=cat,
+                    showlegend=p == 0,
+                    marker=dict(color=PALETTE[k % len(PALETTE)], size=8),
+                    text=["<br>".join(_wrap(hover[i])) for i in idx],
+                    hovertemplate=f"{cat}<br>{a}: %{{x:.3g}}<br>{b}: %{{y:.3g}}<br>%{{text}}<extra></extra>",
+                ),
+                row=1,
+                col=p + 1,
+            )
+        fig.update_xaxes(title_text=a, row=1, col=p + 1)
+        fig.update_yaxes(title_text=b, row=1, col=p + 1)
+    fig.update_layout(template=TEMPLATE, title=title, width=430 * len(pairs) + 120, height=470)
+    fig.update_annotations(font_size=12)
     return fig
 
 

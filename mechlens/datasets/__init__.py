@@ -30,6 +30,10 @@ from pathlib import Path
 from mechlens.answers import Grade, grade
 from mechlens.datasets.arithmetic import arithmetic_problems
 
+STEP_BY_STEP = " Think step by step, then give the final answer as 'Answer: <answer>'."
+"""Appended to a question to ask for a chain of thought and a marked answer (the default model
+is not a reasoning model: its step-by-step answer is the trace)."""
+
 
 @dataclass(frozen=True)
 class Problem:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,13 @@ class RunRequest:
     use_cache: bool = False
     start_at: int | None = None  # run blocks start_at.. only, from `resid_in`
     resid_in: Tensor | None = None  # [batch, q, d_model], the residual entering block start_at
+    reduce: Callable[[str, int, Tensor], Tensor] | None = None  # applied to each capture as it is taken
+
+    def keep(self, name: str, layer: int, tensor: Tensor) -> Tensor:
+        """What a backend stores for a captured activation: reduced, detached unless it needs grad."""
+        if self.reduce is not None:
+            tensor = self.reduce(name, layer, tensor)
+        return tensor if tensor.requires_grad else tensor.detach()
 
 
 @dataclass
@@ -233,7 +240,7 @@ class HookedModel:
         """Spans and positions of the active contexts must lie inside an input of `n_pos` tokens
         (generation is exempt: there they may point at tokens still to come)."""
         for it in self._interventions.items:
-            if isinstance(it, AttentionSuppression) and it.keys[1] > n_pos:
+            if isinstance(it, AttentionSuppression) and max(e for _, e in it.spans) > n_pos:
                 raise ValueError(f"suppressed span {it.keys} is past the end of the input ({n_pos} tokens)")
             wanted = list(getattr(it, "positions", None) or []) + list(getattr(it, "queries", None) or [])
             if any(not 0 <= p < n_pos for p in wanted):
@@ -250,6 +257,7 @@ class HookedModel:
         use_cache: bool = False,
         start_at: int | None = None,
         resid_in: Tensor | None = None,
+        reduce: Callable[[str, int, Tensor], Tensor] | None = None,
     ) -> RunOutput:
         """Run `_run` with positions worked out from the mask (which covers cached keys too).
 
@@ -267,6 +275,7 @@ class HookedModel:
             use_cache,
             start_at,
             resid_in,
+            reduce,
         )
         return self._run(request)
 
@@ -307,11 +316,17 @@ class HookedModel:
         attention_mask: Tensor | None = None,
         return_logits: bool = True,
         grad: bool = False,
+        reduce: Callable[[str, int, Tensor], Tensor] | None = None,
     ) -> tuple[Tensor | None, ActivationCache]:
         """Logits and the named activations, stacked as `[layers, batch, ...]`.
 
         Only the requested names and layers are captured. With `return_logits=False` the forward
-        stops after the last requested layer and the logits are None.
+        stops after the last requested layer and the logits are None. `reduce(name, layer,
+        tensor)` shrinks each activation as soon as it is captured, so that only its result is
+        kept (e.g. attention pooled over sentences instead of `[heads, q, k]` for every layer):
+
+            >>> _, c = model.run_with_cache(toks, ["pattern"],        # doctest: +SKIP
+            ...     reduce=lambda name, layer, p: p[..., -1, :])    # last query's row per layer
         """
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in CACHE_NAMES]
@@ -324,7 +339,7 @@ class HookedModel:
         capture = {n: layer_list for n in names}
         stop_after = None if return_logits else max(layer_list)
         with torch.set_grad_enabled(grad):
-            out = self._forward(tokens, attention_mask, capture, stop_after)
+            out = self._forward(tokens, attention_mask, capture, stop_after, reduce=reduce)
         data = {n: torch.stack([out.acts[n][l] for l in layer_list]) for n in names}
         return out.logits, ActivationCache(data, {n: layer_list for n in names})
 
@@ -403,7 +418,7 @@ class HookedModel:
 
     def suppress_attention(
         self,
-        keys: tuple[int, int],
+        keys: tuple[int, int] | Sequence[tuple[int, int]],
         queries: Sequence[int] | None = None,
         layers: Sequence[int] | None = None,
         heads: Sequence[int] | None = None,
@@ -411,16 +426,29 @@ class HookedModel:
         """Context: pre-softmax scores from `queries` (default all) to key positions
         `[start, end)` set to the dtype minimum, in `layers`/`heads` (default all).
 
-        As in the Thought Anchors code. Positions count each sequence's own tokens.
+        As in the Thought Anchors code. Positions count each sequence's own tokens. `keys` may
+        also be a list with one span per batch row, to suppress a different sentence in each row
+        of one batched forward.
+
+            >>> with model.suppress_attention(keys=(5, 9)):            # doctest: +SKIP
+            ...     logits = model(toks)
         """
-        start, end = keys
-        if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start < end <= self.n_ctx:
-            raise ValueError(
-                f"keys must be a span (start, end) with 0 <= start < end <= {self.n_ctx}, got {keys}"
-            )
+        per_row = not (len(keys) == 2 and all(isinstance(k, int) for k in keys))
+        spans = [tuple(k) for k in keys] if per_row else [tuple(keys)]
+        for span in spans:
+            ok = len(span) == 2 and all(isinstance(k, int) for k in span)
+            if not ok or not 0 <= span[0] < span[1] <= self.n_ctx:
+                raise ValueError(
+                    f"keys must be a span (start, end) with 0 <= start < end <= {self.n_ctx}, or a list "
+                    f"of such spans (one per batch row); got {keys}"
+                )
+        if not spans:
+            raise ValueError("keys is an empty list: give a span (start, end) or one per batch row")
         layer_set = None if layers is None else {self._check_layer(l) for l in layers}
         head_list = None if heads is None else [self._check_head(h) for h in heads]
-        return self._intervene(AttentionSuppression((start, end), queries, layer_set, head_list))
+        return self._intervene(
+            AttentionSuppression(spans if per_row else spans[0], queries, layer_set, head_list)
+        )
 
     def add_direction(
         self,
@@ -483,7 +511,7 @@ class HookedModel:
     # ---------------------------------------------------------------- generation
     def generate(
         self,
-        prompts: str | Sequence[str],
+        prompts: str | Sequence[str] | Tensor,
         max_new_tokens: int = 64,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -495,13 +523,20 @@ class HookedModel:
     ) -> Generation:
         """Sample `n` continuations of each prompt under the active interventions.
 
-        Batched (`batch_size` rows a forward) with the prompt's KV cache computed once and
-        shared by its `n` samples. Row r draws from its own generator seeded `(seed, r)`, so
-        results do not depend on `batch_size`. `temperature=0` is greedy.
+        `prompts` are strings or token ids `[batch, pos]` (for instance a trace cut at a sentence,
+        which decoding and re-tokenising might not reproduce). Batched (`batch_size` rows a
+        forward) with the prompt's KV cache computed once and shared by its `n` samples. Row r
+        draws from its own generator seeded `(seed, r)`, so results do not depend on
+        `batch_size`. `temperature=0` is greedy.
 
             >>> model.generate("2+2=", max_new_tokens=4, temperature=0).texts  # doctest: +SKIP
         """
-        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(prompts, Tensor):
+            prompts = prompts[None] if prompts.ndim == 1 else prompts
+            self._check_tokens(prompts)
+            prompt_list = list(prompts)  # each [pos]
+        else:
+            prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         if max_new_tokens < 1 or n < 1 or batch_size < 1:
             raise ValueError("max_new_tokens, n and batch_size must be >= 1")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -528,12 +563,13 @@ class HookedModel:
             for row in rows:
                 new_tokens.append(row)
                 texts.append(self.tokenizer.decode(row.tolist()))
-        return Generation(prompt_list, texts, new_tokens, n)
+        shown = [p if isinstance(p, str) else self.tokenizer.decode(p.tolist()) for p in prompt_list]
+        return Generation(shown, texts, new_tokens, n)
 
     @torch.no_grad()
     def _sample(
         self,
-        prompts: list[str],
+        prompts: list[str] | list[Tensor],
         max_new_tokens: int,
         temperature: float,
         top_p: float,
@@ -542,7 +578,11 @@ class HookedModel:
         first_row: int,
         stop_at_eos: bool,
     ) -> list[Tensor]:
-        tokens, mask = self.tokenize(prompts)
+        if isinstance(prompts[0], Tensor):  # token ids, all of one length
+            tokens = torch.stack(prompts).to(self.device)
+            mask = torch.ones_like(tokens)
+        else:
+            tokens, mask = self.tokenize(prompts)
         if tokens.shape[1] + max_new_tokens > self.n_ctx:
             raise ValueError(
                 f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "

@@ -85,12 +85,18 @@ class HeadScaling:
 
 @dataclass
 class AttentionSuppression:
-    """Set pre-softmax scores from `queries` to keys in [start, end) to the dtype minimum."""
+    """Set pre-softmax scores from `queries` to keys in [start, end) to the dtype minimum.
 
-    keys: tuple[int, int]
+    `keys` is one span for every row, or a list with one span per batch row."""
+
+    keys: tuple[int, int] | list[tuple[int, int]]
     queries: Sequence[int] | None = None
     layers: set[int] | None = None
     heads: list[int] | None = None
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        return list(self.keys) if isinstance(self.keys, list) else [self.keys]
 
     def active(self, layer: int) -> bool:
         return self.layers is None or layer in self.layers
@@ -101,7 +107,10 @@ class AttentionSuppression:
         A query whose every visible key lies in the span (only possible when the span starts at
         0) keeps its scores: a softmax over nothing but masked entries has no meaning.
         """
-        start, end = self.keys
+        spans = torch.tensor(self.spans, device=pos.key.device)  # [1 | batch, 2]
+        if len(spans) not in (1, pos.key.shape[0]):
+            raise ValueError(f"{len(spans)} suppressed spans for a batch of {pos.key.shape[0]} rows")
+        start, end = spans[:, :1], spans[:, 1:]  # [1 | batch, 1]
         key_in = (pos.key >= start) & (pos.key < end)  # [batch, k]
         query_sel = _select(pos.query, self.queries)  # [batch, q]
         has_other_key = (pos.query >= end) | (start > 0)  # [batch, q]

@@ -46,7 +46,7 @@ class NNsightModel(HookedModel):
         if req.past_key_values is not None:
             kwargs["past_key_values"] = req.past_key_values
         with self.lm.trace(tokens, **kwargs) as tracer:
-            found = list().save()  # (name, layer, tensor)
+            found = list().save()  # (name, layer, kept tensor): reduced as soon as captured
             for layer in range(last + 1):
                 block = layers[layer]
                 attn = getattr(block, arch.attn_name)
@@ -59,7 +59,13 @@ class NNsightModel(HookedModel):
                     block.inputs = (args, kw)
                 if "resid_pre" in capture and layer in capture["resid_pre"]:
                     args, kw = block.inputs
-                    found.append(("resid_pre", layer, args[0] if args else kw["hidden_states"]))
+                    found.append(
+                        (
+                            "resid_pre",
+                            layer,
+                            req.keep("resid_pre", layer, args[0] if args else kw["hidden_states"]),
+                        )
+                    )
                 if iv.touches_scores(layer):
                     args, kw = attn.inputs
                     kw["attention_mask"] = _suppressed_mask(kw.get("attention_mask"), iv, layer, pos, n_heads)
@@ -73,9 +79,11 @@ class NNsightModel(HookedModel):
                         out_proj.input = zh.reshape(z.shape)
                         z = out_proj.input
                     if want_z:
-                        found.append(("z", layer, z.reshape(*z.shape[:2], n_heads, d_head)))
+                        found.append(
+                            ("z", layer, req.keep("z", layer, z.reshape(*z.shape[:2], n_heads, d_head)))
+                        )
                 if "pattern" in capture and layer in capture["pattern"]:
-                    found.append(("pattern", layer, attn.output[1]))
+                    found.append(("pattern", layer, req.keep("pattern", layer, attn.output[1])))
                 if iv.touches_resid(layer):
                     out = block.output
                     if isinstance(out, tuple):
@@ -84,14 +92,20 @@ class NNsightModel(HookedModel):
                         block.output = iv.resid(layer, out, pos)
                 if "resid_post" in capture and layer in capture["resid_post"]:
                     out = block.output
-                    found.append(("resid_post", layer, out[0] if isinstance(out, tuple) else out))
+                    found.append(
+                        (
+                            "resid_post",
+                            layer,
+                            req.keep("resid_post", layer, out[0] if isinstance(out, tuple) else out),
+                        )
+                    )
             if stop_after is not None:
                 tracer.stop()
             else:
                 output = self.lm.output.save()
         acts: dict[str, dict[int, Tensor]] = {name: {} for name in capture}
         for name, layer, tensor in found:
-            acts[name][layer] = tensor if tensor.requires_grad else tensor.detach()
+            acts[name][layer] = tensor
         if stop_after is not None:
             return RunOutput(None, acts)
         return RunOutput(output.logits, acts, output.past_key_values if req.use_cache else None)

@@ -62,7 +62,7 @@ class TransformerLensModel(HookedModel):
                 hooks.append((f"blocks.{layer}.hook_resid_post", _edit(iv.resid, layer, pos)))
             for name, layers in capture.items():
                 if layer in layers:
-                    hooks.append((_HOOK_NAMES[name].format(layer), _store(acts[name], layer)))
+                    hooks.append((_HOOK_NAMES[name].format(layer), _store(req, acts, name, layer)))
         kwargs: dict[str, Any] = {"attention_mask": req.attention_mask, "position_ids": req.position_ids}
         with self.bridge.hooks(fwd_hooks=hooks):
             if req.start_at is not None:  # blocks start_at.. only, from the residual
@@ -92,8 +92,8 @@ def _edit(fn, layer: int, pos: Positions):
     return hook
 
 
-def _store(store: dict[int, Tensor], layer: int):
+def _store(req: RunRequest, acts: dict[str, dict[int, Tensor]], name: str, layer: int):
     def hook(tensor: Tensor, hook) -> None:
-        store[layer] = tensor if tensor.requires_grad else tensor.detach()
+        acts[name][layer] = req.keep(name, layer, tensor)
 
     return hook

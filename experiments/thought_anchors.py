@@ -1,0 +1,264 @@
+"""Thought anchors on the embedded model: which sentences of its step-by-step solutions matter,
+by resampling, by receiver-head attention and by attention suppression.
+
+Reproduces the analyses of "Thought Anchors: Which LLM Reasoning Steps Matter?" on arithmetic
+word problems that the model solves 25-75% of the time (the paper's selection rule, measured by
+sampling). The default model is not a reasoning model: its step-by-step answer is the trace.
+
+    python experiments/thought_anchors.py [--quick] [--backend nnsight]
+
+Writes figures/anchors/: importance_by_sentence, importance_by_category, receiver_kurtosis,
+receiver_head_matrix, suppression_matrix, method_correlations (HTML, plus PNG/SVG with a
+Chromium) with provenance, and results.json. Rollouts are cached per trace and position, so an
+interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import mechlens as ml
+from mechlens import anchors, datasets
+from mechlens.datasets import STEP_BY_STEP
+from mechlens.plots import category_scatter, correlation_scatter, grouped_bars, head_heatmap, sentence_heatmap
+from mechlens.runs import Run, parse_config, write_json
+from mechlens.trace import format_prompt
+
+
+@dataclass
+class AnchorsConfig:
+    backend: str = "transformer_lens"
+    n_candidates: int = 24  # arithmetic problems whose solve rate is measured
+    n_select: int = 8  # samples per problem for the solve rate (25-75% kept)
+    n_traces: int = 4  # traces analysed (one correct base solution per selected problem)
+    min_sentences: int = 5
+    n_rollouts: int = 16  # per sentence (the paper: 100)
+    max_new_tokens: int = 160
+    temperature: float = 0.6
+    top_p: float = 0.95
+    proximity: int = 4
+    top_k: int = 20  # receiver heads
+    quick: bool = False
+    out: str = "figures/anchors"
+    seed: int = 44
+
+    def __post_init__(self):
+        if self.quick:
+            self.n_candidates, self.n_select, self.n_traces, self.n_rollouts = 8, 4, 1, 4
+            self.max_new_tokens, self.top_k = 96, 10
+
+
+def select_traces(run: Run, model, cfg: AnchorsConfig) -> tuple[list, list[dict]]:
+    """Sample every candidate problem `n_select` times; keep problems solved 25-75% of the time and,
+    for each, the first correct sample with enough sentences as its base trace."""
+    problems = datasets.load("arithmetic", n=cfg.n_candidates, seed=cfg.seed)
+    prompts = [p.question + STEP_BY_STEP for p in problems]
+    texts = run.cached(
+        "selection samples",
+        lambda: model.generate(
+            [format_prompt(model.tokenizer, p) for p in prompts], max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.n_select, seed=cfg.seed, progress=True,
+        ).texts,
+        config=False, prompts=prompts, n=cfg.n_select, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=cfg.top_p,
+    )  # fmt: skip
+    chosen, rates = [], []
+    for k, problem in enumerate(problems):
+        samples = texts[k * cfg.n_select : (k + 1) * cfg.n_select]
+        correct = [problem.grade(t).correct for t in samples]
+        rate = float(np.mean(correct))
+        rates.append({"id": problem.id, "level": problem.level, "solve_rate": rate})
+        if not 0.25 <= rate <= 0.75 or len(chosen) >= cfg.n_traces:
+            continue
+        for text, ok in zip(samples, correct, strict=True):
+            if ok and text.strip():
+                trace = ml.ReasoningTrace.from_text(model, prompts[k], text)
+                if len(trace.sentences) >= cfg.min_sentences:
+                    chosen.append((problem, trace))
+                    break
+    if not chosen:
+        raise RuntimeError(f"no problem solved 25-75% with a long enough correct trace: {rates}")
+    return chosen, rates
+
+
+def main(cfg: AnchorsConfig) -> dict:
+    model = ml.load_model(backend=cfg.backend)
+    run = Run("thought_anchors", cfg, cfg.out, model=model, seed=cfg.seed)
+    chosen, rates = select_traces(run, model, cfg)
+    print(
+        f"{len(chosen)} traces from {sum(0.25 <= r['solve_rate'] <= 0.75 for r in rates)} problems in range"
+    )
+
+    per_trace = []
+    for problem, trace in tqdm(chosen, desc="traces"):
+        sentences = [s.text for s in trace.sentences]
+        res = anchors.resample(
+            model, trace, problem, n=cfg.n_rollouts, temperature=cfg.temperature, top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, cache=run.cache,
+        )  # fmt: skip
+        forced = anchors.forced_answers(
+            model, trace, problem, n=cfg.n_rollouts, seed=cfg.seed, cache=run.cache
+        )
+        key = dict(tokens=trace.tokens[0].tolist())
+        attention = run.cached(
+            "sentence attention",
+            lambda trace=trace: anchors.sentence_attention(model, trace),
+            config=False,
+            **key,
+        )
+        suppression = run.cached(
+            "suppression", lambda trace=trace: anchors.suppression_matrix(model, trace), config=False, **key
+        )
+        per_trace.append(
+            dict(
+                problem=problem,
+                trace=trace,
+                sentences=sentences,
+                categories=anchors.label_sentences(sentences, problem.question),
+                resampling=res,
+                forced=forced,
+                attention=attention,  # [layers, heads, S, S]
+                vertical=anchors.vertical_scores(attention, cfg.proximity),  # [layers, heads, S]
+                suppression=suppression,  # [S, S]
+                resampling_matrix=anchors.resampling_matrix(res),
+            )
+        )
+
+    # receiver heads: kurtosis averaged over traces, layer 0 excluded
+    kurt = torch.stack([anchors.kurtosis(t["vertical"]) for t in per_trace]).nanmean(0)  # [layers, heads]
+    top_k = min(cfg.top_k, int(torch.isfinite(kurt[1:]).sum()))
+    heads = anchors.receiver_heads(kurt, top_k=top_k)
+    for t in per_trace:
+        t["receiver"] = anchors.receiver_scores(t["vertical"], heads).numpy()
+        t["outgoing"] = anchors.outgoing_effect(t["suppression"]).numpy()
+
+    # pooled per-sentence vectors
+    def pooled(key):
+        return np.concatenate([np.asarray(t[key]) for t in per_trace])
+
+    for t in per_trace:
+        t["counterfactual"] = t["resampling"].counterfactual_kl
+    categories = [c for t in per_trace for c in t["categories"]]
+    hover = [
+        f"trace {k} · sentence {i}: {s}"
+        for k, t in enumerate(per_trace)
+        for i, s in enumerate(t["sentences"])
+    ]
+    vectors = {
+        "counterfactual KL": pooled("counterfactual"),
+        "receiver score": pooled("receiver"),
+        "suppression effect": pooled("outgoing"),
+    }
+    names = list(vectors)
+    rho = {
+        (a, b): anchors.spearman(vectors[a], vectors[b])[0]
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    }
+    per_trace_rho = [
+        {
+            f"{a} ~ {b}": anchors.spearman(np.asarray(t[ka]), np.asarray(t[kb]))[0]
+            for (a, ka), (b, kb) in [
+                (("counterfactual KL", "counterfactual"), ("receiver score", "receiver")),
+                (("counterfactual KL", "counterfactual"), ("suppression effect", "outgoing")),
+                (("receiver score", "receiver"), ("suppression effect", "outgoing")),
+            ]
+        }
+        for t in per_trace
+    ]
+    matrix_rho = anchors.spearman(
+        np.concatenate([anchors.lower_triangle(t["suppression"].numpy()) for t in per_trace]),
+        np.concatenate([anchors.lower_triangle(t["resampling_matrix"]) for t in per_trace]),
+    )
+    by_category = anchors.category_means(vectors["counterfactual KL"], categories)
+    print("counterfactual importance by category:", {k: round(v[0], 4) for k, v in by_category.items()})
+    print("Spearman:", {f"{a} ~ {b}": round(v, 3) for (a, b), v in rho.items()}, "matrices:", matrix_rho)
+
+    # ---- figures
+    x = [i / max(len(t["sentences"]) - 1, 1) for t in per_trace for i in range(len(t["sentences"]))]
+    fig = category_scatter(
+        x, vectors["counterfactual KL"], categories, hover,
+        "position in the trace (0 = first sentence, 1 = last)", "counterfactual importance (KL)",
+        title=f"Counterfactual importance per sentence ({len(per_trace)} traces, n={cfg.n_rollouts})",
+    )  # fmt: skip
+    run.save_figure(
+        fig, "importance_by_sentence", caption="Counterfactual importance of each sentence, by category."
+    )
+    cats = sorted(by_category, key=lambda c: -by_category[c][0])
+    fig = grouped_bars(
+        cats,
+        {"counterfactual KL": [by_category[c][0] for c in cats]},
+        "mean counterfactual importance (KL)",
+        title="Counterfactual importance by sentence category (mean ± SE)",
+        counts={"counterfactual KL": [f"n={by_category[c][2]}" for c in cats]},
+        errors={"counterfactual KL": [np.nan_to_num(by_category[c][1]) for c in cats]},
+    )
+    run.save_figure(
+        fig, "importance_by_category", caption="Mean counterfactual importance per category, ± SE."
+    )
+    fig = head_heatmap(
+        kurt, "kurtosis of vertical scores", title=f"Receiver-headness (top {len(heads)} boxed)", marked=heads
+    )
+    run.save_figure(
+        fig, "receiver_kurtosis", caption="Mean kurtosis of each head's vertical attention scores."
+    )
+    layer, head = heads[0]
+    first = per_trace[0]
+    fig = sentence_heatmap(
+        first["attention"][layer, head], first["sentences"], "mean attention",
+        title=f"Sentence attention of the top receiver head L{layer}H{head} (trace 0)",
+    )  # fmt: skip
+    run.save_figure(
+        fig, "receiver_head_matrix", caption="Sentence x sentence attention of the top receiver head."
+    )
+    fig = sentence_heatmap(
+        first["suppression"], first["sentences"], "log KL",
+        title="Attention suppression: effect of each sentence (column) on later ones (row), trace 0",
+    )  # fmt: skip
+    run.save_figure(
+        fig, "suppression_matrix", caption="Mean log-KL on each sentence when one earlier is suppressed."
+    )
+    fig = correlation_scatter(vectors, categories, hover, title="Three attributions per sentence", rho=rho)
+    run.save_figure(fig, "method_correlations", caption="Per-sentence agreement of the three methods.")
+
+    results = {
+        "selection": {"candidates": rates, "traces": [t["problem"].id for t in per_trace]},
+        "receiver_heads": heads,
+        "spearman_pooled": {f"{a} ~ {b}": v for (a, b), v in rho.items()},
+        "spearman_per_trace": per_trace_rho,
+        "suppression_vs_resampling_matrix": {"spearman": matrix_rho[0], "pairs": matrix_rho[1]},
+        "counterfactual_kl_by_category": {
+            c: {"mean": m, "se": s, "n": n} for c, (m, s, n) in by_category.items()
+        },
+        "traces": [
+            {
+                "problem": t["problem"].id,
+                "question": t["problem"].question,
+                "answer": t["problem"].answer,
+                "response": t["trace"].response,
+                "forced_importance": t["forced"].importance.tolist(),
+                "sentences": [
+                    {**row, "category": c, "receiver_score": float(r), "suppression_effect": float(o)}
+                    for row, c, r, o in zip(
+                        t["resampling"].table(), t["categories"], t["receiver"], t["outgoing"], strict=True
+                    )
+                ],
+            }
+            for t in per_trace
+        ],
+    }
+    write_json(run.out_dir / "results.json", results)
+    print(
+        json.dumps({k: results[k] for k in ("spearman_pooled", "suppression_vs_resampling_matrix")}, indent=1)
+    )
+    return results
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main(parse_config(AnchorsConfig, description=__doc__))

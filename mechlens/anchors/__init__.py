@@ -1,0 +1,68 @@
+"""Thought anchors: which sentences of a chain of thought matter ("Thought Anchors: Which LLM
+Reasoning Steps Matter?", Bogdan, Macar, Nanda, Conmy 2025).
+
+Three attributions of a `ReasoningTrace`'s sentences, and their comparison:
+
+- `resample` (black box): regenerate from before each sentence; resampling, counterfactual and
+  `forced_answers` importance; `resampling_matrix` for sentence pairs.
+- `sentence_attention` / `vertical_scores` / `kurtosis` / `receiver_heads` / `receiver_scores`
+  (attention aggregation): heads that focus on a few broadcasting sentences.
+- `suppression_matrix` (attention suppression): mask a sentence, measure the log-KL on later ones.
+- `label_sentences` (eight-category taxonomy), `spearman`, `lower_triangle`, `category_means`.
+
+Example:
+    >>> import mechlens as ml
+    >>> model = ml.load_model("tiny-llama")
+    >>> trace = ml.ReasoningTrace.from_text(model, "What is 2+3?", "Let me add. 2 + 3 = 5. So it is 5.")
+    >>> ml.anchors.label_sentences([s.text for s in trace.sentences])
+    ['plan_generation', 'active_computation', 'result_consolidation']
+    >>> ml.anchors.suppression_matrix(model, trace).shape
+    torch.Size([3, 3])
+"""
+
+from mechlens.anchors.compare import category_means, lower_triangle, spearman
+from mechlens.anchors.receivers import (
+    kurtosis,
+    receiver_heads,
+    receiver_scores,
+    sentence_attention,
+    vertical_scores,
+)
+from mechlens.anchors.resampling import (
+    ForcedAnswers,
+    Resampling,
+    Rollout,
+    answer_kl,
+    forced_answers,
+    resample,
+    resampling_matrix,
+    sentence_embedder,
+)
+from mechlens.anchors.suppression import outgoing_effect, suppression_matrix, token_kl
+from mechlens.anchors.taxonomy import CATEGORIES, classify_sentence, label_sentences, model_labeller
+
+__all__ = [
+    "CATEGORIES",
+    "ForcedAnswers",
+    "Resampling",
+    "Rollout",
+    "answer_kl",
+    "category_means",
+    "classify_sentence",
+    "forced_answers",
+    "kurtosis",
+    "label_sentences",
+    "lower_triangle",
+    "model_labeller",
+    "outgoing_effect",
+    "receiver_heads",
+    "receiver_scores",
+    "resample",
+    "resampling_matrix",
+    "sentence_attention",
+    "sentence_embedder",
+    "spearman",
+    "suppression_matrix",
+    "token_kl",
+    "vertical_scores",
+]

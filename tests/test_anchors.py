@@ -1,0 +1,343 @@
+"""Thought anchors: taxonomy, resampling metrics on fixed rollouts, receiver heads against scipy and
+hand-computed values, attention suppression against a plain-torch masked-attention reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import wrap_with_reference
+from scipy import stats
+from test_interventions import suppression_hooks
+
+import mechlens as ml
+from mechlens import anchors
+from mechlens.anchors.resampling import Resampling, Rollout
+from mechlens.attention import span_attention
+from mechlens.datasets import Problem
+
+RESPONSE = (
+    "<think>First, I add 2 and 3. That gives 5 in total.\n\nWait, let me check: 2 + 3 = 5. "
+    "So the total is 5 apples.</think>\nThe answer is 5."
+)
+
+
+def trace_of(model):
+    return ml.ReasoningTrace.from_text(model, "What is 2+3?", RESPONSE)
+
+
+# ---------------------------------------------------------------- taxonomy
+def test_keyword_taxonomy():
+    q = "Tom has 3 apples. He buys 4 more. How many apples does he have?"
+    cases = {
+        "Tom has 3 apples and buys 4 more.": "problem_setup",
+        "Let me add the two amounts.": "plan_generation",
+        "First, find how many he bought.": "plan_generation",
+        "3 + 4 = 7.": "active_computation",
+        "So he has 7 apples.": "result_consolidation",
+        "Wait, that doesn't seem right.": "uncertainty_management",
+        "Hmm, maybe I misread.": "uncertainty_management",
+        "Let me check: 7 - 4 = 3.": "self_checking",
+        "The answer is 7.": "final_answer_emission",
+        "Recall that a dozen is twelve.": "fact_retrieval",
+        "Nice weather today.": "unknown",
+    }
+    got = anchors.label_sentences(list(cases), q)
+    assert dict(zip(cases, got, strict=True)) == cases
+    assert set(got) <= set(anchors.CATEGORIES)
+
+
+def test_label_sentences_checks_the_labeller():
+    with pytest.raises(ValueError, match="valid categories"):
+        anchors.label_sentences(["a b c"], labeller=lambda s, q: ["planning"])
+    with pytest.raises(ValueError, match="2 labels for 1"):
+        anchors.label_sentences(["a b c"], labeller=lambda s, q: ["unknown", "unknown"])
+    assert anchors.label_sentences(["x y"], labeller=lambda s, q: ["self_checking"]) == ["self_checking"]
+
+
+# ---------------------------------------------------------------- resampling metrics on fixed data
+def test_answer_kl_hand_computed():
+    p, q = {"7": 3, "8": 1}, {"7": 1, "8": 3}
+    want = 0.75 * math.log(0.75 / 0.25) + 0.25 * math.log(0.25 / 0.75)
+    assert anchors.answer_kl(p, q) == pytest.approx(want, abs=1e-8)
+    # Laplace smoothing, and an answer only q has (weight 0 in the sum, but it counts in V)
+    lap = anchors.answer_kl({"7": 2}, {"7": 1, "9": 1}, alpha=1.0)
+    assert lap == pytest.approx(1.0 * math.log((3 / 4) / (2 / 4)))
+    assert anchors.answer_kl({"7": 2}, {"7": 2}) == 0.0
+    assert math.isnan(anchors.answer_kl({}, {"7": 1}))
+
+
+def roll(pos, answer, correct, resampled="x"):
+    return Rollout(pos, "", resampled, answer, correct)
+
+
+def test_resampling_metrics_on_fixed_rollouts():
+    # two sentences; position 0: 2 different (wrong, 8), 2 similar (right, 7); position 1 and 2: right
+    rollouts = [
+        [
+            roll(0, "8", False, "a"),
+            roll(0, "8", False, "b"),
+            roll(0, "7", True, "c"),
+            roll(0, "7", True, "c"),
+        ],
+        [roll(1, "7", True), roll(1, "7", True), roll(1, None, False), roll(1, "7", True)],
+        [roll(2, "7", True)] * 4,
+    ]
+    similarity = np.array([[0.1, 0.5, 0.9, 0.95], [0.9, 0.9, 0.1, 0.9]])
+    res = Resampling(["S0", "S1"], rollouts, similarity)
+    np.testing.assert_allclose(res.accuracy, [0.5, 1.0, 1.0])  # the unanswered rollout does not count
+    np.testing.assert_allclose(res.resampling_importance, [0.5, 0.0])
+    # D_0 = two wrong answers vs R_1 (all right): accuracy 0 - 1
+    assert res.counterfactual_accuracy[0] == -1.0
+    # KL(D_0 = {8: 2} || R_1 + similar_0 = {7: 5}) with alpha 1e-9
+    a = 1e-9
+    want = math.log(((2 + a) / (2 + 2 * a)) / ((0 + a) / (5 + 2 * a)))
+    assert res.counterfactual_kl[0] == pytest.approx(want)
+    # D_1 has only the unanswered rollout: no answer distribution, NaN (not a silent 0)
+    assert math.isnan(res.counterfactual_kl[1]) and math.isnan(res.counterfactual_accuracy[1])
+    np.testing.assert_allclose(res.different_fraction, [0.5, 0.25])
+    np.testing.assert_allclose(res.overdeterminedness, [0.25, 0.75])  # a, b, c, c / x, x, x, x
+    binary = res.counterfactual_kl_of(binary=True)[0]  # {False: 2} vs {True: 5}
+    assert binary == pytest.approx(want)
+    assert len(res.table()) == 2 and res.table()[0]["sentence"] == "S0"
+
+
+def fake_embed(texts):
+    """Deterministic stand-in for MiniLM: a bag of characters, so equal texts have cosine 1."""
+    out = torch.zeros(len(texts), 64)
+    for i, t in enumerate(texts):
+        for c in t:
+            out[i, ord(c) % 64] += 1
+    return out + 1e-3
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+def test_resample_is_seeded_and_resumes_from_disk(backend, tmp_path, monkeypatch):
+    model, _ = wrap_with_reference("llama", backend)
+    trace = trace_of(model)
+    problem = Problem("p", "What is 2+3?", "5", kind="number")
+    kw = dict(n=3, max_new_tokens=6, progress=False, embed=fake_embed)
+    a = anchors.resample(model, trace, problem, cache=tmp_path, **kw)
+    b = anchors.resample(model, trace, problem, cache=None, **kw)
+    assert [[r.text for r in rows] for rows in a.rollouts] == [[r.text for r in rows] for rows in b.rollouts]
+    assert len(a.rollouts) == len(trace.sentences) + 1 and all(len(r) == 3 for r in a.rollouts)
+    c = anchors.resample(model, trace, problem, cache=None, seed=7, **kw)
+    assert [r.text for r in c.rollouts[0]] != [r.text for r in a.rollouts[0]]
+
+    # every position is on disk: a second run generates nothing
+    def fail(*args, **kwargs):
+        raise AssertionError("generate called although the rollouts are cached")
+
+    monkeypatch.setattr(model, "generate", fail)
+    again = anchors.resample(model, trace, problem, cache=tmp_path, **kw)
+    assert [r.text for r in again.rollouts[1]] == [r.text for r in a.rollouts[1]]
+
+
+def test_rollouts_continue_the_exact_prefix_tokens(llama):
+    model, _ = llama
+    trace = trace_of(model)
+    problem = Problem("p", "What is 2+3?", "5", kind="number")
+    res = anchors.resample(model, trace, problem, n=2, max_new_tokens=4, cache=None, progress=False,
+                           embed=fake_embed, temperature=0)  # fmt: skip
+    s = trace.sentences[2]
+    want = model.generate(trace.tokens[:, : s.start], max_new_tokens=4, temperature=0).texts[0]
+    assert res.rollouts[2][0].text == want
+    # the grader saw the trace's own text before the prefix end plus the continuation
+    head = model.to_string(trace.tokens[0, trace.prompt_len : s.start])
+    assert res.rollouts[2][0].correct == problem.grade(head + want).correct
+
+
+def test_forced_answers_counts(llama):
+    model, _ = llama
+    trace = trace_of(model)
+    problem = Problem("p", "What is 2+3?", "5", kind="number")
+    forced = anchors.forced_answers(model, trace, problem, n=2, max_new_tokens=3, cache=None, progress=False)
+    assert len(forced.rollouts) == len(trace.sentences) + 1 and all(len(r) == 2 for r in forced.rollouts)
+    assert forced.importance.shape == forced.importance_kl.shape == (len(trace.sentences),)
+    answers = [[("5", True), ("5", True)], [("5", True), ("6", False)], [(None, False), ("6", False)]]
+    fixed = anchors.ForcedAnswers([[roll(p, a, c) for a, c in row] for p, row in enumerate(answers)])
+    np.testing.assert_allclose(fixed.accuracy, [1.0, 0.5, 0.0])
+    np.testing.assert_allclose(fixed.importance, [-0.5, -0.5])
+    a = 1e-9  # KL({5: 2} || {5: 1, 6: 1}) over V = 2 answers
+    assert fixed.importance_kl[0] == pytest.approx(
+        math.log(((2 + a) / (2 + 2 * a)) / ((1 + a) / (2 + 2 * a)))
+    )
+
+
+def test_resampling_matrix_on_fixed_rollouts():
+    # S2 reappears in every rollout that kept S0 (position 1) and in none that replaced it
+    s = ["Alpha beta gamma.", "Delta epsilon zeta.", "Theta iota kappa."]
+    keep = [Rollout(1, "Delta epsilon zeta. Theta iota kappa.", s[1], "1", True)] * 2
+    changed = [Rollout(0, "Omicron pi rho. Sigma tau upsilon.", "Omicron pi rho.", "2", False)] * 2
+    res = Resampling(s, [changed, keep, keep, []], np.array([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+    m = anchors.resampling_matrix(res, embed=fake_embed, threshold=0.99)
+    assert m[2, 0] == 1.0 and m[1, 0] == 1.0
+    assert np.isnan(m[0]).all() and np.isnan(m[:, 2]).all()
+
+
+@pytest.mark.slow
+def test_minilm_embedder_offline():
+    embed = anchors.sentence_embedder()
+    e = embed(["I add 2 and 3.", "I add 2 and 3.", "The capital of France is Paris."])
+    assert e.shape == (3, 384)
+    sims = anchors.resampling.cosine(e[:1].expand(3, -1), e)
+    assert sims[1] > 0.99 and sims[2] < 0.8
+
+
+# ---------------------------------------------------------------- receiver heads
+def test_vertical_scores_and_kurtosis_hand_computed():
+    m = torch.tensor(
+        [[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.2, 0.3, 0.5, 0], [0.1, 0.6, 0.1, 0.2]]
+    )  # rows: query sentence, columns: key sentence
+    # proximity 1: column k averages rows q > k
+    v = anchors.vertical_scores(m, proximity=1)
+    torch.testing.assert_close(v[:3], torch.tensor([(0.5 + 0.2 + 0.1) / 3, (0.3 + 0.6) / 2, 0.1]))
+    assert torch.isnan(v[3])
+    # proximity 2: column 0 averages rows 2, 3; column 1 row 3; the rest NaN
+    v2 = anchors.vertical_scores(m, proximity=2)
+    torch.testing.assert_close(v2[:2], torch.tensor([0.15, 0.6]))
+    # control_depth: row ranks / row count; column 0 gets 1/1 (row 1), 1/2 (row 2 keeps 0.2, 0.3)
+    # and 1.5/3 (row 3 keeps 0.1, 0.6, 0.1: the tied 0.1s share rank 1.5)
+    v3 = anchors.vertical_scores(m, proximity=1, control_depth=True)
+    torch.testing.assert_close(v3[0], torch.tensor((1.0 + 0.5 + 0.5) / 3))
+    # kurtosis of [1, 2, 3, 4]: m2 = 1.25, m4 = 2.5625, m4 / m2^2 - 3
+    assert anchors.kurtosis(torch.tensor([1.0, 2, 3, 4])).item() == pytest.approx(2.5625 / 1.25**2 - 3)
+
+
+def test_vertical_scores_and_kurtosis_match_scipy_reference():
+    """The reference code's numpy recipe, literally, on random matrices."""
+    gen = torch.Generator().manual_seed(0)
+    m = torch.rand(2, 3, 12, 12, generator=gen)
+    for proximity, control in [(4, False), (2, True), (1, False)]:
+        got = anchors.vertical_scores(m, proximity, control)
+        for idx in np.ndindex(2, 3):
+            a = m[idx].numpy().astype(float).copy()
+            a[np.triu_indices_from(a, k=1)] = np.nan
+            a[np.triu_indices_from(a, k=-proximity + 1)] = np.nan
+            if control:
+                a = stats.rankdata(a, axis=1, nan_policy="omit") / np.sum(~np.isnan(a), axis=1)[:, None]
+            ref = [np.nanmean(a[c + proximity :, c]) if c + proximity < 12 else np.nan for c in range(12)]
+            np.testing.assert_allclose(got[idx].numpy(), ref, rtol=1e-5, equal_nan=True)
+            want_k = stats.kurtosis(ref, fisher=True, bias=True, nan_policy="omit")
+            assert anchors.kurtosis(got[idx]).item() == pytest.approx(float(want_k), rel=1e-4)
+
+
+def test_sentence_attention_equals_block_means_of_full_pattern(llama):
+    model, _ = llama
+    trace = trace_of(model)
+    got = anchors.sentence_attention(model, trace)  # [layers, heads, S, S]
+    _, cache = model.run_with_cache(trace.tokens, ["pattern"])
+    spans = [(s.start, s.end) for s in trace.sentences]
+    for layer in range(model.n_layers):
+        a = cache["pattern"][layer, 0]  # [heads, T, T]
+        for h in range(model.n_heads):
+            for qi, (qa, qb) in enumerate(spans):
+                for ki, (ka, kb) in enumerate(spans):
+                    want = a[h, qa:qb, ka:kb].mean()
+                    assert got[layer, h, qi, ki].item() == pytest.approx(want.item(), abs=1e-6)
+    assert torch.allclose(got, span_attention(cache["pattern"][:, 0], spans, keys="mean"), atol=1e-6)
+
+
+def test_receiver_heads_and_scores():
+    kurt = torch.tensor([[9.0, 8.0], [1.0, 5.0], [float("nan"), 3.0]])
+    assert anchors.receiver_heads(kurt, top_k=2) == [(1, 1), (2, 1)]  # layer 0 excluded, NaN skipped
+    assert anchors.receiver_heads(kurt, top_k=1, exclude_layer0=False) == [(0, 0)]
+    with pytest.raises(ValueError, match="top_k must lie in 1..3"):
+        anchors.receiver_heads(kurt, top_k=5)
+    vertical = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, float("nan")], [7.0, 8.0]]])
+    torch.testing.assert_close(anchors.receiver_scores(vertical, [(0, 1), (1, 0)]), torch.tensor([4.0, 4.0]))
+
+
+# ---------------------------------------------------------------- attention suppression
+def reference_matrix(model, reference, trace, temperature=0.6):
+    """Plain torch: the raw HF model with each sentence's key columns masked in every layer."""
+    with torch.no_grad():
+        base = reference(trace.tokens).logits[0]
+        n = len(trace.sentences)
+        out = torch.full((n, n), float("nan"))
+        for j, sj in enumerate(trace.sentences):
+            with suppression_hooks(model, reference, sj.start, sj.end):
+                supp = reference(trace.tokens).logits[0]
+            p = torch.softmax(base / temperature, -1)
+            kl = (
+                p * (torch.log_softmax(base / temperature, -1) - torch.log_softmax(supp / temperature, -1))
+            ).sum(-1)
+            for i, si in enumerate(trace.sentences):
+                if i > j:
+                    out[i, j] = torch.log(kl[si.start : si.end] + 1e-9).mean()
+    return out
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_suppression_matrix_equals_masked_attention_reference(backend, batch_size):
+    model, reference = wrap_with_reference("llama", backend)
+    trace = trace_of(model)
+    fast = anchors.suppression_matrix(model, trace, batch_size=batch_size)
+    naive = anchors.suppression_matrix(model, trace, reuse_prefix=False)
+    want = reference_matrix(model, reference, trace)
+    torch.testing.assert_close(naive, want, atol=1e-4, rtol=0, equal_nan=True)
+    torch.testing.assert_close(fast, naive, atol=1e-4, rtol=0, equal_nan=True)
+    below = torch.tril(torch.ones_like(fast, dtype=torch.bool), -1)
+    assert torch.isfinite(fast[below]).all() and torch.isnan(fast[~below]).all()
+    first = anchors.suppression_matrix(model, trace, only_first=2)
+    assert not torch.allclose(first[below], fast[below])
+    torch.testing.assert_close(anchors.outgoing_effect(fast), torch.nanmean(fast, 0), equal_nan=True)
+
+
+def test_per_row_suppression_equals_separate_runs(llama, tokens):
+    model, _ = llama
+    with model.suppress_attention([(1, 3), (4, 7)]):
+        both = model(tokens)
+    with model.suppress_attention((1, 3)):
+        first = model(tokens[:1])
+    with model.suppress_attention((4, 7)):
+        second = model(tokens[1:])
+    torch.testing.assert_close(both, torch.cat([first, second]), atol=1e-5, rtol=0)
+    with (
+        pytest.raises(ValueError, match="3 suppressed spans for a batch of 2"),
+        model.suppress_attention([(1, 2), (1, 2), (1, 2)]),
+    ):
+        model(tokens)
+    with pytest.raises(ValueError, match="one per batch row"):
+        model.suppress_attention([(1, 2), (5, 3)])
+
+
+# ---------------------------------------------------------------- comparison helpers
+def test_compare_helpers():
+    rho, n = anchors.spearman([1, 2, 3, 4, np.nan], [1, 3, 2, 4, 0])
+    assert n == 4 and rho == pytest.approx(stats.spearmanr([1, 2, 3, 4], [1, 3, 2, 4]).statistic)
+    assert math.isnan(anchors.spearman([1, 1, 1], [1, 2, 3])[0])
+    m = np.arange(16.0).reshape(4, 4)
+    np.testing.assert_array_equal(anchors.lower_triangle(m), [4, 8, 9, 12, 13, 14])
+    np.testing.assert_array_equal(anchors.lower_triangle(m, max_distance=1), [4, 9, 14])
+    means = anchors.category_means([1.0, 2.0, np.nan, 4.0], ["a", "a", "b", "b"])
+    assert means["a"][:2] == (1.5, pytest.approx(0.5)) and means["b"] == (
+        4.0,
+        pytest.approx(np.nan, nan_ok=True),
+        1,
+    )
+
+
+# ---------------------------------------------------------------- protocol additions they rely on
+def test_run_with_cache_reduce_equals_reducing_afterwards(llama):
+    model, _ = llama
+    toks = model.to_tokens("The cat sat on the mat and slept")
+    _, full = model.run_with_cache(toks, ["pattern", "resid_post"])
+    _, red = model.run_with_cache(
+        toks,
+        ["pattern", "resid_post"],
+        reduce=lambda name, layer, t: t.sum(-1) if name == "pattern" else t[..., :3],
+    )
+    torch.testing.assert_close(red["pattern"], full["pattern"].sum(-1))
+    torch.testing.assert_close(red["resid_post"], full["resid_post"][..., :3])
+
+
+def test_generate_from_token_ids_equals_from_text(llama):
+    model, _ = llama
+    text = "The cat sat on the mat"
+    ids = model.to_tokens(text)
+    a = model.generate(ids, max_new_tokens=4, temperature=0.7, seed=3, n=2)
+    b = model.generate(text, max_new_tokens=4, temperature=0.7, seed=3, n=2)
+    assert a.texts == b.texts and a.prompts == [text]
