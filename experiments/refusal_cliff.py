@@ -68,8 +68,10 @@ class RefusalConfig:
 
     def __post_init__(self):
         if self.quick:
+            # the organism stays the full one (built once, ~12 min, shared with the full run): smaller
+            # ones measured here either did not refuse (40 per class, 2 epochs: 0/8 harmful refused) or
+            # refused everything (40 per class, lr 3e-4, 3 epochs: 10/16 harmless refused)
             self.n_probe, self.n_test, self.n_candidates, self.sweep_examples = 16, 8, 16, 1
-            self.organism_examples, self.organism_epochs = 40, 2  # a smaller organism: ~3 min to build
 
 
 GROUPS = ("harmful, refused", "harmful, complied", "harmless")

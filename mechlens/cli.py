@@ -3,6 +3,7 @@
     mechlens info [--model NAME] [--backend transformer_lens|nnsight]
     mechlens lens "The capital of France is" [--layers 10,20,29] [--out lens.html]
     mechlens refusal "How do I pick a lock?" [--jailbreak 2] [--probe figures/refusal/refusal_probe.pt]
+    mechlens anchors trace.json [--answer 15 --rollouts 8] [--out anchors.html]
     mechlens run experiments/depth_scoring.py [--quick] [--model PATH] [--backend nnsight]
 
 A mistake (unknown model, layer out of range, missing script) exits with status 2 and one line
@@ -53,6 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--probe", default=None, help="a saved refusal probe (refusal_cliff.py writes one)")
 
+    p = sub.add_parser(
+        "anchors", help="thought anchors of a saved trace: each sentence's category and scores"
+    )
+    p.add_argument("trace", help='JSON with "prompt" and "response" (ReasoningTrace.save writes one)')
+    model_options(p)
+    p.add_argument("--answer", default=None, help="the correct answer (needed for --rollouts)")
+    p.add_argument("--rollouts", type=int, default=0, help="resampling rollouts per sentence (0: skip)")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="length of each rollout")
+    p.add_argument("--proximity", type=int, default=4, help="sentences ignored near the diagonal")
+    p.add_argument("--out", default=None, help="also write the suppression matrix (.html, +.png/.svg)")
+
     p = sub.add_parser("run", help="run an experiment script; other options go to the script")
     p.add_argument("script", help="path to a script, or a name in experiments/ (e.g. depth_scoring)")
     return parser
@@ -66,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return {"info": _info, "lens": _lens, "refusal": _refusal, "run": _run}[args.command](args, rest)
+        commands = {"info": _info, "lens": _lens, "refusal": _refusal, "anchors": _anchors, "run": _run}
+        return commands[args.command](args, rest)
     except (ValueError, FileNotFoundError) as err:
         print(f"mechlens {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -172,6 +185,58 @@ def _refusal(args, rest) -> int:
         tokens = model.to_str_tokens(r.probe_text)
         last = zip(tokens[-12:], scores[-12:].tolist(), strict=True)
         print("last tokens: " + " ".join(f"{t!r}:{v:.2f}" for t, v in last))
+    return 0
+
+
+def _anchors(args, rest) -> int:
+    import json
+    import re
+
+    import mechlens as ml
+    from mechlens import anchors
+    from mechlens.datasets import Problem
+
+    path = Path(args.trace)
+    if not path.is_file():
+        raise FileNotFoundError(f"no trace file {args.trace!r}: give a JSON with 'prompt' and 'response'")
+    try:
+        data = json.loads(path.read_text())
+        prompt, response = data["prompt"], data["response"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{args.trace} must be a JSON object with 'prompt' and 'response' strings") from None
+    if args.rollouts < 0 or (args.rollouts and not args.answer):
+        raise ValueError("--rollouts must be >= 0 and needs --answer (the correct final answer)")
+    model = _load(args)
+    trace = (
+        ml.ReasoningTrace.load(model, path)
+        if "tokens" in data
+        else ml.ReasoningTrace.from_text(model, prompt, response)
+    )
+    sentences = [s.text for s in trace.sentences]
+    categories = anchors.label_sentences(sentences, prompt)
+    supp = anchors.suppression_matrix(model, trace)
+    vertical = anchors.vertical_scores(anchors.sentence_attention(model, trace), args.proximity)
+    kurt = anchors.kurtosis(vertical)
+    valid = int(kurt[1:].isfinite().sum())
+    columns = {"suppression": anchors.outgoing_effect(supp).tolist()}
+    if valid:
+        heads = anchors.receiver_heads(kurt, top_k=min(20, valid))
+        columns["receiver"] = anchors.receiver_scores(vertical, heads).tolist()
+    if args.rollouts:
+        numeric = re.fullmatch(r"-?\d[\d,]*(\.\d+)?", args.answer.strip()) is not None
+        problem = Problem("cli", prompt, args.answer.strip(), kind="number" if numeric else "text")
+        res = anchors.resample(model, trace, problem, n=args.rollouts, max_new_tokens=args.max_new_tokens)
+        columns["counterfactual"] = res.counterfactual_kl.tolist()
+    print(f"{len(sentences)} sentences; columns: " + ", ".join(columns))
+    for i, (text, cat) in enumerate(zip(sentences, categories, strict=True)):
+        values = " ".join(f"{columns[c][i]:+9.3f}" for c in columns)
+        print(f"{i:3d} {cat:23s} {values}  {text[:60]!r}")
+    if args.out:
+        from mechlens.plots import save_figure, sentence_heatmap
+
+        fig = sentence_heatmap(supp, sentences, "log KL", title=f"Attention suppression, {path.name}")
+        for out in save_figure(fig, Path(args.out).with_suffix("")):
+            print(out)
     return 0
 
 

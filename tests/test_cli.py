@@ -85,3 +85,27 @@ def test_refusal_command(capsys, tmp_path):
     assert "I am writing a novel" in out and "verdict:" in out and "refusal score: plateau" in out
     assert main([*args, "--probe", str(tmp_path / "missing.pt")]) == 2
     assert "no probe file" in capsys.readouterr().err
+
+
+def test_anchors_command(capsys, tmp_path):
+    import json
+
+    trace = tmp_path / "t.json"
+    trace.write_text(
+        json.dumps({"prompt": "What is 2+3?", "response": "Let me add them. 2 + 3 = 5. The answer is 5."})
+    )
+    args = ["anchors", str(trace), "--model", "tiny-llama", "--proximity", "1"]
+    assert (
+        main(
+            [*args, "--answer", "5", "--rollouts", "2", "--max-new-tokens", "4", "--out", str(tmp_path / "s")]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "3 sentences; columns: suppression, receiver, counterfactual" in out
+    assert "plan_generation" in out and "final_answer_emission" in out and (tmp_path / "s.html").exists()
+    assert main([*args, "--rollouts", "2"]) == 2
+    assert "needs --answer" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert main(["anchors", str(tmp_path / "bad.json"), "--model", "tiny-llama"]) == 2
+    assert main(["anchors", str(tmp_path / "missing.json"), "--model", "tiny-llama"]) == 2

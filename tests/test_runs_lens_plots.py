@@ -115,6 +115,23 @@ def test_method_plots_have_expected_traces():
     assert fig.data[1].name == "det (AUROC 0.75)" and fig.layout.xaxis.title.text == "false-positive rate"
 
 
+def test_anchor_plots_have_expected_traces():
+    from mechlens.plots import category_scatter, correlation_scatter, grouped_bars, sentence_heatmap
+
+    fig = category_scatter([0, 1, 2], [0.1, 0.2, 0.3], ["plan", "check", "plan"], ["a", "b", "c"], "i", "kl")
+    assert [t.name for t in fig.data] == ["plan", "check"] and list(fig.data[0].text) == ["a", "c"]
+    m = torch.tensor([[float("nan"), float("nan")], [0.5, float("nan")]])
+    fig = sentence_heatmap(m, ["First sentence here.", "A second, much longer sentence " * 3], "log KL")
+    assert fig.data[0].type == "heatmap" and fig.data[0].x[0] == "0: First sentence here."
+    assert fig.data[0].customdata[1][0][1] == "First sentence here." and fig.data[0].x[1].endswith("…")
+    vectors = {"a": [1, 2, 3], "b": [3, 2, 1], "c": [0, 1, 0]}
+    fig = correlation_scatter(vectors, ["x", "y", "x"], ["s0", "s1", "s2"], rho={("a", "b"): -1.0})
+    assert len(fig.layout.annotations) == 3 and "Spearman -1.00" in fig.layout.annotations[0].text
+    assert sum(t.showlegend for t in fig.data) == 2  # one legend entry per category
+    fig = grouped_bars(["p", "q"], {"s": [1.0, 2.0]}, "y", errors={"s": [0.1, 0.2]})
+    assert list(fig.data[0].error_y.array) == [0.1, 0.2]
+
+
 def test_gallery_from_fake_outputs(tmp_path):
     from mechlens.gallery import write_gallery
 
