@@ -33,30 +33,33 @@ from mechlens.trace import format_prompt
 @dataclass
 class AnchorsConfig:
     backend: str = "transformer_lens"
-    n_candidates: int = 24  # arithmetic problems whose solve rate is measured
+    n_candidates: int = 24  # arithmetic problems whose solve rate is measured (levels 1-2: the
+    # embedded model solves almost no two-step problem)
     n_select: int = 8  # samples per problem for the solve rate (25-75% kept)
     n_traces: int = 4  # traces analysed (one correct base solution per selected problem)
     min_sentences: int = 5
     n_rollouts: int = 16  # per sentence (the paper: 100)
-    max_new_tokens: int = 160
+    max_new_tokens: int = 192
     temperature: float = 0.6
     top_p: float = 0.95
     proximity: int = 4
     top_k: int = 20  # receiver heads
+    alpha: float = 1.0  # answer-count smoothing: Laplace (the paper's code also names 1e-9, which with
+    # 16 rollouts turns every unseen answer into a KL of ~20 nats)
     quick: bool = False
     out: str = "figures/anchors"
     seed: int = 44
 
     def __post_init__(self):
         if self.quick:
-            self.n_candidates, self.n_select, self.n_traces, self.n_rollouts = 8, 4, 1, 4
-            self.max_new_tokens, self.top_k = 96, 10
+            self.n_candidates, self.n_select, self.n_traces, self.n_rollouts = 12, 4, 1, 4
+            self.max_new_tokens, self.top_k, self.proximity = 128, 10, 2  # short traces: a narrower band
 
 
 def select_traces(run: Run, model, cfg: AnchorsConfig) -> tuple[list, list[dict]]:
     """Sample every candidate problem `n_select` times; keep problems solved 25-75% of the time and,
     for each, the first correct sample with enough sentences as its base trace."""
-    problems = datasets.load("arithmetic", n=cfg.n_candidates, seed=cfg.seed)
+    problems = datasets.load("arithmetic", n=cfg.n_candidates, seed=cfg.seed, levels=(1, 2))
     prompts = [p.question + STEP_BY_STEP for p in problems]
     texts = run.cached(
         "selection samples",
@@ -70,7 +73,8 @@ def select_traces(run: Run, model, cfg: AnchorsConfig) -> tuple[list, list[dict]
     chosen, rates = [], []
     for k, problem in enumerate(problems):
         samples = texts[k * cfg.n_select : (k + 1) * cfg.n_select]
-        correct = [problem.grade(t).correct for t in samples]
+        grades = [problem.grade(t) for t in samples]
+        correct = [g.correct and g.marked for g in grades]  # an explicit "Answer: ..." that is right
         rate = float(np.mean(correct))
         rates.append({"id": problem.id, "level": problem.level, "solve_rate": rate})
         if not 0.25 <= rate <= 0.75 or len(chosen) >= cfg.n_traces:
@@ -99,10 +103,10 @@ def main(cfg: AnchorsConfig) -> dict:
         sentences = [s.text for s in trace.sentences]
         res = anchors.resample(
             model, trace, problem, n=cfg.n_rollouts, temperature=cfg.temperature, top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, cache=run.cache,
+            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, alpha=cfg.alpha, cache=run.cache,
         )  # fmt: skip
         forced = anchors.forced_answers(
-            model, trace, problem, n=cfg.n_rollouts, seed=cfg.seed, cache=run.cache
+            model, trace, problem, n=cfg.n_rollouts, seed=cfg.seed, alpha=cfg.alpha, cache=run.cache
         )
         key = dict(tokens=trace.tokens[0].tolist())
         attention = run.cached(
@@ -184,7 +188,7 @@ def main(cfg: AnchorsConfig) -> dict:
     fig = category_scatter(
         x, vectors["counterfactual KL"], categories, hover,
         "position in the trace (0 = first sentence, 1 = last)", "counterfactual importance (KL)",
-        title=f"Counterfactual importance per sentence ({len(per_trace)} traces, n={cfg.n_rollouts})",
+        title=f"Counterfactual importance per sentence ({len(per_trace)} trace(s), n={cfg.n_rollouts})",
     )  # fmt: skip
     run.save_figure(
         fig, "importance_by_sentence", caption="Counterfactual importance of each sentence, by category."

@@ -1,9 +1,9 @@
 """Answer extraction and checking for free-text model responses.
 
 The final answer is read after the last "answer is" / "Answer:" marker of the response (after
-`</think>` when present), else from its last non-empty line. Numbers compare as values; text
-answers match any accepted alias as a whole word (short aliases such as chemical symbols
-case-sensitively).
+`</think>` when present), else from its last non-empty line. Numbers compare as values (the
+first number after a marker, else the last number of the response); text answers match any
+accepted alias as a whole word (short aliases such as chemical symbols case-sensitively).
 
 Example:
     >>> grade("2 + 3 = 5.\\n\\nThe answer is: 5 apples.", "5").correct
@@ -56,17 +56,20 @@ def parse_number(text: str) -> float | None:
 
 
 def final_number(response: str) -> float | None:
-    """The numeric answer of `response`: the first number of the extracted answer, else the last
-    number after `</think>` (None without any).
+    """The numeric answer of `response`: the first number after the last answer marker, else the
+    last number after `</think>` (an unmarked answer usually ends with its result: "3 + 4 = 7");
+    None without any.
 
-    >>> final_number("3 + 4 = 7. The answer is 7 apples."), final_number("No idea.")
-    (7.0, None)
+    >>> final_number("The answer is 7 apples, not 8."), final_number("So 3 + 4 = 7."), final_number("No.")
+    (7.0, 7.0, None)
     """
-    value = parse_number(extract_answer(response)[0] or "")
-    if value is None:
-        numbers = _NUMBER.findall(response.split("</think>")[-1])
-        value = float(numbers[-1].replace(",", "")) if numbers else None
-    return value
+    extracted, marked = extract_answer(response)
+    if marked:
+        value = parse_number(extracted or "")
+        if value is not None:
+            return value
+    numbers = _NUMBER.findall(response.split("</think>")[-1])
+    return float(numbers[-1].replace(",", "")) if numbers else None
 
 
 def answer_key(response: str, numeric: bool) -> str | None:
@@ -88,8 +91,8 @@ def answer_key(response: str, numeric: bool) -> str | None:
 def grade(response: str, answer: str, aliases: Sequence[str] = ()) -> Grade:
     """Check `response` against the gold `answer` (a number or a text with `aliases`).
 
-    A numeric gold answer compares with the first number of the extracted answer (or, without
-    a number there, the last number of the response).
+    A numeric gold answer compares with `final_number(response)`: the first number after an
+    answer marker, else the last number of the response.
     """
     extracted, marked = extract_answer(response)
     gold = parse_number(answer) if _NUMBER.fullmatch(answer.strip()) else None

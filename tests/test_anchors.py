@@ -146,7 +146,18 @@ def test_rollouts_continue_the_exact_prefix_tokens(llama):
     assert res.rollouts[2][0].text == want
     # the grader saw the trace's own text before the prefix end plus the continuation
     head = model.to_string(trace.tokens[0, trace.prompt_len : s.start])
-    assert res.rollouts[2][0].correct == problem.grade(head + want).correct
+    g = problem.grade(head + want)
+    assert res.rollouts[2][0].correct == (g.correct and g.marked)
+
+
+def test_rollout_answers_need_a_marker():
+    from mechlens.anchors.resampling import _rollout
+
+    problem = Problem("p", "What is 8 - 4?", "4", kind="number")
+    cut_off = _rollout(0, "Ivy has 8 books. ", "She gives 4", problem)  # ends on the right number
+    assert cut_off.answer is None and not cut_off.correct
+    done = _rollout(0, "Ivy has 8 books. ", "She gives 4 away, 8 - 4 = 4. Answer: 4 books", problem)
+    assert done.answer == "4" and done.correct and done.resampled == "She gives 4 away, 8 - 4 = 4."
 
 
 def test_forced_answers_counts(llama):
@@ -284,6 +295,12 @@ def test_suppression_matrix_equals_masked_attention_reference(backend, batch_siz
     first = anchors.suppression_matrix(model, trace, only_first=2)
     assert not torch.allclose(first[below], fast[below])
     torch.testing.assert_close(anchors.outgoing_effect(fast), torch.nanmean(fast, 0), equal_nan=True)
+
+
+def test_token_kl_never_negative():
+    logits = torch.randn(5, 100, generator=torch.Generator().manual_seed(0))
+    kl = anchors.token_kl(logits, logits + 1e-7 * torch.randn(5, 100))
+    assert (kl >= 0).all() and torch.isfinite(torch.log(kl + 1e-9)).all()
 
 
 def test_per_row_suppression_equals_separate_runs(llama, tokens):

@@ -37,6 +37,21 @@ def test_factual_and_unknown_names():
         ("So 12 * 10 = 120.\nAnswer: **1,200**", "1200", (), True, "1,200"),
         ("We get 7 apples.", "7", (), True, "We get 7 apples."),  # no marker: last line / last number
         ("The answer is 8, not 7.", "7", (), False, "8, not 7."),
+        # unmarked: the last number, not a restated one ("gives away 10 ... = 18")
+        (
+            "He gives away 10 stickers, so 8 + 10 = 18 left.",
+            "10",
+            (),
+            False,
+            "He gives away 10 stickers, so 8 + 10 = 18 left.",
+        ),
+        (
+            "He gives away 10 stickers, so 20 - 10 = 10 left.",
+            "10",
+            (),
+            True,
+            "He gives away 10 stickers, so 20 - 10 = 10 left.",
+        ),
         ("<think>Maybe 3? No, 4.</think>Answer: 4", "4", (), True, "4"),
         ("The final answer is: Sydney", "Canberra", (), False, "Sydney"),
         ("Answer: The capital is Ottawa.", "Ottawa", (), True, "The capital is Ottawa."),

@@ -338,13 +338,17 @@ def resample(
 
 
 def _rollout(position: int, head: str, text: str, problem, first: str | None = None) -> Rollout:
-    """Grade `head + text`; `first` (default: the first sentence of `text`) is the resampled one."""
+    """Grade `head + text`; `first` (default: the first sentence of `text`) is the resampled one.
+
+    Only an answer after an answer marker ("Answer:", "the answer is") counts, as the paper counts
+    only `\\boxed{}` answers: a rollout cut off mid-solution has no answer (not its last number)."""
     if first is None:
         spans = split_sentences(text)
         first = text[spans[0][0] : spans[0][1]] if spans else text.strip()
     response = head + text
-    return Rollout(position, text, first, answer_key(response, problem.kind == "number"),
-                   problem.grade(response).correct)  # fmt: skip
+    grade = problem.grade(response)
+    answer = answer_key(response, problem.kind == "number") if grade.marked else None
+    return Rollout(position, text, first, answer, grade.correct and answer is not None)
 
 
 @dataclass
@@ -383,6 +387,7 @@ def forced_answers(
     top_p: float = 0.95,
     seed: int = 44,
     batch_size: int = 16,
+    alpha: float = 1e-9,
     cache: DiskCache | str | Path | bool | None = True,
     progress: bool = True,
 ) -> ForcedAnswers:

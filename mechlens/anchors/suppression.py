@@ -27,10 +27,11 @@ from mechlens.trace import ReasoningTrace
 
 
 def token_kl(base: Tensor, other: Tensor, temperature: float = 0.6) -> Tensor:
-    """KL(p_base || p_other) per position of logits `[..., vocab]` at `temperature` -> `[...]`."""
+    """KL(p_base || p_other) per position of logits `[..., vocab]` at `temperature` -> `[...]`,
+    clamped at 0 (rounding can make a near-zero KL slightly negative, and its log NaN)."""
     log_p = torch.log_softmax(base.float() / temperature, -1)
     log_q = torch.log_softmax(other.float() / temperature, -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)
 
 
 def _sentence_means(log_kl: Tensor, trace: ReasoningTrace, offset: int, only_first: int | None) -> Tensor:
