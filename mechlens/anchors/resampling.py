@@ -241,7 +241,7 @@ def _prefix_ends(trace: ReasoningTrace) -> list[int]:
     return [s.start for s in trace.sentences] + [trace.sentences[-1].end]
 
 
-def _store(cache: DiskCache | str | Path | None) -> DiskCache | None:
+def _store(cache: DiskCache | str | Path | bool | None) -> DiskCache | None:
     from mechlens.models.loading import cache_dir
 
     if cache is None or cache is False:
@@ -320,8 +320,8 @@ def resample(
         raise ValueError(f"n must be >= 1, got {n}")
     ends = _prefix_ends(trace)
     texts = sample_from_prefixes(
-        model, trace, ends, n, None, "rollouts", temperature, top_p, max_new_tokens, seed, batch_size,
-        cache, progress,
+        model, trace, ends, n, step="rollouts", temperature=temperature, top_p=top_p,
+        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, cache=cache, progress=progress,
     )  # fmt: skip
     rollouts = []
     for p, (end, row) in enumerate(zip(ends, texts, strict=True)):
@@ -402,8 +402,9 @@ def forced_answers(
         )
     suffix = model.tokenizer(cue, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     texts = sample_from_prefixes(
-        model, trace, _prefix_ends(trace), n, suffix, "forced answers", temperature, top_p,
-        max_new_tokens, seed, batch_size, cache, progress,
+        model, trace, _prefix_ends(trace), n, suffix=suffix, step="forced answers", temperature=temperature,
+        top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, cache=cache,
+        progress=progress,
     )  # fmt: skip
     answer_cue = cue.split("</think>")[-1]  # graded: the answer sentence and what was forced after it
     return ForcedAnswers(
