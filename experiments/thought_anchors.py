@@ -36,7 +36,7 @@ class AnchorsConfig:
     n_candidates: int = 24  # arithmetic problems whose solve rate is measured (levels 1-2: the
     # embedded model solves almost no two-step problem)
     n_select: int = 8  # samples per problem for the solve rate (25-75% kept)
-    n_traces: int = 4  # traces analysed (one correct base solution per selected problem)
+    n_traces: int = 3  # traces analysed (one correct base solution per selected problem; ~11 min each)
     min_sentences: int = 5
     n_rollouts: int = 16  # per sentence (the paper: 100)
     max_new_tokens: int = 192
