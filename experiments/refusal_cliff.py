@@ -265,7 +265,8 @@ def main(cfg: RefusalConfig) -> dict:
     order = exact.flatten().argsort(descending=True)
     top = [divmod(int(i), model.n_heads) for i in order[:n_heads]]
     rng = random.Random(cfg.seed)
-    rand = sorted(rng.sample([(l, h) for l in range(model.n_layers) for h in range(model.n_heads)], n_heads))
+    others = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads) if (l, h) not in top]
+    rand = sorted(rng.sample(others, n_heads))  # the control shares no head with the top heads
     top10 = set(order[:10].tolist()) & set(attribution.flatten().argsort(descending=True)[:10].tolist())
     fig = head_heatmap(
         exact,

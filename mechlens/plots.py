@@ -40,6 +40,8 @@ pio.templates["mechlens"] = go.layout.Template(
     )
 )
 TEMPLATE = "mechlens"
+# a horizontal legend between the title and the plot, clear of the data
+LEGEND_ABOVE = dict(orientation="h", x=0, xanchor="left", y=1.02, yanchor="bottom")
 
 
 def _label(token: str) -> str:
@@ -176,7 +178,8 @@ def mean_ci_lines(
         yaxis_title=y_title,
         width=760,
         height=460,
-        legend=dict(x=0.99, xanchor="right", y=0.99),
+        legend=LEGEND_ABOVE,
+        margin=dict(t=100),
     )
     return fig
 
@@ -315,7 +318,8 @@ def grouped_bars(
         yaxis_title=y_title,
         width=760,
         height=460,
-        legend=dict(x=0.99, xanchor="right", y=0.99),
+        legend=LEGEND_ABOVE,
+        margin=dict(t=100),
     )
     return fig
 
