@@ -3,7 +3,9 @@
 `metric` maps logits `[batch, pos, vocab]` (or, with `on="hidden"`, the final-normed last hidden
 state `[batch, pos, d_model]`, e.g. for a probe) to `[batch]`; each entry of the result is
 `mean over the batch of metric(head zero-ablated) - metric(clean)`. With `on="hidden"` the
-unembedding is skipped.
+unembedding is skipped; with `positions=[...]` only those positions are unembedded and the metric
+receives logits `[batch, len(positions), vocab]` (with `positions=[-1]`, `logits[:, -1]` still
+reads the last token), which saves most of the unembedding when the metric reads a few tokens.
 
 - `method="exact"`: for each layer, all its heads at once (one row group per head), starting from
   the clean residual entering that layer, so the unchanged computation below it is shared.
@@ -42,6 +44,7 @@ def head_ablation_effects(
     attention_mask: Tensor | None = None,
     layers: Sequence[int] | None = None,
     on: str = "logits",
+    positions: Sequence[int] | None = None,
     progress: bool = True,
 ) -> Tensor:
     """`[n_layers, n_heads]` effect of zero-ablating each head (rows outside `layers` are NaN)."""
@@ -49,14 +52,26 @@ def head_ablation_effects(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if on not in METRIC_INPUTS:
         raise ValueError(f"on must be one of {METRIC_INPUTS}, got {on!r}")
+    tokens, mask = model._as_input(tokens, attention_mask)
+    if positions is not None:
+        if on != "logits":
+            raise ValueError('positions selects positions to unembed; it needs on="logits"')
+        n_pos = tokens.shape[1]
+        bad = [p for p in positions if not -n_pos <= p < n_pos]
+        if not positions or bad:
+            valid = f"[-{n_pos}, {n_pos})"
+            raise ValueError(f"positions must be a non-empty list in {valid}; got {list(positions)}")
     last = model.n_layers - 1
-    hidden = {"capture": {"resid_post": [last]}, "stop_after": last} if on == "hidden" else {}
+    stop = on == "hidden" or positions is not None  # run to the last hidden state, not the logits
+    hidden = {"capture": {"resid_post": [last]}, "stop_after": last} if stop else {}
 
     def measure(out) -> Tensor:  # [batch * k] metric of one run's output
-        x = model.final_norm(out.acts["resid_post"][last]) if on == "hidden" else out.logits
-        return metric(x)
+        if on == "hidden":
+            return metric(model.final_norm(out.acts["resid_post"][last]))
+        if positions is not None:
+            return metric(model.unembed(out.acts["resid_post"][last][:, list(positions)]))
+        return metric(out.logits)
 
-    tokens, mask = model._as_input(tokens, attention_mask)
     layer_list = list(range(model.n_layers)) if layers is None else [model._check_layer(l) for l in layers]
     effects = torch.full((model.n_layers, model.n_heads), float("nan"))
     if method == "exact":

@@ -30,6 +30,22 @@ def test_exact_sweep_equals_naive_loop(arch, backend):
     assert part[[0, 2]].isnan().all() and torch.equal(part[1], fast[1])
 
 
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_unembedding_only_chosen_positions_changes_nothing(method, backend):
+    model, _ = wrap_with_reference("llama", backend)
+    toks, mask = model.tokenize(["a short one", "and a longer second prompt"])
+    full = head_ablation_effects(model, toks, metric, method, attention_mask=mask, progress=False)
+    part = head_ablation_effects(model, toks, metric, method, attention_mask=mask, positions=[-2, -1],
+                                 progress=False)  # fmt: skip
+    torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-4)
+    n = toks.shape[1]
+    valid = rf"\[-{n}, {n}\)"
+    with pytest.raises(ValueError, match=rf"positions must be a non-empty list in {valid}; got \[{n}\]"):
+        head_ablation_effects(model, toks, metric, method, attention_mask=mask, positions=[n])
+    with pytest.raises(ValueError, match='needs on="logits"'):
+        head_ablation_effects(model, toks, metric, method, attention_mask=mask, positions=[-1], on="hidden")
+
+
 def test_attribution_equals_finite_differences(backend):
     model, reference = wrap_with_reference("llama", backend)
     toks = torch.randint(5, 200, (2, 8), generator=torch.Generator().manual_seed(3))
@@ -91,18 +107,29 @@ def test_exact_sweep_on_final_hidden_equals_naive_loop(backend):
         head_ablation_effects(model, toks, probe_metric, on="resid")
 
 
-def test_transformer_lens_start_at_skips_the_blocks_below():
-    model, _ = wrap_with_reference("llama", "transformer_lens")
+def test_start_at_skips_the_blocks_below_and_stop_after_skips_the_unembedding(backend):
+    model, _ = wrap_with_reference("llama", backend)
     toks = torch.randint(5, 200, (2, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(toks)
+    last = model.n_layers - 1
     with torch.no_grad():
-        full = model._forward(toks, mask, capture={"resid_pre": [2]})
+        full = model._forward(toks, mask, capture={"resid_pre": [2], "resid_post": [last]})
         blocks = get_submodule(model.hf_model, model.arch.layers_path)
+        head = get_submodule(model.hf_model, model.arch.head_path)
         calls = []
         hooks = [lambda m, a, i=i: calls.append(i) for i in range(len(blocks))]
         handles = [b.register_forward_pre_hook(hook) for b, hook in zip(blocks, hooks, strict=True)]
+        handles.append(head.register_forward_pre_hook(lambda m, a: calls.append("unembed")))
         part = model._forward(toks, mask, start_at=2, resid_in=full.acts["resid_pre"][2])
+        assert calls == [2, "unembed"] and len(blocks) == model.n_layers  # block 2 only; restored after
+        calls.clear()
+        top = model._forward(toks, mask, start_at=2, resid_in=full.acts["resid_pre"][2],
+                             capture={"resid_post": [last]}, stop_after=last)  # fmt: skip
+        assert calls == [2] and top.logits is None
+        calls.clear()
+        model._forward(toks, mask, capture={"resid_post": [last]}, stop_after=last)
+        assert calls == list(range(model.n_layers))
         for h in handles:
             h.remove()
-    assert calls == [2] and len(blocks) == model.n_layers  # the loop saw block 2 only; restored after
     torch.testing.assert_close(part.logits, full.logits)
+    torch.testing.assert_close(top.acts["resid_post"][last], full.acts["resid_post"][last])

@@ -45,12 +45,13 @@ class NNsightModel(HookedModel):
         }
         if req.past_key_values is not None:
             kwargs["past_key_values"] = req.past_key_values
-        with self.lm.trace(tokens, **kwargs) as tracer:
+        first = req.start_at or 0
+        with self._only_blocks_from(first) as skipped, self.lm.trace(tokens, **kwargs) as tracer:
             found = list().save()  # (name, layer, kept tensor): reduced as soon as captured
-            for layer in range(last + 1):
+            for layer in range(first if skipped else 0, last + 1):
                 block = layers[layer]
                 attn = getattr(block, arch.attn_name)
-                if layer == req.start_at:  # blocks below still run (on the tokens), then are overridden
+                if layer == req.start_at:  # replaces the embeddings or the output of the blocks below
                     args, kw = block.inputs
                     if args:
                         args = (req.resid_in, *args[1:])

@@ -63,26 +63,37 @@ class TransformerLensModel(HookedModel):
             for name, layers in capture.items():
                 if layer in layers:
                     hooks.append((_HOOK_NAMES[name].format(layer), _store(req, acts, name, layer)))
+        if stop_after is not None:  # after the captures of that layer (hooks run in order)
+            hooks.append((_HOOK_NAMES["resid_post"].format(stop_after), _stop))
         kwargs: dict[str, Any] = {"attention_mask": req.attention_mask, "position_ids": req.position_ids}
         with self.bridge.hooks(fwd_hooks=hooks):
-            if req.start_at is not None:  # blocks start_at.. only, from the residual
-                if stop_after is not None:
-                    kwargs["stop_at_layer"] = stop_after + 1
-                with self._only_blocks_from(req.start_at):
-                    logits = self.bridge(req.resid_in, start_at_layer=req.start_at, **kwargs)
-                return RunOutput(None if stop_after is not None else logits, acts)
-            if stop_after is not None:
-                self.bridge(tokens, stop_at_layer=stop_after + 1, **kwargs)
+            try:
+                if req.start_at is not None:  # blocks start_at.. only, from the residual
+                    with self._only_blocks_from(req.start_at):
+                        logits = self.bridge(req.resid_in, start_at_layer=req.start_at, **kwargs)
+                    return RunOutput(logits, acts)
+                if req.use_cache:
+                    logits, past = self.bridge(
+                        tokens,
+                        return_type="logits_and_cache",
+                        past_key_values=req.past_key_values,
+                        **kwargs,
+                    )
+                    return RunOutput(logits, acts, past)
+                return RunOutput(self.bridge(tokens, **kwargs), acts)
+            except _Stopped:
                 return RunOutput(None, acts)
-            if req.use_cache:
-                logits, past = self.bridge(
-                    tokens,
-                    return_type="logits_and_cache",
-                    past_key_values=req.past_key_values,
-                    **kwargs,
-                )
-                return RunOutput(logits, acts, past)
-            return RunOutput(self.bridge(tokens, **kwargs), acts)
+
+
+class _Stopped(Exception):
+    """Raised by the hook after the last wanted layer, so that nothing above it runs.
+
+    The bridge's own `stop_at_layer` stops at the entry of a block and so never skips the final
+    norm and unembedding when the last wanted layer is the top one."""
+
+
+def _stop(tensor: Tensor, hook) -> None:
+    raise _Stopped
 
 
 def _edit(fn, layer: int, pos: Positions):
