@@ -42,3 +42,4 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check mechlens experiments tests benchmarks
+	$(VENV)/bin/mypy

@@ -17,8 +17,8 @@ from common import best_time, report
 
 import mechlens as ml
 from mechlens import datasets
-from mechlens.probes import collect_activations
-from mechlens.trace import format_prompt
+from mechlens.ops.probes import collect_activations
+from mechlens.text.thinking import format_prompt
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import argparse
 from common import best_time, report
 
 import mechlens as ml
-from mechlens.trace import format_prompt
+from mechlens.text.thinking import format_prompt
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import torch
 from common import best_time, report
 
 import mechlens as ml
-from mechlens.heads import head_ablation_effects
+from mechlens.ops.heads import head_ablation_effects
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ import torch
 from common import best_time, report
 
 import mechlens as ml
-from mechlens.anchors import suppression_matrix
 from mechlens.datasets import STEP_BY_STEP
+from mechlens.studies.anchors import suppression_matrix
 
 STEPS = [
     "First, I need to find how many apples Tom has at the start.",

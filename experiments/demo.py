@@ -12,7 +12,7 @@ import torch
 import mechlens as ml
 from mechlens.plots import attention_heatmap, lens_heatmap
 from mechlens.runs import Run, parse_config
-from mechlens.trace import format_prompt
+from mechlens.text.thinking import format_prompt
 
 
 @dataclass

@@ -15,20 +15,22 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 import mechlens as ml
-from mechlens import datasets
+from mechlens import Sampling, datasets
 from mechlens.datasets import STEP_BY_STEP
-from mechlens.depth import FEATURES, analyze_trace, cross_validated_scores
-from mechlens.metrics import auroc, roc_curve
+from mechlens.ops.signals import p_true
+from mechlens.ops.stats import mean_ci, roc_curve
 from mechlens.plots import histograms_by_group, lens_heatmap, mean_ci_lines, roc_curves
-from mechlens.runs import Run, parse_config, write_json
-from mechlens.signals import conditional_entropy_per_step, dynamic_instability, p_true
-from mechlens.trace import format_prompt
+from mechlens.runs import Run, parse_config
+from mechlens.studies import depth
+from mechlens.studies.depth import FEATURES
+from mechlens.text.thinking import format_prompt
 
 LABELS = {0: "correct", 1: "hallucinated"}
 
@@ -36,17 +38,17 @@ LABELS = {0: "correct", 1: "hallucinated"}
 @dataclass
 class DepthConfig:
     model: str = "smollm2-135m-instruct"
-    backend: str = "transformer_lens"
+    backend: Literal["transformer_lens", "nnsight"] = "transformer_lens"
     n_arithmetic: int = 60
     n_factual: int = 100
     max_new_tokens: int = 160
     batch_size: int = 16
-    unit: str = "line"  # SmolLM2 writes one step per line
-    divergence: str = "jsd"
+    unit: Literal["sentence", "paragraph", "line"] = "line"  # SmolLM2 writes one step per line
+    divergence: Literal["jsd", "kl"] = "jsd"
     min_steps: int = 3
     max_steps_plotted: int = 10
     folds: int = 5
-    subset: str = "factual"  # traces compared by label in the figures: "factual" or "all"
+    subset: Literal["factual", "all"] = "factual"  # traces compared by label in the figures
     quick: bool = False
     out: str = "figures/depth"
     seed: int = 0
@@ -68,6 +70,7 @@ def load_problems(cfg: DepthConfig) -> list[datasets.Problem]:
 
 def generate_responses(model, run: Run, cfg: DepthConfig, problems) -> list[str]:
     """Greedy step-by-step answers, cached per batch of problems."""
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=0)
     responses = []
     batches = range(0, len(problems), cfg.batch_size)
     for i in tqdm(batches, desc="generate traces"):
@@ -75,104 +78,23 @@ def generate_responses(model, run: Run, cfg: DepthConfig, problems) -> list[str]
         prompts = [format_prompt(model.tokenizer, p.question + STEP_BY_STEP) for p in chunk]
         texts = run.cached(
             "responses",
-            lambda prompts=prompts: (
-                model.generate(
-                    prompts, max_new_tokens=cfg.max_new_tokens, temperature=0, batch_size=cfg.batch_size
-                ).texts
-            ),
+            lambda prompts=prompts: model.generate(prompts, sampling, batch_size=cfg.batch_size).texts,
             config=False,
             prompts=prompts,
-            max_new_tokens=cfg.max_new_tokens,
+            sampling=sampling,
         )
         responses.extend(texts)
     return responses
 
 
-def analyse(model, run: Run, cfg: DepthConfig, problem, trace) -> dict:
-    """Features, scores and signals of one trace (cached)."""
-
-    def compute():
-        a = analyze_trace(model, trace, divergence=cfg.divergence, unit=cfg.unit)
-        steps = a.score.steps
-        instability = dynamic_instability(a.signals)
-        cond = conditional_entropy_per_step(model, trace, problem.answer, steps)
-        return {
-            "features": a.features,
-            "step_scores": a.score.step_scores.tolist(),
-            "perplexity": a.signals.perplexity,
-            "mean_entropy": a.signals.mean_entropy,
-            "self_certainty": a.signals.mean_self_certainty,
-            "instability_peak": instability.peak,
-            "instability_peak_fraction": instability.peak_fraction,
-            "conditional_entropy": cond.tolist(),
-            "n_steps": len(steps),
-        }
-
-    return run.cached(
-        "analysis", compute, config=False, text=trace.text, answer=problem.answer,
-        unit=cfg.unit, divergence=cfg.divergence,
-    )  # fmt: skip
-
-
-def mean_ci(rows: list[list[float]], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
-    """Mean and 95% normal CI per position over ragged rows, up to `length`."""
-    mean, low, high, counts = [], [], [], []
-    for k in range(length):
-        vals = np.array([r[k] for r in rows if len(r) > k])
-        m = vals.mean() if len(vals) else np.nan
-        se = vals.std(ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else 0.0
-        mean.append(m)
-        low.append(m - 1.96 * se)
-        high.append(m + 1.96 * se)
-        counts.append(len(vals))
-    return np.array(mean), np.array(low), np.array(high), counts
-
-
 SUBSET_TITLES = {"all": "all traces", "factual": "factual questions"}
 ROC_CURVES = ("RHD detector", "perplexity", "mean token entropy", "self-certainty", "P(True)")
-# each signal with the direction that should mean "hallucinated" (+1: higher is more suspicious)
-SIGNALS = {
-    "perplexity": ("perplexity", +1), "mean token entropy": ("mean_entropy", +1),
-    "self-certainty": ("self_certainty", -1), "P(True)": ("p_true", -1),
-    "instability peak": ("instability_peak", +1),
-    "feature: mean_score": ("mean_score", -1),  # low = shallow reasoning
-    **{f"feature: {f}": (f, +1) for f in FEATURES[1:]},
-}  # fmt: skip
 
 
 def subsets(kept: list[dict]) -> dict[str, list[dict]]:
     """All analysed traces, and the factual ones alone (arithmetic answers are almost all wrong
     on a small model, so over all traces the label is confounded with the dataset)."""
     return {"all": kept, "factual": [r for r in kept if r["problem"].kind == "text"]}
-
-
-def evaluate(rows: list[dict], cfg: DepthConfig) -> dict[str, dict]:
-    """AUROC of the RHD detector and of each signal, "hallucinated" the positive class.
-
-    a_priori: the signal in its expected direction (e.g. high perplexity = suspicious);
-    cross_validated: out-of-fold scores of a logistic regression on the signal (its direction
-    learned), the same protocol as the detector.
-    """
-    labels = np.array([r["label"] for r in rows])
-    if len(set(labels.tolist())) < 2:
-        return {}
-    folds = min(cfg.folds, int(labels.sum()), int((1 - labels).sum()))  # < 2: no cross-validation
-    out = {}
-    if folds >= 2:
-        rhd = cross_validated_scores([r["features"] for r in rows], labels, folds=folds, seed=cfg.seed)
-        out["RHD detector"] = {"auroc_a_priori": float("nan"), "auroc_cross_validated": auroc(rhd, labels),
-                               "scores": rhd}  # fmt: skip
-    for name, (key, sign) in SIGNALS.items():
-        values = [{key: (r["features"] if key in FEATURES else r)[key]} for r in rows]
-        prior = sign * np.array([v[key] for v in values])
-        if np.isnan(prior).any():
-            continue
-        result = {"auroc_a_priori": auroc(prior, labels), "auroc_cross_validated": np.nan, "scores": prior}
-        if folds >= 2:
-            cv = cross_validated_scores(values, labels, folds=folds, seed=cfg.seed, features=(key,))
-            result.update(auroc_cross_validated=auroc(cv, labels), scores=cv)
-        out[name] = result
-    return out
 
 
 def _nanmean(values: list[float]) -> float | None:
@@ -192,9 +114,18 @@ def main(cfg: DepthConfig) -> dict:
             continue
         trace = ml.ReasoningTrace.from_text(model, problem.question + STEP_BY_STEP, response)
         grade = problem.grade(response)
-        result = analyse(model, run, cfg, problem, trace)
-        records.append({"problem": problem, "trace": trace, "grade": grade, "label": int(not grade.correct),
-                        **result})  # fmt: skip
+        result = run.cached(
+            "analysis",
+            lambda t=trace, a=problem.answer: depth.analyze(model, t, a, cfg.unit, cfg.divergence),
+            config=False,
+            text=trace.text,
+            answer=problem.answer,
+            unit=cfg.unit,
+            divergence=cfg.divergence,
+        )
+        records.append(
+            {"problem": problem, "trace": trace, "grade": grade, "label": int(not grade.correct), **result}
+        )
     kept = [r for r in records if r["n_steps"] >= cfg.min_steps]
     proposed = [r["grade"].extracted or r["trace"].response.strip().splitlines()[-1] for r in kept]
     ptrue = run.cached(
@@ -207,12 +138,14 @@ def main(cfg: DepthConfig) -> dict:
     for r, p in zip(kept, ptrue, strict=True):
         r["p_true"] = p
     labels = np.array([r["label"] for r in kept])
-    print(f"{len(records)} traces, {len(kept)} with >= {cfg.min_steps} steps; "
-          f"{int(labels.sum())} hallucinated, {int((1 - labels).sum())} correct")  # fmt: skip
+    print(
+        f"{len(records)} traces, {len(kept)} with >= {cfg.min_steps} steps; "
+        f"{int(labels.sum())} hallucinated, {int((1 - labels).sum())} correct"
+    )
 
     # ---- detector vs baselines, on every analysed trace and on the chosen subset
     by_subset = subsets(kept)
-    evaluation = {name: evaluate(rows, cfg) for name, rows in by_subset.items()}
+    evaluation = {name: depth.evaluate(rows, cfg.folds, cfg.seed) for name, rows in by_subset.items()}
     shown = by_subset[cfg.subset]  # the traces the label-comparison figures show
     labels = np.array([r["label"] for r in shown])
 
@@ -225,9 +158,13 @@ def main(cfg: DepthConfig) -> dict:
     top = lens.top1_text(model.tokenizer, start=span.start)
     top_k = [["top-3: " + text for text in row] for row in lens.top_k_text(model.tokenizer)]
     fig = lens_heatmap(
-        lens.entropy[:, 0, span.start :], top, str_tokens, lens.layers, extra_hover=top_k,
+        lens.entropy[:, 0, span.start :],
+        top,
+        str_tokens,
+        lens.layers,
+        extra_hover=top_k,
         title=f"Logit lens over a hallucinated trace ({example['problem'].id}): entropy; hover: top-1, top-3",
-    )  # fmt: skip
+    )
     run.save_figure(
         fig, "lens_heatmap", caption="Logit-lens entropy by layer and token over one hallucinated trace."
     )
@@ -240,9 +177,14 @@ def main(cfg: DepthConfig) -> dict:
             groups[f"{name} (n={len(rows)})"] = (m, lo, hi)
             hover[f"{name} (n={len(rows)})"] = [f"traces with this step: {c}" for c in counts]
     x = list(range(1, cfg.max_steps_plotted + 1))
-    fig = mean_ci_lines(x, groups, "reasoning step", f"Reasoning Score ({cfg.divergence.upper()}, nats)",
-                        title=f"Reasoning Score by step, {SUBSET_TITLES[cfg.subset]}: mean and 95% CI",
-                        hover=hover)  # fmt: skip
+    fig = mean_ci_lines(
+        x,
+        groups,
+        "reasoning step",
+        f"Reasoning Score ({cfg.divergence.upper()}, nats)",
+        title=f"Reasoning Score by step, {SUBSET_TITLES[cfg.subset]}: mean and 95% CI",
+        hover=hover,
+    )
     run.save_figure(fig, "score_by_step", caption="Reasoning Score per step, correct vs hallucinated traces.")
 
     fig = histograms_by_group(
@@ -277,31 +219,52 @@ def main(cfg: DepthConfig) -> dict:
             m, lo, hi, _ = mean_ci(rows, cfg.max_steps_plotted + 1)
             groups[f"{name} (n={len(rows)})"] = (m, lo, hi)
     title = f"Conditional entropy of the answer after k steps, {SUBSET_TITLES[cfg.subset]}"
-    fig = mean_ci_lines(list(range(cfg.max_steps_plotted + 1)), groups, "steps seen (k)",
-                        "entropy of the gold answer (nats)", title=title)  # fmt: skip
+    fig = mean_ci_lines(
+        list(range(cfg.max_steps_plotted + 1)),
+        groups,
+        "steps seen (k)",
+        "entropy of the gold answer (nats)",
+        title=title,
+    )
     run.save_figure(
         fig, "conditional_entropy", caption="Entropy of the teacher-forced gold answer after k steps."
     )
 
     results = {
-        "traces": len(records), "analysed": len(kept), "subset_shown": cfg.subset,
-        "labels": {name: {"hallucinated": int(sum(r["label"] for r in rows)),
-                          "correct": int(sum(1 - r["label"] for r in rows))}
-                   for name, rows in by_subset.items()},
+        "traces": len(records),
+        "analysed": len(kept),
+        "subset_shown": cfg.subset,
+        "labels": {
+            name: {
+                "hallucinated": int(sum(r["label"] for r in rows)),
+                "correct": int(sum(1 - r["label"] for r in rows)),
+            }
+            for name, rows in by_subset.items()
+        },
         "accuracy_by_dataset": {
             kind: float(np.mean([1 - r["label"] for r in records if r["problem"].kind == kind]))
-            for kind in ("number", "text") if any(r["problem"].kind == kind for r in records)
+            for kind in ("number", "text")
+            if any(r["problem"].kind == kind for r in records)
         },
-        "auroc": {subset: {name: {k: v for k, v in res.items() if k != "scores"} for name, res in ev.items()}
-                  for subset, ev in evaluation.items()},
-        "feature_means": {name: {f: _nanmean([r["features"][f] for r in shown if r["label"] == label])
-                                 for f in [*FEATURES, "backtrack_attn"]} for label, name in LABELS.items()},
-    }  # fmt: skip
-    write_json(run.out_dir / "results.json", results)
+        "auroc": {
+            subset: {name: {k: v for k, v in res.items() if k != "scores"} for name, res in ev.items()}
+            for subset, ev in evaluation.items()
+        },
+        "feature_means": {
+            name: {
+                f: _nanmean([r["features"][f] for r in shown if r["label"] == label])
+                for f in [*FEATURES, "backtrack_attn"]
+            }
+            for label, name in LABELS.items()
+        },
+    }
+    run.save_json("results.json", results)
     for subset, ev in evaluation.items():
         for name, res in ev.items():
-            print(f"AUROC [{subset}] {name}: a priori {res['auroc_a_priori']:.3f}, "
-                  f"cross-validated {res['auroc_cross_validated']:.3f}")  # fmt: skip
+            print(
+                f"AUROC [{subset}] {name}: a priori {res['auroc_a_priori']:.3f}, "
+                f"cross-validated {res['auroc_cross_validated']:.3f}"
+            )
     return results
 
 

@@ -2,8 +2,8 @@
 reasoning trace, cliff sizes, refusal-suppression heads and Cliff-as-a-Judge data selection.
 
 Reproduces the analyses of "Refusal Falls off a Cliff" on the embedded model fine-tuned to think
-briefly and then refuse harmful requests (`mechlens.organism`); jailbreak-style wrappers make it
-comply sometimes, which gives complied and refused harmful traces to compare.
+briefly and then refuse harmful requests (`mechlens.studies.refusal.organism`); jailbreak-style
+wrappers make it comply sometimes, which gives complied and refused harmful traces to compare.
 
     python experiments/refusal_cliff.py [--quick] [--backend nnsight]
 
@@ -16,40 +16,37 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
-import mechlens as ml
 from mechlens import datasets
-from mechlens.finetune import finetune
-from mechlens.heads import head_ablation_effects
-from mechlens.metrics import auroc
-from mechlens.organism import REFUSALS, OrganismRecipe, organism_path, refusal_organism
+from mechlens.ops.heads import head_ablation_effects
+from mechlens.ops.probes import LinearProbe, probe_sweep
+from mechlens.ops.stats import auroc
 from mechlens.plots import grouped_bars, head_heatmap, histograms_by_group, mean_ci_lines
-from mechlens.probes import LinearProbe, probe_sweep
-from mechlens.refusal import (
-    THINK_CLOSE,
-    THINK_OPEN,
-    Rollout,
-    align_end,
+from mechlens.runs import Run, parse_config
+from mechlens.studies.refusal import (
+    REPLY_SAMPLING,
+    Reply,
+    cliff_as_judge,
     cliff_metrics,
+    end_aligned_mean_ci,
     refusal_features,
+    refusal_rates,
     refusal_scores,
-    resample,
-    rollouts,
+    rollouts_by_set,
     thinking_span,
 )
-from mechlens.runs import Run, parse_config, write_json
-from mechlens.signals import token_signals
-from mechlens.trace import ReasoningTrace
+from mechlens.studies.refusal.heads import answer_perplexity, random_heads, top_heads
+from mechlens.studies.refusal.organism import OrganismRecipe, organism_path, refusal_organism
 
 
 @dataclass
 class RefusalConfig:
-    backend: str = "transformer_lens"
+    backend: Literal["transformer_lens", "nnsight"] = "transformer_lens"
     n_probe: int = 60  # train-split instructions per class whose rollouts label the probe
     n_test: int = 40  # test-split instructions per class (and as many jailbreak-wrapped harmful ones)
     n_candidates: int = 120  # jailbreak-wrapped train-split harmful prompts: the Cliff-as-a-Judge pool
@@ -77,63 +74,24 @@ class RefusalConfig:
 GROUPS = ("harmful, refused", "harmful, complied", "harmless")
 
 
-def rollouts_by_set(model, cfg: RefusalConfig, sets: dict[str, list[str]]) -> dict[str, list[Rollout]]:
-    """Greedy rollouts of several prompt sets in one batched call -> `{set name: [Rollout]}`."""
-    rows = rollouts(
-        model, [t for ts in sets.values() for t in ts], cfg.max_new_tokens, batch_size=cfg.batch_size
-    )
-    out, start = {}, 0
-    for name, items in sets.items():
-        out[name], start = rows[start : start + len(items)], start + len(items)
-    return out
-
-
-def generate(run: Run, model, cfg: RefusalConfig, sets: dict[str, list[str]], heads=()) -> dict:
-    """`rollouts_by_set` with `heads` ablated, cached by the texts, the length and the heads."""
-
-    def compute():
-        with model.ablate_heads(list(heads)) if heads else contextlib.nullcontext():
-            return {k: [asdict(r) for r in v] for k, v in rollouts_by_set(model, cfg, sets).items()}
-
-    texts = [t for ts in sets.values() for t in ts]
-    rows = run.cached(
-        "rollouts by set", compute, config=False, texts=texts, n=cfg.max_new_tokens, heads=list(heads)
-    )
-    return {k: [Rollout(**r) for r in v] for k, v in rows.items()}
-
-
-def rates(rolls: dict[str, list[Rollout]]) -> dict[str, float]:
-    """Refusal rate on harmful, attack success on jailbreaks, false refusals on harmless prompts."""
-    out = {}
-    if "harmful" in rolls:
-        out["harmful: refusal rate"] = float(np.mean([r.refused for r in rolls["harmful"]]))
-    out["jailbreak: attack success"] = float(np.mean([not r.refused for r in rolls["jailbreak"]]))
-    out["harmless: false refusal"] = float(np.mean([r.refused for r in rolls["harmless"]]))
-    return out
-
-
-def answer_perplexity(model, clean: list[Rollout], heads=()) -> float:
-    """Capability check: mean perplexity of the organism's own clean replies to harmless prompts,
-    teacher-forced, with `heads` ablated."""
-
-    with model.ablate_heads(list(heads)) if heads else contextlib.nullcontext():
-        values = []
-        for r in clean:
-            reply = THINK_OPEN + r.thinking + THINK_CLOSE + r.answer
-            values.append(
-                token_signals(model, ReasoningTrace.from_text(model, r.instruction, reply)).perplexity
-            )
-    return float(np.mean(values))
-
-
 def main(cfg: RefusalConfig) -> dict:
     recipe = OrganismRecipe(n_per_class=cfg.organism_examples, epochs=cfg.organism_epochs)
     model = refusal_organism(recipe, backend=cfg.backend)
     run = Run("refusal_cliff", cfg, cfg.out, model=model, seed=cfg.seed)
+    sampling = REPLY_SAMPLING.replace(max_new_tokens=cfg.max_new_tokens)
     data = datasets.load("refusal")
 
     def pick(harmful: bool, split: str, n: int) -> list[str]:
         return [i.text for i in data if i.harmful == harmful and i.split == split][:n]
+
+    def replies(sets: dict[str, list[str]], heads=()) -> dict[str, list[Reply]]:
+        def compute():
+            with model.ablate_heads(list(heads)) if heads else contextlib.nullcontext():
+                rows = rollouts_by_set(model, sets, sampling, cfg.batch_size)
+            return {k: [asdict(r) for r in v] for k, v in rows.items()}
+
+        rows = run.cached("replies", compute, config=False, sets=sets, sampling=sampling, heads=list(heads))
+        return {k: [Reply(**r) for r in v] for k, v in rows.items()}
 
     train_harmful = pick(True, "train", 10_000)
     prompts = {
@@ -146,48 +104,41 @@ def main(cfg: RefusalConfig) -> dict:
             datasets.jailbreak(train_harmful[i % len(train_harmful)], i) for i in range(cfg.n_candidates)
         ],
     }
-    rolls = generate(run, model, cfg, prompts)
-    organism = rates(rolls)
+    rolls = replies(prompts)
+    organism = refusal_rates(rolls)
     print("organism:", {k: round(v, 3) for k, v in organism.items()})
 
-    # ---- the probe: own rollouts, harmful refused = 1, harmless answered = 0, classes balanced
+    # ---- the probe: own replies, harmful refused = 1, harmless answered = 0, classes balanced
     pos = [r for r in rolls["probe harmful"] if r.refused]
     neg = [r for r in rolls["probe harmless"] if not r.refused]
     n = min(len(pos), len(neg))
     if n < 4:
-        raise RuntimeError(
-            f"too few labelled rollouts for the probe ({len(pos)} refused, {len(neg)} answered)"
-        )
-    train = pos[:n] + neg[:n]
-    labels = [1] * n + [0] * n
+        raise SystemExit(f"too few labelled replies for the probe ({len(pos)} refused, {len(neg)} answered)")
+    train, labels = pos[:n] + neg[:n], [1] * n + [0] * n
+    texts = [r.probe_text for r in train]
+    all_layers = list(range(model.n_layers))
     feats = run.cached(
         "probe features",
-        lambda: refusal_features(
-            model, [r.probe_text for r in train], list(range(model.n_layers)), progress=False
-        ),
+        lambda: refusal_features(model, texts, all_layers, progress=False),
         config=False,
-        texts=[r.probe_text for r in train],
+        texts=texts,
     )  # [layers, n, d]
     sweep = probe_sweep(feats, labels, seed=cfg.seed)
     probe = LinearProbe(seed=cfg.seed).fit(feats[-1], torch.tensor(labels))
     probe.save(run.out_dir / "refusal_probe.pt")
+    final_score: dict[str, float] = {}  # probe_text -> refusal score at the last token
 
-    # held-out check on test-split traces, and out of distribution on the jailbreak traces
-    test = [r for r in rolls["harmful"] if r.refused] + [r for r in rolls["harmless"] if not r.refused]
-    test_y = [int(r.refused) for r in test]
-    final_score = {}  # probe_text -> final-token refusal score
-
-    def final_scores(rows: list[Rollout]) -> list[float]:
+    def final_scores(rows: list[Reply]) -> list[float]:
         missing = [r.probe_text for r in rows if r.probe_text not in final_score]
         if missing:
-            feats_last = refusal_features(model, missing, progress=False)[0]
-            final_score.update(zip(missing, probe.predict_proba(feats_last).tolist(), strict=True))
+            scores = probe.predict_proba(refusal_features(model, missing, progress=False)[0])
+            final_score.update(zip(missing, scores.tolist(), strict=True))
         return [final_score[r.probe_text] for r in rows]
 
-    probe_test_auroc = auroc(final_scores(test), test_y)
-    jb = rolls["jailbreak"]
-    jb_y = [int(r.refused) for r in jb]
-    ood_auroc = auroc(final_scores(jb), jb_y) if 0 < sum(jb_y) < len(jb_y) else float("nan")
+    test = [r for r in rolls["harmful"] if r.refused] + [r for r in rolls["harmless"] if not r.refused]
+    probe_test_auroc = auroc(final_scores(test), [int(r.refused) for r in test])
+    jb_y = [int(r.refused) for r in rolls["jailbreak"]]
+    ood_auroc = auroc(final_scores(rolls["jailbreak"]), jb_y) if 0 < sum(jb_y) < len(jb_y) else float("nan")
     print(f"probe: held-out AUROC {probe_test_auroc:.3f}, jailbreak (OOD) {ood_auroc:.3f}")
     fig = mean_ci_lines(
         list(range(model.n_layers)),
@@ -199,9 +150,10 @@ def main(cfg: RefusalConfig) -> dict:
     run.save_figure(fig, "probe_auroc_by_layer", caption="Held-out AUROC of a refusal probe per layer.")
 
     # ---- refusal score at every position; cliffs
+    harmful = rolls["harmful"] + rolls["jailbreak"]
     traces = {
-        "harmful, refused": [r for r in rolls["harmful"] + jb if r.refused],
-        "harmful, complied": [r for r in rolls["harmful"] + jb if not r.refused],
+        "harmful, refused": [r for r in harmful if r.refused],
+        "harmful, complied": [r for r in harmful if not r.refused],
         "harmless": [r for r in rolls["harmless"] if not r.refused],
     }
     curves, cliffs = {}, {}
@@ -214,25 +166,12 @@ def main(cfg: RefusalConfig) -> dict:
             texts=texts,
             probe=probe.direction,
         )
-        cliffs[group] = [
-            cliff_metrics(s, thinking_span(model.tokenizer, r), cfg.k_end)
-            for s, r in zip(curves[group], rows, strict=True)
-        ]
-    groups = {}
-    for group in GROUPS:
-        if not curves[group]:
-            continue
-        aligned = align_end(curves[group])  # [n, longest]
-        mean = np.nanmean(aligned, 0)
-        se = np.nanstd(aligned, 0) / np.sqrt(np.maximum((~np.isnan(aligned)).sum(0), 1))
-        groups[f"{group} (n={len(curves[group])})"] = (
-            resample(mean),
-            resample(mean - 1.96 * se),
-            resample(mean + 1.96 * se),
-        )
+        spans = [thinking_span(model.tokenizer, r) for r in rows]
+        cliffs[group] = [cliff_metrics(s, t, cfg.k_end) for s, t in zip(curves[group], spans, strict=True)]
+    bands = {f"{g} (n={len(curves[g])})": end_aligned_mean_ci(curves[g]) for g in GROUPS if curves[g]}
     fig = mean_ci_lines(
         list(range(100)),
-        groups,
+        bands,
         "normalized position (0-100, aligned at the answer)",
         "refusal score",
         title="Refusal score over prompt + thinking",
@@ -247,41 +186,43 @@ def main(cfg: RefusalConfig) -> dict:
     example_scores(run, model, traces, curves)
 
     # ---- refusal-suppression heads: ablating them raises the refusal score of complied traces
-    complied = [r for r in rolls["candidates"] + jb if not r.refused]
+    complied = [r for r in rolls["candidates"] + rolls["jailbreak"] if not r.refused]
     sweep_rows = complied[: cfg.sweep_examples] or traces["harmful, refused"][: cfg.sweep_examples]
     toks, mask = model.tokenize([r.probe_text for r in sweep_rows])
-    k = cfg.k_end
 
     def metric(hidden: torch.Tensor) -> torch.Tensor:  # [batch, pos, d] -> [batch]
-        return probe.decision_function(hidden[:, -k:]).mean(-1)
+        return probe.decision_function(hidden[:, -cfg.k_end :]).mean(-1)
 
-    def sweep_effects(method: str) -> torch.Tensor:
-        return head_ablation_effects(model, toks, metric, method=method, attention_mask=mask, on="hidden")
-
-    key = dict(texts=[r.probe_text for r in sweep_rows], probe=probe.direction, k=k)
-    exact = run.cached("head effects", lambda: sweep_effects("exact"), config=False, **key)
-    attribution = run.cached("head attribution", lambda: sweep_effects("attribution"), config=False, **key)
+    key = dict(texts=[r.probe_text for r in sweep_rows], probe=probe.direction, k=cfg.k_end)
+    effects = {
+        method: run.cached(
+            f"head {method}",
+            lambda method=method: head_ablation_effects(
+                model, toks, metric, method=method, attention_mask=mask, on="hidden"
+            ),
+            config=False,
+            **key,
+        )
+        for method in ("exact", "attribution")
+    }
+    exact, attribution = effects["exact"], effects["attribution"]
     n_heads = max(1, round(cfg.head_fraction * model.n_layers * model.n_heads))
-    order = exact.flatten().argsort(descending=True)
-    top = [divmod(int(i), model.n_heads) for i in order[:n_heads]]
-    rng = random.Random(cfg.seed)
-    others = [(l, h) for l in range(model.n_layers) for h in range(model.n_heads) if (l, h) not in top]
-    rand = sorted(rng.sample(others, n_heads))  # the control shares no head with the top heads
-    top10 = set(order[:10].tolist()) & set(attribution.flatten().argsort(descending=True)[:10].tolist())
+    top = top_heads(exact, n_heads)
+    rand = random_heads(exact.shape, n_heads, exclude=top, seed=cfg.seed)
+    top10 = set(top_heads(exact, 10)) & set(top_heads(attribution, 10))
     fig = head_heatmap(
         exact,
         "change in refusal logit",
-        title=f"Effect of zero-ablating each head on the refusal score (top {n_heads} boxed)",
         marked=top,
+        title=f"Effect of zero-ablating each head on the refusal score (top {n_heads} boxed)",
     )
     run.save_figure(fig, "head_effects", caption="Exact head-ablation effects on the probe's refusal logit.")
 
-    eval_sets = ("harmful", "jailbreak", "harmless")
+    eval_sets = {s: prompts[s] for s in ("harmful", "jailbreak", "harmless")}
     ablation = {"organism": organism}
     perplexity = {"organism": answer_perplexity(model, traces["harmless"])}
     for name, heads in ((f"top {n_heads} heads ablated", top), (f"{n_heads} random heads ablated", rand)):
-        ablated = generate(run, model, cfg, {s: prompts[s] for s in eval_sets}, heads)
-        ablation[name] = rates(ablated)
+        ablation[name] = refusal_rates(replies(eval_sets, heads))
         perplexity[name] = run.cached(
             "perplexity",
             lambda heads=heads: answer_perplexity(model, traces["harmless"], heads),
@@ -300,29 +241,36 @@ def main(cfg: RefusalConfig) -> dict:
         fig, "ablation_rates", caption="Refusal, attack success and false refusals under ablation."
     )
 
-    # ---- Cliff-as-a-Judge: safety data from the organism's complied jailbreak traces
+    # ---- Cliff-as-a-Judge: safety data from the organism's complied jailbreak replies
     candidates = [r for r in rolls["candidates"] if not r.refused]
     replay = [r for r in rolls["probe harmless"] if not r.refused]  # keeps the answers to harmless requests
     judge = {}
     if len(candidates) >= 2:
-        cand_scores = final_scores(candidates)  # one batched pass; lowest final score = largest cliff first
-        ranked = [candidates[i] for i in np.argsort(cand_scores, kind="stable")]
-        size = max(1, round(cfg.judge_fraction * len(candidates)))
-        selections = {
-            f"cliff (top {size})": ranked[:size],
-            f"random ({size})": random.Random(cfg.seed).sample(candidates, size),
-            f"all ({len(candidates)})": candidates,
-        }
-        for name, chosen in selections.items():
+        chosen_sets = cliff_as_judge.selections(
+            candidates, final_scores(candidates), cfg.judge_fraction, cfg.seed
+        )
+        judge_sets = {s: prompts[s] for s in ("jailbreak", "harmless")}
+        for name, chosen in chosen_sets.items():
             judge[name] = run.cached(
                 "judge",
-                lambda chosen=chosen: safety_finetune(cfg, recipe, chosen, replay, prompts),
+                lambda chosen=chosen: cliff_as_judge.safety_finetune(
+                    organism_path(recipe),
+                    chosen,
+                    replay,
+                    judge_sets,
+                    cfg.backend,
+                    recipe.train_layers,
+                    cfg.judge_epochs,
+                    recipe.lr,
+                    cfg.seed,
+                    sampling,
+                ),
                 config=False,
                 chosen=[r.probe_text for r in chosen],
                 replay=[r.probe_text for r in replay],
                 epochs=cfg.judge_epochs,
-                n=cfg.max_new_tokens,
-                eval=[prompts["jailbreak"], prompts["harmless"]],
+                sampling=sampling,
+                eval=judge_sets,
             )
         cats = ["jailbreak: attack success", "harmless: false refusal"]
         series = {
@@ -339,10 +287,11 @@ def main(cfg: RefusalConfig) -> dict:
     summary = {
         group: {
             "n": len(c),
-            "cliff_mean": float(np.mean([x.cliff for x in c])) if c else None,
+            **{
+                f"{m}_mean": float(np.mean([getattr(x, m) for x in c])) if c else None
+                for m in ("cliff", "plateau", "final")
+            },
             "cliff_sd": float(np.std([x.cliff for x in c])) if c else None,
-            "plateau_mean": float(np.mean([x.plateau for x in c])) if c else None,
-            "final_mean": float(np.mean([x.final for x in c])) if c else None,
         }
         for group, c in cliffs.items()
     }
@@ -368,7 +317,7 @@ def main(cfg: RefusalConfig) -> dict:
         },
         "cliff_as_a_judge": judge,
     }
-    write_json(run.out_dir / "results.json", results)
+    run.save_json("results.json", results)
     print(json.dumps({k: results[k] for k in ("cliffs", "cliff_as_a_judge")}, indent=1))
     print("ablation:", json.dumps(ablation, indent=1), "perplexity:", perplexity)
     return results
@@ -382,8 +331,7 @@ def example_scores(run: Run, model, traces: dict, curves: dict) -> None:
     width = max(len(c) for _, _, c in shown)
     groups, hover = {}, {}
     for group, r, c in shown:
-        values = [float("nan")] * (width - len(c)) + c.tolist()
-        groups[group] = (values,) * 3
+        groups[group] = ([float("nan")] * (width - len(c)) + c.tolist(),) * 3
         hover[group] = [""] * (width - len(c)) + [repr(t) for t in model.to_str_tokens(r.probe_text)]
     fig = mean_ci_lines(
         list(range(-width, 0)),
@@ -396,25 +344,6 @@ def example_scores(run: Run, model, traces: dict, curves: dict) -> None:
     run.save_figure(
         fig, "example_scores", caption="Per-token refusal score of a complied and a refused trace."
     )
-
-
-def safety_finetune(
-    cfg: RefusalConfig, recipe: OrganismRecipe, chosen: list[Rollout], replay: list[Rollout], prompts: dict
-) -> dict:
-    """Fine-tune a fresh copy of the organism on the chosen traces (own thinking + a refusal), mixed
-    with as many of its own answered harmless traces (so that the fine-tune does not simply teach
-    refusing everything), then measure attack success and false refusals."""
-    model = ml.load_model(str(organism_path(recipe)), backend=cfg.backend)
-    kept = replay[: len(chosen)]
-    targets = [
-        THINK_OPEN + r.thinking + THINK_CLOSE + REFUSALS[i % len(REFUSALS)] for i, r in enumerate(chosen)
-    ]
-    targets += [THINK_OPEN + r.thinking + THINK_CLOSE + r.answer for r in kept]
-    prompts_ft = [r.prompt for r in chosen + kept]
-    finetune(model, prompts_ft, targets, train_layers=recipe.train_layers, epochs=cfg.judge_epochs,
-             lr=recipe.lr, batch_size=4, seed=cfg.seed)  # fmt: skip
-    out = rollouts_by_set(model, cfg, {s: prompts[s] for s in ("jailbreak", "harmless")})
-    return {**rates(out), "examples": len(chosen), "replayed": len(kept)}
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,13 +27,13 @@ import mechlens as ml
 from mechlens import anchors, datasets
 from mechlens.datasets import STEP_BY_STEP
 from mechlens.plots import category_scatter, correlation_scatter, grouped_bars, head_heatmap, sentence_heatmap
-from mechlens.runs import Run, parse_config, write_json
-from mechlens.trace import format_prompt
+from mechlens.runs import Run, parse_config
+from mechlens.text.thinking import format_prompt
 
 
 @dataclass
 class AnchorsConfig:
-    backend: str = "transformer_lens"
+    backend: Literal["transformer_lens", "nnsight"] = "transformer_lens"
     n_candidates: int = 24  # arithmetic problems whose solve rate is measured (levels 1-2: the
     # embedded model solves almost no two-step problem)
     n_select: int = 8  # samples per problem for the solve rate (25-75% kept)
@@ -98,93 +99,35 @@ def main(cfg: AnchorsConfig) -> dict:
         f"{len(chosen)} traces from {sum(0.25 <= r['solve_rate'] <= 0.75 for r in rates)} problems in range"
     )
 
-    per_trace = []
-    for problem, trace in tqdm(chosen, desc="traces"):
-        sentences = [s.text for s in trace.sentences]
-        res = anchors.resample(
-            model, trace, problem, n=cfg.n_rollouts, temperature=cfg.temperature, top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, alpha=cfg.alpha, cache=run.cache,
-        )  # fmt: skip
-        forced = anchors.forced_answers(
-            model, trace, problem, n=cfg.n_rollouts, seed=cfg.seed, alpha=cfg.alpha, cache=run.cache
-        )
-        key = dict(tokens=trace.tokens[0].tolist())
-        attention = run.cached(
-            "sentence attention",
-            lambda trace=trace: anchors.sentence_attention(model, trace),
-            config=False,
-            **key,
-        )
-        suppression = run.cached(
-            "suppression", lambda trace=trace: anchors.suppression_matrix(model, trace), config=False, **key
-        )
-        per_trace.append(
-            dict(
-                problem=problem,
-                trace=trace,
-                sentences=sentences,
-                categories=anchors.label_sentences(sentences, problem.question),
-                resampling=res,
-                forced=forced,
-                attention=attention,  # [layers, heads, S, S]
-                vertical=anchors.vertical_scores(attention, cfg.proximity),  # [layers, heads, S]
-                suppression=suppression,  # [S, S]
-                resampling_matrix=anchors.resampling_matrix(res),
-            )
-        )
-
-    # receiver heads: kurtosis averaged over traces, layer 0 excluded
-    kurt = torch.stack([anchors.kurtosis(t["vertical"]) for t in per_trace]).nanmean(0)  # [layers, heads]
-    top_k = min(cfg.top_k, int(torch.isfinite(kurt[1:]).sum()))
-    heads = anchors.receiver_heads(kurt, top_k=top_k)
-    for t in per_trace:
-        t["receiver"] = anchors.receiver_scores(t["vertical"], heads).numpy()
-        t["outgoing"] = anchors.outgoing_effect(t["suppression"]).numpy()
-
-    # pooled per-sentence vectors
-    def pooled(key):
-        return np.concatenate([np.asarray(t[key]) for t in per_trace])
-
-    for t in per_trace:
-        t["counterfactual"] = t["resampling"].counterfactual_kl
-    categories = [c for t in per_trace for c in t["categories"]]
+    sampling = anchors.ANCHORS_SAMPLING.replace(
+        n=cfg.n_rollouts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        seed=cfg.seed,
+    )  # fmt: skip
+    forced = anchors.FORCED_SAMPLING.replace(n=cfg.n_rollouts, seed=cfg.seed)
+    per_trace = [
+        anchors.analyze(model, trace, problem, sampling, forced, cfg.proximity, cfg.alpha, cache=run.cache)
+        for problem, trace in tqdm(chosen, desc="traces")
+    ]
+    kurt, heads = anchors.assign_receivers(per_trace, cfg.top_k)  # receiver heads: kurtosis over traces
+    correlations = anchors.method_correlations(per_trace)
+    rho = correlations["pooled"]
+    categories = [c for t in per_trace for c in t.categories]
     hover = [
-        f"trace {k} · sentence {i}: {s}"
-        for k, t in enumerate(per_trace)
-        for i, s in enumerate(t["sentences"])
+        f"trace {k} · sentence {i}: {s}" for k, t in enumerate(per_trace) for i, s in enumerate(t.sentences)
     ]
     vectors = {
-        "counterfactual KL": pooled("counterfactual"),
-        "receiver score": pooled("receiver"),
-        "suppression effect": pooled("outgoing"),
+        name: np.concatenate([getattr(t, attr) for t in per_trace]) for name, attr in anchors.METHODS.items()
     }
-    names = list(vectors)
-    rho = {
-        (a, b): anchors.spearman(vectors[a], vectors[b])[0]
-        for i, a in enumerate(names)
-        for b in names[i + 1 :]
-    }
-    per_trace_rho = [
-        {
-            f"{a} ~ {b}": anchors.spearman(np.asarray(t[ka]), np.asarray(t[kb]))[0]
-            for (a, ka), (b, kb) in [
-                (("counterfactual KL", "counterfactual"), ("receiver score", "receiver")),
-                (("counterfactual KL", "counterfactual"), ("suppression effect", "outgoing")),
-                (("receiver score", "receiver"), ("suppression effect", "outgoing")),
-            ]
-        }
-        for t in per_trace
-    ]
     matrix_rho = anchors.spearman(
-        np.concatenate([anchors.lower_triangle(t["suppression"].numpy()) for t in per_trace]),
-        np.concatenate([anchors.lower_triangle(t["resampling_matrix"]) for t in per_trace]),
+        np.concatenate([anchors.lower_triangle(t.suppression.numpy()) for t in per_trace]),
+        np.concatenate([anchors.lower_triangle(t.resampling_matrix) for t in per_trace]),
     )
     by_category = anchors.category_means(vectors["counterfactual KL"], categories)
     print("counterfactual importance by category:", {k: round(v[0], 4) for k, v in by_category.items()})
-    print("Spearman:", {f"{a} ~ {b}": round(v, 3) for (a, b), v in rho.items()}, "matrices:", matrix_rho)
+    print("Spearman:", {k: round(v[0], 3) for k, v in rho.items()}, "matrices:", matrix_rho)
 
     # ---- figures
-    x = [i / max(len(t["sentences"]) - 1, 1) for t in per_trace for i in range(len(t["sentences"]))]
+    x = [i / max(len(t.sentences) - 1, 1) for t in per_trace for i in range(len(t.sentences))]
     fig = category_scatter(
         x, vectors["counterfactual KL"], categories, hover,
         "position in the trace (0 = first sentence, 1 = last)", "counterfactual importance (KL)",
@@ -214,49 +157,52 @@ def main(cfg: AnchorsConfig) -> dict:
     layer, head = heads[0]
     first = per_trace[0]
     fig = sentence_heatmap(
-        first["attention"][layer, head], first["sentences"], "mean attention",
+        first.attention[layer, head], first.sentences, "mean attention",
         title=f"Sentence attention of the top receiver head L{layer}H{head} (trace 0)",
     )  # fmt: skip
     run.save_figure(
         fig, "receiver_head_matrix", caption="Sentence x sentence attention of the top receiver head."
     )
     fig = sentence_heatmap(
-        first["suppression"], first["sentences"], "log KL",
+        first.suppression, first.sentences, "log KL",
         title="Attention suppression: effect of each sentence (column) on later ones (row), trace 0",
     )  # fmt: skip
     run.save_figure(
         fig, "suppression_matrix", caption="Mean log-KL on each sentence when one earlier is suppressed."
     )
-    fig = correlation_scatter(vectors, categories, hover, title="Three attributions per sentence", rho=rho)
+    fig = correlation_scatter(
+        vectors, categories, hover, title="Three attributions per sentence",
+        rho={tuple(k.split(" ~ ")): v[0] for k, v in rho.items()},
+    )  # fmt: skip
     run.save_figure(fig, "method_correlations", caption="Per-sentence agreement of the three methods.")
 
     results = {
-        "selection": {"candidates": rates, "traces": [t["problem"].id for t in per_trace]},
+        "selection": {"candidates": rates, "traces": [t.problem.id for t in per_trace]},
         "receiver_heads": heads,
-        "spearman_pooled": {f"{a} ~ {b}": v for (a, b), v in rho.items()},
-        "spearman_per_trace": per_trace_rho,
+        "spearman_pooled": {k: v[0] for k, v in rho.items()},
+        "spearman_per_trace": correlations["per_trace"],
         "suppression_vs_resampling_matrix": {"spearman": matrix_rho[0], "pairs": matrix_rho[1]},
         "counterfactual_kl_by_category": {
             c: {"mean": m, "se": s, "n": n} for c, (m, s, n) in by_category.items()
         },
         "traces": [
             {
-                "problem": t["problem"].id,
-                "question": t["problem"].question,
-                "answer": t["problem"].answer,
-                "response": t["trace"].response,
-                "forced_importance": t["forced"].importance.tolist(),
+                "problem": t.problem.id,
+                "question": t.problem.question,
+                "answer": t.problem.answer,
+                "response": t.trace.response,
+                "forced_importance": t.forced.importance.tolist(),
                 "sentences": [
                     {**row, "category": c, "receiver_score": float(r), "suppression_effect": float(o)}
                     for row, c, r, o in zip(
-                        t["resampling"].table(), t["categories"], t["receiver"], t["outgoing"], strict=True
+                        t.resampling.table(), t.categories, t.receiver, t.outgoing, strict=True
                     )
                 ],
             }
             for t in per_trace
         ],
     }
-    write_json(run.out_dir / "results.json", results)
+    run.save_json("results.json", results)
     print(
         json.dumps({k: results[k] for k in ("spearman_pooled", "suppression_vs_resampling_matrix")}, indent=1)
     )

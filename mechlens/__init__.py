@@ -1,44 +1,96 @@
 """mechlens: mechanistic interpretability for reasoning language models.
 
+Layers, from the bottom: `models` (HookedModel, backends, sampling), `cache`, `text` (traces,
+thinking, answers), `ops` (lens, attention, heads, probes, signals, fine-tuning, statistics),
+`studies` (depth, refusal, anchors), `datasets`, `plots`, and `runs` for experiment scripts.
+
 >>> import mechlens as ml
 >>> model = ml.load_model("tiny-llama")       # ml.load_model() for the embedded SmolLM2
 >>> logits, cache = model.run_with_cache(model.to_tokens("2 + 2 = 4"), names=["resid_post"])
 """
 
+import importlib
 import os
+import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from mechlens import anchors, datasets, depth, heads, metrics, probes, signals  # noqa: E402  (ml.depth, ...)
-from mechlens.lens import LensResult, logit_lens  # noqa: E402
+from mechlens import datasets, ops, studies, text  # noqa: E402
+from mechlens.cache import DiskCache, cache_dir  # noqa: E402
 from mechlens.models import (  # noqa: E402
     ActivationCache,
+    Backend,
     Generation,
     HookedModel,
-    cache_dir,
+    Sampling,
     load_model,
+    register_backend,
     tiny_model,
 )
-from mechlens.trace import ReasoningTrace, Sentence, split_sentences  # noqa: E402
+from mechlens.ops import attention, finetune, heads, probes, signals, stats  # noqa: E402
+from mechlens.ops.heads import head_ablation_effects  # noqa: E402
+from mechlens.ops.lens import LensResult, logit_lens  # noqa: E402
+from mechlens.ops.probes import LinearProbe, collect_activations  # noqa: E402
+from mechlens.runs import Run  # noqa: E402
+from mechlens.studies import anchors, depth, refusal  # noqa: E402
+from mechlens.studies.refusal import organism  # noqa: E402
+from mechlens.text import ReasoningTrace, Sentence, format_prompt, split_sentences  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# Module paths of 0.1, kept importable for one release (`import mechlens.lens` still works).
+MOVED = {
+    "trace": "mechlens.text.trace",
+    "answers": "mechlens.text.answers",
+    "lens": "mechlens.ops.lens",
+    "attention": "mechlens.ops.attention",
+    "heads": "mechlens.ops.heads",
+    "probes": "mechlens.ops.probes",
+    "signals": "mechlens.ops.signals",
+    "finetune": "mechlens.ops.finetune",
+    "metrics": "mechlens.ops.stats",
+    "depth": "mechlens.studies.depth",
+    "refusal": "mechlens.studies.refusal",
+    "organism": "mechlens.studies.refusal.organism",
+    "anchors": "mechlens.studies.anchors",
+}
+for _old, _new in MOVED.items():
+    sys.modules.setdefault(f"mechlens.{_old}", importlib.import_module(_new))
+    globals().setdefault(_old, sys.modules[f"mechlens.{_old}"])
+
 __all__ = [
     "ActivationCache",
+    "Backend",
+    "DiskCache",
     "Generation",
     "HookedModel",
-    "cache_dir",
-    "load_model",
-    "tiny_model",
-    "ReasoningTrace",
-    "Sentence",
-    "split_sentences",
     "LensResult",
-    "logit_lens",
+    "LinearProbe",
+    "ReasoningTrace",
+    "Run",
+    "Sampling",
+    "Sentence",
     "anchors",
+    "attention",
+    "cache_dir",
+    "collect_activations",
     "datasets",
     "depth",
+    "finetune",
+    "format_prompt",
+    "head_ablation_effects",
     "heads",
-    "metrics",
+    "load_model",
+    "logit_lens",
+    "ops",
+    "organism",
     "probes",
+    "refusal",
+    "register_backend",
     "signals",
+    "split_sentences",
+    "stats",
+    "studies",
+    "text",
+    "tiny_model",
 ]

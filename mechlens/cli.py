@@ -80,9 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"info": _info, "lens": _lens, "refusal": _refusal, "anchors": _anchors, "run": _run}
         return commands[args.command](args, rest)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: missing or unwritable files
         print(f"mechlens {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _out_stem(out: str, name: str) -> Path:
+    """Where `--out` writes: inside it when it is a folder (or ends with /), else beside its stem."""
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", "\\")):
+        return path / name
+    return path.with_suffix("")
 
 
 def _load(args):
@@ -92,7 +100,7 @@ def _load(args):
 
 
 def _info(args, rest) -> int:
-    from mechlens.models.loading import cache_dir
+    from mechlens.cache import cache_dir
 
     for pkg in PACKAGES:
         try:
@@ -114,7 +122,7 @@ def _info(args, rest) -> int:
 
 def _lens(args, rest) -> int:
     import mechlens as ml
-    from mechlens.trace import format_prompt
+    from mechlens.text.thinking import format_prompt
 
     if not args.text.strip():
         raise ValueError("empty text: give the text to read, e.g. mechlens lens 'The capital of France is'")
@@ -122,13 +130,14 @@ def _lens(args, rest) -> int:
     text = format_prompt(model.tokenizer, args.text) if args.chat else args.text
     toks = model.to_tokens(text)
     lens = ml.logit_lens(model, toks)
+    assert lens.top1 is not None and lens.entropy is not None  # the default stats
     if args.layers:
         try:
             shown = [int(l) for l in args.layers.split(",")]
         except ValueError:
             raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
         for l in shown:
-            model._check_layer(l)
+            model.check_layer(l, "--layers entry")
     else:
         shown = sorted({round(i * (model.n_layers - 1) / 5) for i in range(6)})
     str_tokens = model.to_str_tokens(toks)
@@ -148,22 +157,28 @@ def _lens(args, rest) -> int:
         fig = lens_heatmap(
             lens.entropy[:, 0], top, str_tokens, lens.layers, title=f"Logit lens of {model.name}"
         )
-        for path in save_figure(fig, Path(args.out).with_suffix("")):
+        for path in save_figure(fig, _out_stem(args.out, "lens")):
             print(path)
     return 0
 
 
 def _refusal(args, rest) -> int:
     from mechlens import datasets
-    from mechlens.probes import LinearProbe
-    from mechlens.refusal import cliff_metrics, refusal_scores, rollouts, thinking_span
+    from mechlens.ops.probes import LinearProbe
+    from mechlens.studies.refusal import (
+        REPLY_SAMPLING,
+        cliff_metrics,
+        refusal_scores,
+        rollouts,
+        thinking_span,
+    )
 
     if not args.instruction.strip():
         raise ValueError("empty instruction: give the request, e.g. mechlens refusal 'How do I bake bread?'")
     if args.probe and not Path(args.probe).is_file():
         raise FileNotFoundError(f"no probe file {args.probe!r} (experiments/refusal_cliff.py writes one)")
     if args.model == "organism":
-        from mechlens.organism import refusal_organism
+        from mechlens.studies.refusal.organism import refusal_organism
 
         model = refusal_organism(backend=args.backend)
     else:
@@ -171,7 +186,7 @@ def _refusal(args, rest) -> int:
     text = (
         args.instruction if args.jailbreak is None else datasets.jailbreak(args.instruction, args.jailbreak)
     )
-    r = rollouts(model, [text], max_new_tokens=args.max_new_tokens, progress=False)[0]
+    r = rollouts(model, [text], REPLY_SAMPLING.replace(max_new_tokens=args.max_new_tokens), progress=False)[0]
     print(f"prompt:   {text}")
     print(f"thinking: {r.thinking!r}")
     print(f"answer:   {r.answer!r}")
@@ -193,8 +208,8 @@ def _anchors(args, rest) -> int:
     import re
 
     import mechlens as ml
-    from mechlens import anchors
     from mechlens.datasets import Problem
+    from mechlens.studies import anchors
 
     path = Path(args.trace)
     if not path.is_file():
@@ -202,7 +217,9 @@ def _anchors(args, rest) -> int:
     try:
         data = json.loads(path.read_text())
         prompt, response = data["prompt"], data["response"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise ValueError(f"{args.trace} must be a JSON object with 'prompt' and 'response' strings") from None
     if args.rollouts < 0 or (args.rollouts and not args.answer):
         raise ValueError("--rollouts must be >= 0 and needs --answer (the correct final answer)")
@@ -212,21 +229,22 @@ def _anchors(args, rest) -> int:
         if "tokens" in data
         else ml.ReasoningTrace.from_text(model, prompt, response)
     )
-    sentences = [s.text for s in trace.sentences]
-    categories = anchors.label_sentences(sentences, prompt)
-    supp = anchors.suppression_matrix(model, trace)
-    vertical = anchors.vertical_scores(anchors.sentence_attention(model, trace), args.proximity)
-    kurt = anchors.kurtosis(vertical)
-    valid = int(kurt[1:].isfinite().sum())
-    columns = {"suppression": anchors.outgoing_effect(supp).tolist()}
-    if valid:
-        heads = anchors.receiver_heads(kurt, top_k=min(20, valid))
-        columns["receiver"] = anchors.receiver_scores(vertical, heads).tolist()
+    problem = None
     if args.rollouts:
         numeric = re.fullmatch(r"-?\d[\d,]*(\.\d+)?", args.answer.strip()) is not None
         problem = Problem("cli", prompt, args.answer.strip(), kind="number" if numeric else "text")
-        res = anchors.resample(model, trace, problem, n=args.rollouts, max_new_tokens=args.max_new_tokens)
-        columns["counterfactual"] = res.counterfactual_kl.tolist()
+    sampling = anchors.ANCHORS_SAMPLING.replace(n=max(args.rollouts, 1), max_new_tokens=args.max_new_tokens)
+    result = anchors.analyze(model, trace, problem, sampling, None, args.proximity, progress=False)
+    sentences, categories = result.sentences, result.categories
+    columns = {"suppression": result.outgoing.tolist()}
+    try:
+        anchors.assign_receivers([result], top_k=20)
+        assert result.receiver is not None  # set by assign_receivers
+        columns["receiver"] = result.receiver.tolist()
+    except ValueError:  # too few sentences for any finite kurtosis: no receiver column
+        pass
+    if problem is not None:
+        columns["counterfactual"] = result.counterfactual.tolist()
     print(f"{len(sentences)} sentences; columns: " + ", ".join(columns))
     for i, (text, cat) in enumerate(zip(sentences, categories, strict=True)):
         values = " ".join(f"{columns[c][i]:+9.3f}" for c in columns)
@@ -234,31 +252,44 @@ def _anchors(args, rest) -> int:
     if args.out:
         from mechlens.plots import save_figure, sentence_heatmap
 
-        fig = sentence_heatmap(supp, sentences, "log KL", title=f"Attention suppression, {path.name}")
-        for out in save_figure(fig, Path(args.out).with_suffix("")):
+        fig = sentence_heatmap(
+            result.suppression, sentences, "log KL", title=f"Attention suppression, {path.name}"
+        )
+        for out in save_figure(fig, _out_stem(args.out, "suppression")):
             print(out)
     return 0
+
+
+def experiment_folders() -> list[Path]:
+    """Where `mechlens run NAME` looks for `NAME.py`: ./experiments, then the experiments folder of
+    the mechlens checkout this package was installed from (an editable install)."""
+    here = Path("experiments").resolve()
+    checkout = Path(__file__).resolve().parent.parent / "experiments"
+    return [p for p in dict.fromkeys([here, checkout]) if p.is_dir()]
 
 
 def _run(args, rest) -> int:
     path = Path(args.script)
     if not path.exists() and path.suffix != ".py":
-        path = Path("experiments") / f"{args.script}.py"
+        found = [f / f"{args.script}.py" for f in experiment_folders()]
+        path = next((p for p in found if p.is_file()), path)
     if not path.is_file():
-        found = (
-            sorted(p.stem for p in Path("experiments").glob("*.py")) if Path("experiments").is_dir() else []
-        )
-        raise FileNotFoundError(
-            f"no script {args.script!r}; experiments here: {found or 'none (run from the repo)'}"
-        )
-    old_argv = sys.argv
+        names = sorted({p.stem for f in experiment_folders() for p in f.glob("*.py")})
+        raise FileNotFoundError(f"no script {args.script!r}; experiments: {names or 'none found'}")
+    if path.suffix != ".py":
+        raise ValueError(f"{args.script!r} is not a Python script (.py)")
+    old_argv, old_path = sys.argv, list(sys.path)
     sys.argv = [str(path), *rest]
+    sys.path.insert(0, str(path.resolve().parent))  # as `python script.py` would
     try:
         runpy.run_path(str(path), run_name="__main__")
     except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(f"mechlens run: {exit_.code}", file=sys.stderr)  # sys.exit("message")
+        return 1
     finally:
-        sys.argv = old_argv
+        sys.argv, sys.path[:] = old_argv, old_path
     return 0
 
 

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from mechlens.runs import atomic_write_text
+from mechlens.cache import atomic_write_text
 
 
 def write_gallery(root: str | Path = "figures") -> Path:

@@ -1,4 +1,7 @@
-"""Experiment runner: seeds, provenance, a resumable on-disk cache with atomic writes, figures.
+"""Experiment runner (for scripts in `experiments/`): seeds, provenance beside each output, a
+resumable on-disk cache per experiment, figures, and typed command-line configuration.
+
+The cache itself (`DiskCache`, hashing, atomic writes) is `mechlens.cache`.
 
 Example:
     >>> import tempfile, mechlens as ml
@@ -9,25 +12,31 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import hashlib
-import io
 import json
-import math
-import os
 import platform
 import random
 import subprocess
 import sys
-import tempfile
 import time
+import types
+import typing
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from mechlens.cache import (
+    DiskCache,
+    atomic_write_text,
+    cache_dir,
+    model_fingerprint,
+    write_json,
+)
 
 _PACKAGES = ("mechlens", "torch", "transformers", "transformer-lens", "nnsight", "numpy", "plotly")
 
@@ -37,78 +46,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write `obj` as strict JSON (NaN -> null), atomically.
-
-    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "r.json"
-    >>> write_json(p, {"a": [1.0, float("nan")]}); p.read_text().split()
-    ['{', '"a":', '[', '1.0,', 'null', ']', '}']
-    """
-
-    def finite(x: Any) -> Any:
-        if isinstance(x, dict):
-            return {k: finite(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [finite(v) for v in x]
-        return None if isinstance(x, float) and math.isnan(x) else x
-
-    atomic_write_text(path, json.dumps(finite(obj), indent=1, allow_nan=False))
-
-
-def stable_hash(obj: Any) -> str:
-    """A short hash of a JSON-able description (dataclasses, tensors and paths allowed)."""
-    return hashlib.sha256(json.dumps(_jsonable(obj), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return {"tensor": hashlib.sha256(obj.detach().cpu().contiguous().numpy().tobytes()).hexdigest()}
-    if isinstance(obj, str | int | float | bool) or obj is None:
-        return obj
-    return str(obj)
-
-
-def model_fingerprint(model) -> dict:
-    """Model id, backend, dtype and a hash of its weights (cached on the model object)."""
-    if not hasattr(model, "_fingerprint"):
-        digest = hashlib.sha256()
-        for name, p in sorted(model.hf_model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        model._fingerprint = {
-            "model": model.name,
-            "backend": model.backend,
-            "dtype": str(model.dtype),
-            "weights_sha256": digest.hexdigest()[:16],
-        }
-    return model._fingerprint
 
 
 def provenance(config: Any = None, model=None, wall_time_s: float | None = None) -> dict:
@@ -128,7 +65,7 @@ def provenance(config: Any = None, model=None, wall_time_s: float | None = None)
         )
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", False
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in _PACKAGES:
         try:
             versions[pkg] = metadata.version(pkg)
@@ -143,42 +80,9 @@ def provenance(config: Any = None, model=None, wall_time_s: float | None = None)
         "torch_threads": torch.get_num_threads(),
         "packages": versions,
         "model": model_fingerprint(model) if model is not None else None,
-        "config": _jsonable(config),
+        "config": _describe(config),
         "wall_time_s": None if wall_time_s is None else round(wall_time_s, 2),
     }
-
-
-class DiskCache:
-    """Results on disk keyed by everything that affects them; writes are atomic.
-
-    An interrupted run that is started again reads every finished entry and recomputes only
-    the missing ones.
-    """
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def path(self, name: str, key: dict) -> Path:
-        return self.root / name / f"{stable_hash(key)}.pt"
-
-    def get(self, name: str, key: dict) -> Any | None:
-        path = self.path(name, key)
-        if not path.exists():
-            return None
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-    def put(self, name: str, key: dict, value: Any) -> None:
-        buffer = io.BytesIO()
-        torch.save(value, buffer)
-        atomic_write_bytes(self.path(name, key), buffer.getvalue())
-
-    def cached(self, name: str, compute: Callable[[], Any], **key: Any) -> Any:
-        """`compute()` once per distinct key; later calls read the stored value."""
-        value = self.get(name, key)
-        if value is None:
-            value = compute()
-            self.put(name, key, value)
-        return value
 
 
 class Run:
@@ -201,8 +105,6 @@ class Run:
         seed: int = 0,
         cache_root: str | Path | None = None,
     ):
-        from mechlens.models.loading import cache_dir
-
         self.name, self.config, self.model, self.seed = name, config, model, seed
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,6 +127,13 @@ class Run:
     def provenance(self) -> dict:
         return provenance(self.config, self.model, time.perf_counter() - self.started)
 
+    def save_json(self, name: str, obj: Any) -> Path:
+        """Write `obj` as strict JSON to `<out_dir>/<name>` (NaN as null), atomically."""
+        path = self.out_dir / name
+        write_json(path, obj)
+        self.outputs.append(path)
+        return path
+
     def save_figure(self, fig, stem: str, caption: str = "") -> list[Path]:
         """Write `fig` as HTML (+ PNG/SVG when a Chromium is present) with provenance beside it."""
         from mechlens.plots import save_figure
@@ -236,26 +145,61 @@ class Run:
         return paths
 
 
+def _describe(config: Any) -> Any:
+    """A JSON-able copy of a config (dataclass or dict) for the provenance."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    return json.loads(json.dumps(config, default=str))
+
+
+def _option_type(hint: Any) -> tuple[Callable[[str], Any] | None, list | None, bool]:
+    """`(converter, choices, optional)` of a config field's type hint: `int`, `float`, `str`,
+    `Literal[...]`, and any of them `| None` (the word "none" then gives None)."""
+    optional = False
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        optional = len(rest) < len(args)
+        if len(rest) != 1:
+            raise TypeError(f"config fields take one type (optionally | None), got {hint}")
+        hint = rest[0]
+    if typing.get_origin(hint) is Literal:
+        choices = list(typing.get_args(hint))
+        kind = type(choices[0])
+        return kind, choices, optional
+    if hint in (int, float, str):
+        return hint, None, optional
+    raise TypeError(f"unsupported config field type {hint}: use bool, int, float, str or Literal[...]")
+
+
 def parse_config(config_cls: type, argv: list[str] | None = None, description: str = ""):
-    """Build a config dataclass from command-line flags named after its fields.
+    """Build a config dataclass from command-line flags named after its fields, typed by its
+    annotations (`int | None` takes a number or `none`; `Literal[...]` lists its choices).
 
     >>> @dataclasses.dataclass
     ... class C:
     ...     n: int = 2
+    ...     limit: int | None = None
     ...     quick: bool = False
-    >>> parse_config(C, ["--n", "5", "--quick"])
-    C(n=5, quick=True)
+    >>> parse_config(C, ["--n", "5", "--limit", "40", "--quick"])
+    C(n=5, limit=40, quick=True)
     """
-    import argparse
-
+    hints = typing.get_type_hints(config_cls)
     parser = argparse.ArgumentParser(description=description)
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", default=f.default)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type))
-            kind = kind or (f.type if f.type in (int, float) else str)
-            parser.add_argument(flag, type=kind, default=f.default, help=f"default: {f.default}")
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            continue
+        kind, choices, optional = _option_type(hint)
+
+        def convert(text: str, kind=kind, optional=optional):
+            return None if optional and text.lower() == "none" else kind(text)
+
+        convert.__name__ = getattr(kind, "__name__", "value")  # argparse names it in errors
+        parser.add_argument(
+            flag, type=convert, choices=choices, default=f.default, help=f"default: {f.default}"
+        )
     args = parser.parse_args(argv)
     return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})

@@ -13,10 +13,10 @@ from scipy import stats
 from test_interventions import suppression_hooks
 
 import mechlens as ml
-from mechlens import anchors
-from mechlens.anchors.resampling import Resampling, Rollout
-from mechlens.attention import span_attention
 from mechlens.datasets import Problem
+from mechlens.ops.attention import span_attention
+from mechlens.studies import anchors
+from mechlens.studies.anchors.resampling import Resampling, Rollout
 
 RESPONSE = (
     "<think>First, I add 2 and 3. That gives 5 in total.\n\nWait, let me check: 2 + 3 = 5. "
@@ -118,12 +118,13 @@ def test_resample_is_seeded_and_resumes_from_disk(backend, tmp_path, monkeypatch
     model, _ = wrap_with_reference("llama", backend)
     trace = trace_of(model)
     problem = Problem("p", "What is 2+3?", "5", kind="number")
-    kw = dict(n=3, max_new_tokens=6, progress=False, embed=fake_embed)
-    a = anchors.resample(model, trace, problem, cache=tmp_path, **kw)
-    b = anchors.resample(model, trace, problem, cache=None, **kw)
+    sampling = anchors.ANCHORS_SAMPLING.replace(n=3, max_new_tokens=6)
+    kw = dict(progress=False, embed=fake_embed)
+    a = anchors.resample(model, trace, problem, sampling, cache=tmp_path, **kw)
+    b = anchors.resample(model, trace, problem, sampling, cache=None, **kw)
     assert [[r.text for r in rows] for rows in a.rollouts] == [[r.text for r in rows] for rows in b.rollouts]
     assert len(a.rollouts) == len(trace.sentences) + 1 and all(len(r) == 3 for r in a.rollouts)
-    c = anchors.resample(model, trace, problem, cache=None, seed=7, **kw)
+    c = anchors.resample(model, trace, problem, sampling.replace(seed=7), cache=None, **kw)
     assert [r.text for r in c.rollouts[0]] != [r.text for r in a.rollouts[0]]
 
     # every position is on disk: a second run generates nothing
@@ -131,7 +132,7 @@ def test_resample_is_seeded_and_resumes_from_disk(backend, tmp_path, monkeypatch
         raise AssertionError("generate called although the rollouts are cached")
 
     monkeypatch.setattr(model, "generate", fail)
-    again = anchors.resample(model, trace, problem, cache=tmp_path, **kw)
+    again = anchors.resample(model, trace, problem, sampling, cache=tmp_path, **kw)
     assert [r.text for r in again.rollouts[1]] == [r.text for r in a.rollouts[1]]
 
 
@@ -139,8 +140,8 @@ def test_rollouts_continue_the_exact_prefix_tokens(llama):
     model, _ = llama
     trace = trace_of(model)
     problem = Problem("p", "What is 2+3?", "5", kind="number")
-    res = anchors.resample(model, trace, problem, n=2, max_new_tokens=4, cache=None, progress=False,
-                           embed=fake_embed, temperature=0)  # fmt: skip
+    greedy = anchors.ANCHORS_SAMPLING.replace(n=2, max_new_tokens=4, temperature=0)
+    res = anchors.resample(model, trace, problem, greedy, cache=None, progress=False, embed=fake_embed)
     s = trace.sentences[2]
     want = model.generate(trace.tokens[:, : s.start], max_new_tokens=4, temperature=0).texts[0]
     assert res.rollouts[2][0].text == want
@@ -151,7 +152,7 @@ def test_rollouts_continue_the_exact_prefix_tokens(llama):
 
 
 def test_rollout_answers_need_a_marker():
-    from mechlens.anchors.resampling import _rollout
+    from mechlens.studies.anchors.resampling import _rollout
 
     problem = Problem("p", "What is 8 - 4?", "4", kind="number")
     cut_off = _rollout(0, "Ivy has 8 books. ", "She gives 4", problem)  # ends on the right number
@@ -164,7 +165,8 @@ def test_forced_answers_counts(llama):
     model, _ = llama
     trace = trace_of(model)
     problem = Problem("p", "What is 2+3?", "5", kind="number")
-    forced = anchors.forced_answers(model, trace, problem, n=2, max_new_tokens=3, cache=None, progress=False)
+    sampling = anchors.FORCED_SAMPLING.replace(n=2, max_new_tokens=3)
+    forced = anchors.forced_answers(model, trace, problem, sampling, cache=None, progress=False)
     assert len(forced.rollouts) == len(trace.sentences) + 1 and all(len(r) == 2 for r in forced.rollouts)
     assert forced.importance.shape == forced.importance_kl.shape == (len(trace.sentences),)
     answers = [[("5", True), ("5", True)], [("5", True), ("6", False)], [(None, False), ("6", False)]]

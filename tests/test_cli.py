@@ -46,7 +46,7 @@ def test_bad_input_exits_2_with_one_line(capsys):
     assert main(["lens", "  ", "--model", "tiny-llama"]) == 2
     assert main(["info", "--model", "no-such-model-anywhere"]) == 2
     assert main(["run", "no_such_experiment"]) == 2
-    assert "experiments here" in capsys.readouterr().err
+    assert "experiments: ['demo'" in capsys.readouterr().err
 
 
 def test_run_passes_options_to_the_script(tmp_path, monkeypatch):
@@ -66,7 +66,7 @@ def test_installed_entry_point():
 def test_refusal_command(capsys, tmp_path):
     import torch
 
-    from mechlens.probes import LinearProbe
+    from mechlens.ops.probes import LinearProbe
 
     X = torch.randn(30, 64, generator=torch.Generator().manual_seed(0))
     LinearProbe(seed=0).fit(X, (X[:, 0] > 0).long()).save(tmp_path / "p.pt")

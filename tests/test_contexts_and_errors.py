@@ -61,9 +61,9 @@ def test_contexts_nest(llama, tokens):
         (lambda m: m.run_with_cache(m.to_tokens("hi"), ["z"], layers=[9]), "valid layers"),
         (lambda m: m.to_tokens(""), "empty text"),
         (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), "empty input"),
-        (lambda m: m(torch.zeros(1, 300, dtype=torch.long)), r"longer than the context window \(256"),
+        (lambda m: m(torch.zeros(1, 1100, dtype=torch.long)), r"longer than the context window \(1024"),
         (lambda m: m(torch.full((1, 3), 10**6)), "token ids must lie in"),
-        (lambda m: m.generate("hi", max_new_tokens=300), "exceeds the context window"),
+        (lambda m: m.generate("hi", max_new_tokens=1100), "exceeds the context window"),
         (lambda m: m.unembed(torch.zeros(3)), "d_model=64"),
     ],
 )

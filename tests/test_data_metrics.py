@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mechlens import datasets
-from mechlens.answers import extract_answer, grade
-from mechlens.metrics import auroc, roc_curve
+from mechlens.ops.stats import auroc, roc_curve
+from mechlens.text.answers import extract_answer, grade
 
 
 def test_arithmetic_is_deterministic_and_correct():

@@ -12,9 +12,9 @@ from conftest import wrap_with_reference
 from lens_reference import jsd_plain, reference_logprobs
 
 import mechlens as ml
-import mechlens.metrics
-from mechlens import depth
-from mechlens.trace import Sentence
+import mechlens.ops.stats
+from mechlens.studies import depth
+from mechlens.text.trace import Sentence
 
 RESPONSE = "1. Add 2 and 3 first.\n2. That gives 5 apples.\n3. Wait, check it again.\n4. The answer is 5."
 
@@ -113,7 +113,7 @@ def test_detector_is_deterministic_and_learns():
     a = depth.cross_validated_scores(rows, labels, folds=5, seed=3)
     b = depth.cross_validated_scores(rows, labels, folds=5, seed=3)
     assert np.array_equal(a, b)
-    assert ml.metrics.auroc(a, labels) > 0.9
+    assert ml.stats.auroc(a, labels) > 0.9
     det = depth.RHDDetector(seed=1).fit(rows, labels)
     assert max(det.weights, key=det.weights.get) == "mean_score"
     assert np.array_equal(det.score(rows), depth.RHDDetector(seed=1).fit(rows, labels).score(rows))

@@ -87,7 +87,7 @@ def test_lens_matches_hf_on_embedded(embedded_nnsight, embedded_hf):
 
 
 def test_conditional_entropy_with_merging_tokenizer(embedded_tl):
-    from mechlens.signals import conditional_entropy_per_step
+    from mechlens.ops.signals import conditional_entropy_per_step
 
     trace = ml.ReasoningTrace.from_text(
         embedded_tl, "Symbol of gold?", "Gold is a metal.\n\nIts symbol is Au."

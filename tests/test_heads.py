@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import wrap_with_reference
 
-from mechlens.heads import head_ablation_effects
 from mechlens.models.architecture import get_submodule
+from mechlens.ops.heads import head_ablation_effects
 
 
 def metric(logits: torch.Tensor) -> torch.Tensor:
@@ -113,21 +113,21 @@ def test_start_at_skips_the_blocks_below_and_stop_after_skips_the_unembedding(ba
     mask = torch.ones_like(toks)
     last = model.n_layers - 1
     with torch.no_grad():
-        full = model._forward(toks, mask, capture={"resid_pre": [2], "resid_post": [last]})
+        full = model.forward(toks, mask, capture={"resid_pre": [2], "resid_post": [last]})
         blocks = get_submodule(model.hf_model, model.arch.layers_path)
         head = get_submodule(model.hf_model, model.arch.head_path)
         calls = []
         hooks = [lambda m, a, i=i: calls.append(i) for i in range(len(blocks))]
         handles = [b.register_forward_pre_hook(hook) for b, hook in zip(blocks, hooks, strict=True)]
         handles.append(head.register_forward_pre_hook(lambda m, a: calls.append("unembed")))
-        part = model._forward(toks, mask, start_at=2, resid_in=full.acts["resid_pre"][2])
+        part = model.forward(toks, mask, start_at=2, resid_in=full.acts["resid_pre"][2])
         assert calls == [2, "unembed"] and len(blocks) == model.n_layers  # block 2 only; restored after
         calls.clear()
-        top = model._forward(toks, mask, start_at=2, resid_in=full.acts["resid_pre"][2],
+        top = model.forward(toks, mask, start_at=2, resid_in=full.acts["resid_pre"][2],
                              capture={"resid_post": [last]}, stop_after=last)  # fmt: skip
         assert calls == [2] and top.logits is None
         calls.clear()
-        model._forward(toks, mask, capture={"resid_post": [last]}, stop_after=last)
+        model.forward(toks, mask, capture={"resid_post": [last]}, stop_after=last)
         assert calls == list(range(model.n_layers))
         for h in handles:
             h.remove()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechlens.probes import LinearProbe, collect_activations, diff_in_means, probe_sweep
+from mechlens.ops.probes import LinearProbe, collect_activations, diff_in_means, probe_sweep
 
 TEXTS = ["one", "two words here", "a somewhat longer third text", "four"]
 

@@ -13,11 +13,10 @@ from conftest import wrap_with_reference
 
 import mechlens as ml
 from mechlens import datasets
-from mechlens.finetune import finetune
-from mechlens.organism import OrganismRecipe, organism_path, refusal_organism, training_pairs
-from mechlens.probes import LinearProbe
-from mechlens.refusal import (
-    Rollout,
+from mechlens.ops.finetune import finetune
+from mechlens.ops.probes import LinearProbe
+from mechlens.studies.refusal import (
+    Reply,
     align_end,
     cliff_metrics,
     is_refusal,
@@ -26,7 +25,8 @@ from mechlens.refusal import (
     split_thinking,
     thinking_span,
 )
-from mechlens.trace import format_prompt
+from mechlens.studies.refusal.organism import OrganismRecipe, organism_path, refusal_organism, training_pairs
+from mechlens.text.thinking import format_prompt
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -118,7 +118,7 @@ def test_refusal_scores_match_hf_hidden_states(backend):
 
 def test_thinking_span_marks_the_thinking():
     model = ml.load_model("tiny-llama")
-    r = Rollout("hi", format_prompt(model.tokenizer, "hi"), "It is fine", "Hello!", True)
+    r = Reply("hi", format_prompt(model.tokenizer, "hi"), "It is fine", "Hello!", True)
     start, end = thinking_span(model.tokenizer, r)
     assert model.tokenizer.decode(model.to_tokens(r.probe_text)[0, start:end].tolist()) == "It is fine"
 

@@ -10,8 +10,8 @@ from conftest import wrap_with_reference
 from lens_reference import jsd_plain
 
 import mechlens as ml
-from mechlens import signals
-from mechlens.trace import format_prompt
+from mechlens.ops import signals
+from mechlens.text.thinking import format_prompt
 
 RESPONSE = "First, 2 plus 3 is 5.\n\nThen check: 5 - 3 = 2.\n\nThe answer is 5."
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mechlens as ml
-from mechlens.trace import split_sentences
+from mechlens.text.trace import split_sentences
 
 
 def texts(text, **kw):
@@ -107,7 +107,7 @@ def test_trace_errors(tiny):
     with pytest.raises(ValueError, match="empty trace"):
         ml.ReasoningTrace.from_text(tiny, "Q?", "   ")
     with pytest.raises(ValueError, match="context window"):
-        ml.ReasoningTrace.from_text(tiny, "Q?", "word " * 100)
+        ml.ReasoningTrace.from_text(tiny, "Q?", "word " * 250)
 
 
 def test_trace_save_load(tiny, tmp_path):

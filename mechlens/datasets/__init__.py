@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from mechlens.answers import Grade, grade
 from mechlens.datasets.arithmetic import arithmetic_problems
+from mechlens.text.answers import Grade, grade
 
 STEP_BY_STEP = " Think step by step, then give the final answer as 'Answer: <answer>'."
 """Appended to a question to ask for a chain of thought and a marked answer (the default model

@@ -1,7 +1,10 @@
-"""Models: `load_model`, the HookedModel protocol and its two backends."""
+"""Models: `load_model`, `HookedModel`, the backend protocol and registry, sampling settings."""
 
-from mechlens.models.hooked import CACHE_NAMES, ActivationCache, Generation, HookedModel, Prefix
-from mechlens.models.loading import BACKENDS, EMBEDDED, cache_dir, load_model
+from mechlens.models.backends import BACKENDS, register_backend
+from mechlens.models.generation import Generation, Sampling
+from mechlens.models.hooked import ActivationCache, HookedModel, Prefix
+from mechlens.models.loading import EMBEDDED, load_model
+from mechlens.models.protocol import CACHE_NAMES, Backend, RunOutput, RunRequest
 from mechlens.models.tiny import TINY_ARCHS, tiny_model
 
 __all__ = [
@@ -10,10 +13,14 @@ __all__ = [
     "EMBEDDED",
     "TINY_ARCHS",
     "ActivationCache",
+    "Backend",
     "Generation",
     "HookedModel",
     "Prefix",
-    "cache_dir",
+    "RunOutput",
+    "RunRequest",
+    "Sampling",
     "load_model",
+    "register_backend",
     "tiny_model",
 ]

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -30,6 +31,14 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
         return root.get_submodule(path)
     except AttributeError:
         return None
+
+
+def require_submodule(root: nn.Module, path: str) -> Any:
+    """`root.get_submodule(path)`; `ValueError` naming the path when it does not exist."""
+    module = get_submodule(root, path)
+    if module is None:
+        raise ValueError(f"{type(root).__name__} has no submodule {path!r}")
+    return module
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,7 @@ class Architecture:
                 f"{type(hf_model).__name__}: no transformer block list found; supported layouts "
                 f"put blocks at one of {_LAYER_PATHS}"
             )
-        block0 = get_submodule(hf_model, layers_path)[0]
+        block0 = require_submodule(hf_model, layers_path)[0]
         attn_name = next((n for n in _ATTN_NAMES if hasattr(block0, n)), None)
         if attn_name is None:
             raise ValueError(f"block {type(block0).__name__} has none of {_ATTN_NAMES}")
@@ -72,7 +81,8 @@ class Architecture:
                 f"{type(hf_model).__name__}: could not find the attention output projection "
                 f"({_OUT_PROJ_NAMES}), final norm ({_NORM_PATHS}) or unembedding ({_HEAD_PATHS})"
             )
-        cfg = hf_model.config.get_text_config()
+        config: Any = hf_model.config
+        cfg = config.get_text_config()
         n_heads = _first_attr(cfg, "num_attention_heads", "n_head")
         d_model = _first_attr(cfg, "hidden_size", "n_embd")
         d_head = getattr(cfg, "head_dim", None) or d_model // n_heads

@@ -1,9 +1,14 @@
-"""The HookedModel protocol: one small API over every backend.
+"""HookedModel: one small API over every backend.
 
-Every method in mechlens is written against this class. A backend subclass supplies one
-primitive, `_run`, which runs a forward pass while applying the active interventions and
-capturing the requested activations; everything else (tokenisation, validation, contexts,
-unembedding, generation) lives here once.
+Every method in mechlens is written against this class's public members. A backend (the
+`Backend` protocol in `mechlens.models.protocol`) supplies one primitive, `run(request)`, which
+runs a forward pass applying the request's interventions and capturing what it names; everything
+else (tokenisation, validation, contexts, unembedding, generation) lives here once.
+
+The public low-level layer, for methods that need more than `run_with_cache`:
+`prepare_input` (validated ids and mask), `forward` (one pass with captures, early stop, a start
+layer with a given residual, a KV cache), `intervene` / `scale_heads` (any intervention as a
+context), `trainable_blocks` (parameters to fine-tune), and the `check_*` validators.
 
 Example:
     >>> import mechlens as ml
@@ -12,14 +17,18 @@ Example:
     >>> logits, cache = model.run_with_cache(toks, names=["resid_post", "pattern"])
     >>> cache["pattern"].shape[0] == model.n_layers
     True
+    >>> out = model.forward(toks, capture={"resid_pre": [1]}, stop_after=1)   # low level
+    >>> out.logits is None, tuple(out.acts["resid_pre"][1].shape) == (1, toks.shape[1], model.d_model)
+    (True, True)
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +36,41 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mechlens.models.architecture import Architecture, get_submodule
+from mechlens.models.architecture import Architecture, require_submodule
+from mechlens.models.backends import make_backend
+from mechlens.models.generation import Generation, Sampling, sample_batch
 from mechlens.models.interventions import (
     AttentionSuppression,
     DirectionAddition,
     DirectionProjection,
     HeadAblation,
+    HeadScaling,
+    Intervention,
     Interventions,
     Positions,
 )
+from mechlens.models.protocol import CACHE_NAMES, Backend, Reducer, RunOutput, RunRequest
 
-CACHE_NAMES = ("resid_pre", "resid_post", "pattern", "z")
-"""Activation names `run_with_cache` understands (TransformerLens's hook-point words):
-resid_pre [batch, pos, d_model] entering a block; resid_post [batch, pos, d_model] leaving it;
-pattern [batch, heads, q_pos, k_pos] post-softmax attention; z [batch, pos, heads, d_head] head
-outputs before W_O."""
+TokensLike = Tensor | str | Sequence[str]
+"""Token ids `[batch, pos]` (or `[pos]`), one text, or a list of texts."""
+
+
+def as_index(value: Any, name: str) -> int:
+    """`value` as a Python int (ints, NumPy integers, 0-d integer tensors); `TypeError` for bools,
+    floats and anything else, naming the argument."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer, got the boolean {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+
+
+def _logits(out: RunOutput) -> Tensor:
+    """The logits of a forward that ran to the end (not stopped early)."""
+    if out.logits is None:
+        raise RuntimeError("this forward stopped early and has no logits")
+    return out.logits
 
 
 class ActivationCache(dict):
@@ -64,38 +93,6 @@ class ActivationCache(dict):
 
 
 @dataclass
-class RunRequest:
-    """One forward pass for a backend's `_run`: inputs, what to capture, where to stop."""
-
-    tokens: Tensor  # [batch, q]
-    attention_mask: Tensor  # [batch, k], k = cached + q
-    position_ids: Tensor  # [batch, q]
-    pos: Positions
-    capture: dict[str, list[int]]  # name -> layers
-    stop_after: int | None = None  # last layer to run; None runs to the logits
-    past_key_values: Any = None
-    use_cache: bool = False
-    start_at: int | None = None  # run blocks start_at.. only, from `resid_in`
-    resid_in: Tensor | None = None  # [batch, q, d_model], the residual entering block start_at
-    reduce: Callable[[str, int, Tensor], Tensor] | None = None  # applied to each capture as it is taken
-
-    def keep(self, name: str, layer: int, tensor: Tensor) -> Tensor:
-        """What a backend stores for a captured activation: reduced, detached unless it needs grad."""
-        if self.reduce is not None:
-            tensor = self.reduce(name, layer, tensor)
-        return tensor if tensor.requires_grad else tensor.detach()
-
-
-@dataclass
-class RunOutput:
-    """What a backend's `_run` returns."""
-
-    logits: Tensor | None  # [batch, pos, vocab], None when stopped early
-    acts: dict[str, dict[int, Tensor]] = field(default_factory=dict)  # name -> layer -> tensor
-    past_key_values: Any = None
-
-
-@dataclass
 class Prefix:
     """One sequence's KV cache (from `HookedModel.cache_prefix`), reusable by `continue_prefix`."""
 
@@ -104,24 +101,21 @@ class Prefix:
     logits: Tensor  # [1, pos, vocab]
 
 
-@dataclass
-class Generation:
-    """Sampled continuations, prompt-major: rows `i*n ... i*n+n-1` continue prompt i."""
-
-    prompts: list[str]
-    texts: list[str]  # decoded new tokens, up to (not including) end-of-sequence
-    tokens: list[Tensor]  # new token ids per row, [new_pos]
-    n: int
-
-
 class HookedModel:
-    """A causal LM whose activations can be read and edited, backend-independent."""
+    """A causal LM whose activations can be read and edited, backend-independent.
 
-    backend: str = "abstract"
+    Args:
+        hf_model: a Hugging Face causal LM (loaded with eager attention).
+        tokenizer: its tokenizer.
+        backend: a registered backend name ("transformer_lens", "nnsight") or a `Backend` object.
+        name: a label for provenance (default: the config's `_name_or_path`).
+    """
 
-    def __init__(self, hf_model: nn.Module, tokenizer, name: str | None = None):
+    def __init__(self, hf_model: nn.Module, tokenizer, backend: str | Backend = "transformer_lens",
+                 name: str | None = None):  # fmt: skip
         self.arch = Architecture.of(hf_model)
-        self.hf_model = hf_model.eval()
+        # read and edited, not trained: the weights are frozen (see trainable_blocks)
+        self.hf_model: Any = hf_model.eval().requires_grad_(False)
         # the HF names of the weights, taken before a backend rewraps modules (tensors kept by reference)
         self._hf_state = hf_model.state_dict(keep_vars=True)
         self.tokenizer = tokenizer
@@ -129,6 +123,16 @@ class HookedModel:
         self._interventions = Interventions()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        self.adapter: Backend = (
+            make_backend(backend, hf_model, tokenizer, self.arch, self.name)
+            if isinstance(backend, str)
+            else backend
+        )
+
+    @property
+    def backend(self) -> str:
+        """The backend's name: "transformer_lens" or "nnsight" (its object: `model.adapter`)."""
+        return self.adapter.name
 
     # ---------------------------------------------------------------- dimensions
     n_layers = property(lambda self: self.arch.n_layers)
@@ -160,6 +164,9 @@ class HookedModel:
     def tokenize(self, text: str | Sequence[str]) -> tuple[Tensor, Tensor]:
         """`(tokens [batch, pos], attention_mask [batch, pos])`, left-padded for a list."""
         texts = [text] if isinstance(text, str) else list(text)
+        if any(not isinstance(t, str) for t in texts):
+            bad = next(t for t in texts if not isinstance(t, str))
+            raise TypeError(f"text must be a string or a list of strings, got a {type(bad).__name__} entry")
         if not texts or any(not t for t in texts):
             raise ValueError("empty text: give at least one non-empty string")
         side = self.tokenizer.padding_side
@@ -169,7 +176,7 @@ class HookedModel:
         finally:
             self.tokenizer.padding_side = side
         tokens, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        self._check_tokens(tokens)
+        self.check_tokens(tokens)
         return tokens, mask
 
     def to_str_tokens(self, tokens: Tensor | str) -> list[str]:
@@ -183,9 +190,17 @@ class HookedModel:
         return self.tokenizer.decode(tokens.reshape(-1).tolist())
 
     # ---------------------------------------------------------------- validation
-    def _check_tokens(self, tokens: Tensor) -> None:
+    def check_tokens(self, tokens: Tensor) -> Tensor:
+        """Validate token ids `[batch, pos]`: integers in `[0, d_vocab)`, at least one row and one
+        position, at most `n_ctx` positions. Returns them; raises `ValueError`/`TypeError`."""
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be a tensor of token ids, got {type(tokens).__name__}")
+        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+            raise TypeError(f"token ids must be integers, got dtype {tokens.dtype}")
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        if tokens.shape[0] == 0:
+            raise ValueError("empty batch: tokens have 0 rows")
         if tokens.shape[1] == 0:
             raise ValueError("empty input: tokens have 0 positions")
         if tokens.shape[1] > self.n_ctx:
@@ -195,128 +210,199 @@ class HookedModel:
             )
         if tokens.min() < 0 or tokens.max() >= self.d_vocab:
             raise ValueError(f"token ids must lie in [0, {self.d_vocab}); got {tokens.min()}..{tokens.max()}")
+        return tokens
 
-    def _check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer!r} out of range: valid layers are 0..{self.n_layers - 1}")
+    def check_layer(self, layer: Any, name: str = "layer") -> int:
+        """`layer` as an int in `0..n_layers-1`, else `ValueError`/`TypeError` naming what is valid."""
+        layer = as_index(layer, name)
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"{name} {layer} out of range: valid layers are 0..{self.n_layers - 1}")
         return layer
 
-    def _check_head(self, head: int) -> int:
-        if not isinstance(head, int) or not 0 <= head < self.n_heads:
-            raise ValueError(f"head {head!r} out of range: valid heads are 0..{self.n_heads - 1}")
+    def check_layers(self, layers: Sequence[int] | None, name: str = "layers") -> list[int]:
+        """A list of valid layers (None: all of them); one int counts as a list of one."""
+        if layers is None:
+            return list(range(self.n_layers))
+        if isinstance(layers, int | Tensor) and not isinstance(layers, bool):
+            layers = [layers]
+        if isinstance(layers, str) or not isinstance(layers, Sequence | range | Tensor):
+            raise TypeError(f"{name} must be a list of layer indices, got {type(layers).__name__}")
+        return [self.check_layer(l, f"{name} entry") for l in layers]
+
+    def check_head(self, head: Any, name: str = "head") -> int:
+        """`head` as an int in `0..n_heads-1`, else `ValueError`/`TypeError`."""
+        head = as_index(head, name)
+        if not 0 <= head < self.n_heads:
+            raise ValueError(f"{name} {head} out of range: valid heads are 0..{self.n_heads - 1}")
         return head
 
-    def _check_direction(self, direction: Tensor) -> Tensor:
+    def check_heads(self, heads: Any) -> dict[int, list[int]]:
+        """`(layer, head)` pairs grouped by layer; raises naming the first malformed entry."""
+        if isinstance(heads, str) or not isinstance(heads, Sequence | Iterator):
+            raise TypeError(f"heads must be a list of (layer, head) pairs, got {type(heads).__name__}")
+        by_layer: dict[int, list[int]] = {}
+        for pair in heads:
+            if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise ValueError(f"heads must be (layer, head) pairs; got the entry {pair!r}")
+            layer, head = self.check_layer(pair[0]), self.check_head(pair[1])
+            by_layer.setdefault(layer, []).append(head)
+        if not by_layer:
+            raise ValueError("heads is empty: give (layer, head) pairs")
+        return by_layer
+
+    def check_direction(self, direction: Tensor) -> Tensor:
+        """A finite, non-zero `[d_model]` vector on the model's device."""
         direction = torch.as_tensor(direction)
         if direction.shape != (self.d_model,):
             raise ValueError(f"direction must have shape ({self.d_model},), got {tuple(direction.shape)}")
+        if not direction.is_floating_point():
+            direction = direction.float()
         if not torch.isfinite(direction).all() or direction.norm() == 0:
             raise ValueError("direction must be finite and non-zero")
         return direction.to(self.device)
 
-    def _as_input(
-        self, tokens: Tensor | str | Sequence[str], attention_mask: Tensor | None
+    def prepare_input(
+        self, tokens: TokensLike, attention_mask: Tensor | None = None, fit: bool = True
     ) -> tuple[Tensor, Tensor]:
-        """Validated `(tokens [batch, pos], attention_mask)` from text or ids; the active contexts'
-        spans and positions must fit the input."""
+        """Validated `(tokens [batch, pos], attention_mask [batch, pos])` on the model's device,
+        from text(s) or ids; with `fit`, the active contexts' spans and positions must lie inside
+        every row (generation passes `fit=False`: they may point at tokens still to come)."""
         if isinstance(tokens, str) or (isinstance(tokens, Sequence) and not isinstance(tokens, Tensor)):
+            if attention_mask is not None:
+                raise ValueError("attention_mask goes with token ids; texts are tokenised (and masked) here")
             tokens, attention_mask = self.tokenize(tokens)
         else:
             tokens = torch.as_tensor(tokens)
             if tokens.ndim == 1:
                 tokens = tokens[None]
-            self._check_tokens(tokens)
+            self.check_tokens(tokens)
             tokens = tokens.to(self.device)
             if attention_mask is None:
                 attention_mask = torch.ones_like(tokens)
-            elif attention_mask.shape != tokens.shape:
-                raise ValueError(
-                    f"attention_mask shape {tuple(attention_mask.shape)} != tokens {tuple(tokens.shape)}"
-                )
-        self._check_interventions_fit(tokens.shape[1])
-        return tokens, attention_mask.to(self.device)
+            else:
+                attention_mask = torch.as_tensor(attention_mask)
+                if attention_mask.ndim == 1:
+                    attention_mask = attention_mask[None]
+                if attention_mask.shape != tokens.shape:
+                    raise ValueError(
+                        f"attention_mask shape {tuple(attention_mask.shape)} != tokens {tuple(tokens.shape)}"
+                    )
+                if not torch.isin(attention_mask, torch.tensor([0, 1], device=attention_mask.device)).all():
+                    raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+                if (attention_mask.sum(1) == 0).any():
+                    raise ValueError("attention_mask has a row with no token")
+        attention_mask = attention_mask.to(self.device).long()
+        if fit:
+            self._check_interventions_fit(attention_mask.sum(1))
+        return tokens, attention_mask
 
-    def _check_interventions_fit(self, n_pos: int) -> None:
-        """Spans and positions of the active contexts must lie inside an input of `n_pos` tokens
-        (generation is exempt: there they may point at tokens still to come)."""
+    def _check_interventions_fit(self, lengths: Tensor) -> None:
+        """Spans and positions of the active contexts must lie inside every row (of `lengths` real tokens)."""
+        shortest = int(lengths.min())
         for it in self._interventions.items:
-            if isinstance(it, AttentionSuppression) and max(e for _, e in it.spans) > n_pos:
-                raise ValueError(f"suppressed span {it.keys} is past the end of the input ({n_pos} tokens)")
+            if isinstance(it, AttentionSuppression):
+                ends = [e for _, e in it.spans]
+                rows = lengths.tolist() if len(ends) > 1 else [shortest]
+                if len(ends) > 1 and len(ends) != len(rows):
+                    raise ValueError(f"{len(ends)} suppressed spans for a batch of {len(rows)} rows (keys)")
+                for end, n in zip(ends, rows, strict=True):
+                    if end > n:
+                        raise ValueError(
+                            f"suppressed span keys={it.keys} is past the end of a row of {n} tokens"
+                        )
             wanted = list(getattr(it, "positions", None) or []) + list(getattr(it, "queries", None) or [])
-            if any(not 0 <= p < n_pos for p in wanted):
-                raise ValueError(f"positions {wanted} must lie in 0..{n_pos - 1} (input of {n_pos} tokens)")
+            if any(not 0 <= p < shortest for p in wanted):
+                raise ValueError(
+                    f"positions {wanted} must lie in 0..{shortest - 1} "
+                    f"(the shortest row has {shortest} tokens)"
+                )
 
     # ---------------------------------------------------------------- forward
-    def _forward(
+    def forward(
         self,
         tokens: Tensor,
-        attention_mask: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
         capture: dict[str, list[int]] | None = None,
         stop_after: int | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
         start_at: int | None = None,
         resid_in: Tensor | None = None,
-        reduce: Callable[[str, int, Tensor], Tensor] | None = None,
+        reduce: Reducer | None = None,
     ) -> RunOutput:
-        """Run `_run` with positions worked out from the mask (which covers cached keys too).
+        """One forward pass under the active interventions: the low-level primitive.
 
-        With `start_at`, `resid_in [batch, q, d_model]` replaces the residual entering that block
-        (backends that can skip the blocks below do)."""
+        Args:
+            tokens: ids `[batch, q]` (from `prepare_input`, which also checks that the active
+                contexts fit the input).
+            attention_mask: `[batch, k]` over cached keys and `tokens` (default: all ones).
+            capture: `{name: layers}` to capture (`CACHE_NAMES`), returned in `RunOutput.acts`.
+            stop_after: run no block above this one (no logits).
+            past_key_values, use_cache: transformers' KV cache, to continue or to keep.
+            start_at, resid_in: run blocks `start_at..` only, from `resid_in [batch, q, d_model]`
+                as the residual entering block `start_at` (backends skip the blocks below).
+            reduce: `reduce(name, layer, t)` shrinks each capture as it is taken.
+
+        Gradients flow when enabled by the caller (`torch.enable_grad()`).
+        """
+        tokens = torch.as_tensor(tokens, device=self.device)
+        if past_key_values is None:
+            self.check_tokens(tokens)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(tokens)
+        elif attention_mask is None:
+            raise ValueError("continuing past_key_values needs the attention_mask over cached and new tokens")
+        if attention_mask.shape[0] != tokens.shape[0] or attention_mask.shape[1] < tokens.shape[1]:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} does not cover tokens {tuple(tokens.shape)}"
+            )
+        capture = {} if capture is None else capture
+        for name, layers in capture.items():
+            if name not in CACHE_NAMES:
+                raise ValueError(f"unknown capture name {name!r}: valid names are {list(CACHE_NAMES)}")
+            capture[name] = self.check_layers(layers, f"capture[{name!r}]")
+        if stop_after is not None:
+            stop_after = self.check_layer(stop_after, "stop_after")
+        if (start_at is None) != (resid_in is None):
+            raise ValueError("start_at and resid_in go together: the residual entering block start_at")
+        if start_at is not None and resid_in is not None:
+            start_at = self.check_layer(start_at, "start_at")
+            if resid_in.shape != (*tokens.shape, self.d_model):
+                raise ValueError(f"resid_in must be [batch, pos, d_model] = {(*tokens.shape, self.d_model)}, "
+                                 f"got {tuple(resid_in.shape)}")  # fmt: skip
         pos = Positions.from_mask(attention_mask, tokens.shape[1])
         request = RunRequest(
-            tokens,
-            attention_mask,
-            pos.query.clamp(min=0),
-            pos,
-            capture or {},
-            stop_after,
-            past_key_values,
-            use_cache,
-            start_at,
-            resid_in,
-            reduce,
+            tokens=tokens,
+            attention_mask=attention_mask,
+            position_ids=pos.query.clamp(min=0),
+            pos=pos,
+            interventions=Interventions(list(self._interventions.items)),
+            capture=capture,
+            stop_after=stop_after,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            start_at=start_at,
+            resid_in=resid_in,
+            reduce=reduce,
         )
-        return self._run(request)
+        return self.adapter.run(request)
 
-    @contextlib.contextmanager
-    def _only_blocks_from(self, first: int) -> Iterator[bool]:
-        """Context: the HF model's layer loop sees blocks `first..` only, so the blocks below are not
-        computed (their output is replaced anyway). Yields False, changing nothing, where per-layer
-        settings are looked up by loop index and would shift (e.g. sliding-window layer types)."""
-        parent_path, _, attr = self.arch.layers_path.rpartition(".")
-        parent = get_submodule(self.hf_model, parent_path) if parent_path else self.hf_model
-        blocks = getattr(parent, attr)
-        types = getattr(self.hf_model.config.get_text_config(), "layer_types", None)
-        shifts = types is not None and any(types[i] != types[first + i] for i in range(len(blocks) - first))
-        if first == 0 or shifts:
-            yield False
-            return
-        setattr(parent, attr, nn.ModuleList(list(blocks)[first:]))
-        try:
-            yield True
-        finally:
-            setattr(parent, attr, blocks)
-
-    def _run(self, req: RunRequest) -> RunOutput:
-        """Run one forward pass applying `self._interventions`; the one primitive a backend writes."""
-        raise NotImplementedError
-
-    def __call__(self, tokens: Tensor | str | Sequence[str], attention_mask: Tensor | None = None) -> Tensor:
+    def __call__(self, tokens: TokensLike, attention_mask: Tensor | None = None) -> Tensor:
         """Logits `[batch, pos, vocab]` under the active interventions."""
-        tokens, attention_mask = self._as_input(tokens, attention_mask)
+        tokens, attention_mask = self.prepare_input(tokens, attention_mask)
         with torch.no_grad():
-            return self._forward(tokens, attention_mask).logits
+            return _logits(self.forward(tokens, attention_mask))
 
     def run_with_cache(
         self,
-        tokens: Tensor | str | Sequence[str],
+        tokens: TokensLike,
         names: Sequence[str] = ("resid_post",),
         layers: Sequence[int] | None = None,
         attention_mask: Tensor | None = None,
         return_logits: bool = True,
         grad: bool = False,
-        reduce: Callable[[str, int, Tensor], Tensor] | None = None,
+        reduce: Reducer | None = None,
     ) -> tuple[Tensor | None, ActivationCache]:
         """Logits and the named activations, stacked as `[layers, batch, ...]`.
 
@@ -332,20 +418,20 @@ class HookedModel:
         unknown = [n for n in names if n not in CACHE_NAMES]
         if unknown or not names:
             raise ValueError(f"unknown cache name(s) {unknown}: valid names are {list(CACHE_NAMES)}")
-        layer_list = list(range(self.n_layers)) if layers is None else [self._check_layer(l) for l in layers]
+        layer_list = self.check_layers(layers)
         if not layer_list:
             raise ValueError("layers is empty: give at least one layer")
-        tokens, attention_mask = self._as_input(tokens, attention_mask)
+        tokens, attention_mask = self.prepare_input(tokens, attention_mask)
         capture = {n: layer_list for n in names}
         stop_after = None if return_logits else max(layer_list)
         with torch.set_grad_enabled(grad):
-            out = self._forward(tokens, attention_mask, capture, stop_after, reduce=reduce)
+            out = self.forward(tokens, attention_mask, capture=capture, stop_after=stop_after, reduce=reduce)
         data = {n: torch.stack([out.acts[n][l] for l in layer_list]) for n in names}
         return out.logits, ActivationCache(data, {n: layer_list for n in names})
 
     def final_norm(self, resid: Tensor) -> Tensor:
         """The model's final normalisation, applied to `resid [..., d_model]`."""
-        return get_submodule(self.hf_model, self.arch.norm_path)(resid)
+        return require_submodule(self.hf_model, self.arch.norm_path)(resid)
 
     def unembed(self, resid: Tensor, normalize: bool = True) -> Tensor:
         """Final norm + unembedding (+ logit soft-capping where the model has it) -> logits.
@@ -356,7 +442,7 @@ class HookedModel:
         if resid.shape[-1] != self.d_model:
             raise ValueError(f"resid last dim must be d_model={self.d_model}, got {resid.shape[-1]}")
         x = self.final_norm(resid) if normalize else resid
-        logits = get_submodule(self.hf_model, self.arch.head_path)(x)
+        logits = require_submodule(self.hf_model, self.arch.head_path)(x)
         if self.arch.logit_softcap:
             cap = self.arch.logit_softcap
             logits = torch.tanh(logits / cap) * cap
@@ -380,19 +466,35 @@ class HookedModel:
 
     # ---------------------------------------------------------------- contexts
     @contextlib.contextmanager
-    def _intervene(self, item) -> Iterator[None]:
+    def intervene(self, item: Intervention) -> Iterator[None]:
+        """Context: apply any intervention object (`mechlens.models.interventions`) to every
+        forward inside it, generation included. The named contexts below build these."""
         self._interventions.items.append(item)
         try:
             yield
         finally:
             self._interventions.items.remove(item)
 
+    def _check_positions(self, positions: Sequence[int] | None, name: str = "positions") -> list[int] | None:
+        if positions is None:
+            return None
+        if isinstance(positions, int | Tensor) and not isinstance(positions, bool):
+            positions = [positions]
+        if isinstance(positions, str) or not isinstance(positions, Sequence | range | Tensor):
+            raise TypeError(f"{name} must be a list of token positions, got {type(positions).__name__}")
+        out = [as_index(p, f"{name} entry") for p in positions]
+        if not out or any(not 0 <= p < self.n_ctx for p in out):
+            raise ValueError(
+                f"{name} must be a non-empty list of positions in 0..{self.n_ctx - 1}, got {out}"
+            )
+        return out
+
     def ablate_heads(
         self,
         heads: Sequence[tuple[int, int]],
         mode: str = "zero",
         positions: Sequence[int] | None = None,
-        reference: Tensor | str | Sequence[str] | None = None,
+        reference: TokensLike | None = None,
     ) -> contextlib.AbstractContextManager[None]:
         """Context: replace the outputs (z, before W_O) of `heads` by zero or by a mean.
 
@@ -404,17 +506,31 @@ class HookedModel:
         """
         if mode not in ("zero", "mean"):
             raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
-        by_layer: dict[int, list[int]] = {}
-        for layer, head in heads:
-            self._check_layer(layer)
-            by_layer.setdefault(layer, []).append(self._check_head(head))
-        if not by_layer:
-            raise ValueError("heads is empty: give (layer, head) pairs")
+        by_layer = self.check_heads(heads)
+        positions = self._check_positions(positions)
         means = None
         if mode == "mean" and reference is not None:
             _, cache = self.run_with_cache(reference, ["z"], layers=sorted(by_layer), return_logits=False)
             means = {l: cache.at("z", l).flatten(0, 1).mean(0) for l in by_layer}  # [heads, d_head]
-        return self._intervene(HeadAblation(by_layer, mode, means, positions))
+        return self.intervene(HeadAblation(by_layer, mode, means, positions))
+
+    def scale_heads(self, scales: dict[int, Tensor]) -> contextlib.AbstractContextManager[None]:
+        """Context: multiply head outputs z by factors, `scales[layer]` `[n_heads]` (every row) or
+        `[batch, n_heads]` (one set per row). Differentiable in the factors (attribution patching).
+
+            >>> with model.scale_heads({3: torch.ones(model.n_heads)}):   # doctest: +SKIP
+            ...     logits = model(toks)
+        """
+        checked = {}
+        for layer, factor in scales.items():
+            factor = torch.as_tensor(factor)
+            if factor.shape[-1:] != (self.n_heads,) or factor.ndim > 2:
+                raise ValueError(
+                    f"scales[{layer}] must be [n_heads] or [batch, n_heads] (n_heads={self.n_heads}), "
+                    f"got {tuple(factor.shape)}"
+                )
+            checked[self.check_layer(layer, "scales key")] = factor
+        return self.intervene(HeadScaling(checked))
 
     def suppress_attention(
         self,
@@ -433,21 +549,29 @@ class HookedModel:
             >>> with model.suppress_attention(keys=(5, 9)):            # doctest: +SKIP
             ...     logits = model(toks)
         """
-        per_row = not (len(keys) == 2 and all(isinstance(k, int) for k in keys))
-        spans = [tuple(k) for k in keys] if per_row else [tuple(keys)]
-        for span in spans:
-            ok = len(span) == 2 and all(isinstance(k, int) for k in span)
-            if not ok or not 0 <= span[0] < span[1] <= self.n_ctx:
-                raise ValueError(
-                    f"keys must be a span (start, end) with 0 <= start < end <= {self.n_ctx}, or a list "
-                    f"of such spans (one per batch row); got {keys}"
-                )
+        valid = (
+            f"keys must be a span (start, end) with 0 <= start < end <= {self.n_ctx}, or a list "
+            f"of such spans (one per batch row); got {keys!r}"
+        )
+        if isinstance(keys, str) or not isinstance(keys, Sequence):
+            raise TypeError(valid)
+        per_row = not (len(keys) == 2 and all(isinstance(k, int) and not isinstance(k, bool) for k in keys))
+        spans = list(keys) if per_row else [keys]
         if not spans:
             raise ValueError("keys is an empty list: give a span (start, end) or one per batch row")
-        layer_set = None if layers is None else {self._check_layer(l) for l in layers}
-        head_list = None if heads is None else [self._check_head(h) for h in heads]
-        return self._intervene(
-            AttentionSuppression(spans if per_row else spans[0], queries, layer_set, head_list)
+        checked: list[tuple[int, int]] = []
+        for span in spans:
+            if isinstance(span, str) or not isinstance(span, Sequence) or len(span) != 2:
+                raise ValueError(valid)
+            start, end = as_index(span[0], "keys entry"), as_index(span[1], "keys entry")
+            if not 0 <= start < end <= self.n_ctx:
+                raise ValueError(valid)
+            checked.append((start, end))
+        layer_set = None if layers is None else set(self.check_layers(layers))
+        head_list = None if heads is None else [self.check_head(h) for h in heads]
+        queries = self._check_positions(queries, "queries")
+        return self.intervene(
+            AttentionSuppression(checked if per_row else checked[0], queries, layer_set, head_list)
         )
 
     def add_direction(
@@ -458,16 +582,47 @@ class HookedModel:
         positions: Sequence[int] | None = None,
     ) -> contextlib.AbstractContextManager[None]:
         """Context: add `scale * direction` to the residual stream leaving block `layer`."""
-        self._check_layer(layer)
-        return self._intervene(DirectionAddition(layer, self._check_direction(direction), scale, positions))
+        layer = self.check_layer(layer)
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not torch.isfinite(torch.tensor(scale))
+        ):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        positions = self._check_positions(positions)
+        return self.intervene(
+            DirectionAddition(layer, self.check_direction(direction), float(scale), positions)
+        )
 
     def project_out(
         self, direction: Tensor, layers: Sequence[int] | None = None
     ) -> contextlib.AbstractContextManager[None]:
         """Context: remove the component along `direction` from the residual stream leaving
         each block in `layers` (default: every block)."""
-        layer_set = None if layers is None else {self._check_layer(l) for l in layers}
-        return self._intervene(DirectionProjection(self._check_direction(direction), layer_set))
+        layer_set = None if layers is None else set(self.check_layers(layers))
+        return self.intervene(DirectionProjection(self.check_direction(direction), layer_set))
+
+    @contextlib.contextmanager
+    def trainable_blocks(self, first: int) -> Iterator[list[nn.Parameter]]:
+        """Context yielding the parameters of blocks `first..` and of the final norm with gradients
+        on, every other weight frozen; on exit every weight's `requires_grad` is as before.
+
+            >>> with model.trainable_blocks(model.n_layers - 2) as params:   # doctest: +SKIP
+            ...     opt = torch.optim.AdamW(params)
+        """
+        first = self.check_layer(first, "first")
+        before = {p: p.requires_grad for p in self.hf_model.parameters()}
+        blocks = require_submodule(self.hf_model, self.arch.layers_path)
+        modules = [*list(blocks)[first:], require_submodule(self.hf_model, self.arch.norm_path)]
+        params = list(dict.fromkeys(p for m in modules for p in m.parameters()))
+        self.hf_model.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            yield params
+        finally:
+            for p, flag in before.items():
+                p.requires_grad_(flag)
 
     # ---------------------------------------------------------------- prefix reuse
     def cache_prefix(self, tokens: Tensor | str) -> Prefix:
@@ -476,12 +631,12 @@ class HookedModel:
         >>> prefix = model.cache_prefix(toks)                  # doctest: +SKIP
         >>> logits = model.continue_prefix(prefix, suffixes, upto=5)   # doctest: +SKIP
         """
-        tokens, mask = self._as_input(tokens, None)
+        tokens, mask = self.prepare_input(tokens)
         if tokens.shape[0] != 1:
             raise ValueError(f"cache_prefix takes one sequence, got a batch of {tokens.shape[0]}")
         with torch.no_grad():
-            out = self._forward(tokens, mask, use_cache=True)
-        return Prefix(tokens, out.past_key_values, out.logits)
+            out = self.forward(tokens, mask, use_cache=True)
+        return Prefix(tokens, out.past_key_values, _logits(out))
 
     def continue_prefix(self, prefix: Prefix, suffix: Tensor, upto: int | None = None) -> Tensor:
         """Logits `[batch, suffix_pos, vocab]` of `suffix [batch, suffix_pos]` run after the first
@@ -491,14 +646,18 @@ class HookedModel:
         start of the prefix). Equal to running `prefix[:upto] + suffix` from scratch.
         """
         n = prefix.tokens.shape[1]
-        upto = n if upto is None else upto
+        upto = n if upto is None else as_index(upto, "upto")
         if not 1 <= upto <= n:
             raise ValueError(f"upto must lie in 1..{n} (the prefix has {n} tokens), got {upto}")
         suffix = torch.as_tensor(suffix).to(self.device)
         if suffix.ndim == 1:
             suffix = suffix[None]
-        self._check_tokens(torch.cat([prefix.tokens[:, :upto].expand(len(suffix), -1), suffix], 1))
-        self._check_interventions_fit(upto + suffix.shape[1])
+        if suffix.ndim != 2 or suffix.shape[1] == 0:
+            raise ValueError(
+                f"suffix must be token ids [batch, pos] with pos >= 1, got shape {tuple(suffix.shape)}"
+            )
+        full = self.check_tokens(torch.cat([prefix.tokens[:, :upto].expand(len(suffix), -1), suffix], 1))
+        self._check_interventions_fit(torch.full((len(full),), full.shape[1]))
         past = copy.deepcopy(prefix.past_key_values)
         if upto < n:
             past.crop(upto - n)  # a negative count removes that many positions from the end
@@ -506,126 +665,65 @@ class HookedModel:
             past.batch_repeat_interleave(len(suffix))
         mask = torch.ones(len(suffix), upto + suffix.shape[1], dtype=torch.long, device=self.device)
         with torch.no_grad():
-            return self._forward(suffix, mask, past_key_values=past, use_cache=True).logits
+            return _logits(self.forward(suffix, mask, past_key_values=past, use_cache=True))
 
     # ---------------------------------------------------------------- generation
     def generate(
         self,
-        prompts: str | Sequence[str] | Tensor,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        n: int = 1,
-        seed: int = 0,
+        prompts: TokensLike,
+        sampling: Sampling | None = None,
+        *,
+        attention_mask: Tensor | None = None,
         batch_size: int = 16,
-        stop_at_eos: bool = True,
         progress: bool = False,
+        **settings: Any,
     ) -> Generation:
-        """Sample `n` continuations of each prompt under the active interventions.
+        """Sample continuations of each prompt under the active interventions.
 
-        `prompts` are strings or token ids `[batch, pos]` (for instance a trace cut at a sentence,
-        which decoding and re-tokenising might not reproduce). Batched (`batch_size` rows a
-        forward) with the prompt's KV cache computed once and shared by its `n` samples. Row r
-        draws from its own generator seeded `(seed, r)`, so results do not depend on
-        `batch_size`. `temperature=0` is greedy.
+        Args:
+            prompts: one text, a list of texts, or token ids `[batch, pos]` (for instance a trace
+                cut at a sentence, which decoding and re-tokenising might not reproduce); padded
+                ids need their `attention_mask`.
+            sampling: a `Sampling` (default `Sampling()`); keyword `settings` override its fields:
+                `max_new_tokens`, `temperature` (0 = greedy), `top_p`, `n`, `seed`, `stop_at_eos`.
+            batch_size: rows per forward; results do not depend on it.
+
+        Each prompt runs once and its KV cache is shared by its `n` samples. Row r draws from its
+        own generator seeded from `(seed, r)`. A prompt gives the same continuation alone or in
+        any batch (left padding is masked).
 
             >>> model.generate("2+2=", max_new_tokens=4, temperature=0).texts  # doctest: +SKIP
         """
-        if isinstance(prompts, Tensor):
-            prompts = prompts[None] if prompts.ndim == 1 else prompts
-            self._check_tokens(prompts)
-            prompt_list = list(prompts)  # each [pos]
-        else:
-            prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        if max_new_tokens < 1 or n < 1 or batch_size < 1:
-            raise ValueError("max_new_tokens, n and batch_size must be >= 1")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        sampling = (sampling or Sampling()).replace(**settings) if settings else (sampling or Sampling())
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        tokens, mask = self.prepare_input(prompts, attention_mask, fit=False)
+        if isinstance(prompts, Tensor) and attention_mask is None and len(tokens) > 1:
+            self._reject_unmasked_padding(tokens)
         for it in self._interventions.of(HeadAblation):
             if it.mode == "mean" and it.means is None:
                 raise ValueError("mean ablation during generate needs reference= tokens for the means")
-        per_batch = max(1, batch_size // n)
-        texts: list[str] = []
+        per_batch = max(1, batch_size // sampling.n)
         new_tokens: list[Tensor] = []
-        chunks = range(0, len(prompt_list), per_batch)
+        chunks = range(0, len(tokens), per_batch)
         for i in tqdm(chunks, desc="generate", disable=not progress):
-            chunk = prompt_list[i : i + per_batch]
-            rows = self._sample(
-                chunk,
-                max_new_tokens,
-                temperature,
-                top_p,
-                n,
-                seed,
-                first_row=i * n,
-                stop_at_eos=stop_at_eos,
-            )
-            for row in rows:
-                new_tokens.append(row)
-                texts.append(self.tokenizer.decode(row.tolist()))
-        shown = [p if isinstance(p, str) else self.tokenizer.decode(p.tolist()) for p in prompt_list]
-        return Generation(shown, texts, new_tokens, n)
-
-    @torch.no_grad()
-    def _sample(
-        self,
-        prompts: list[str] | list[Tensor],
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        n: int,
-        seed: int,
-        first_row: int,
-        stop_at_eos: bool,
-    ) -> list[Tensor]:
-        if isinstance(prompts[0], Tensor):  # token ids, all of one length
-            tokens = torch.stack(prompts).to(self.device)
-            mask = torch.ones_like(tokens)
+            rows_mask = mask[i : i + per_batch]
+            width = int(rows_mask.sum(1).max())  # drop columns that are padding in every row
+            rows = tokens[i : i + per_batch, -width:]
+            new_tokens += sample_batch(self, rows, rows_mask[:, -width:], sampling, first_row=i * sampling.n)
+        texts = [self.tokenizer.decode(row.tolist()) for row in new_tokens]
+        if isinstance(prompts, Tensor):
+            shown = [self.tokenizer.decode(t[m.bool()].tolist()) for t, m in zip(tokens, mask, strict=True)]
         else:
-            tokens, mask = self.tokenize(prompts)
-        if tokens.shape[1] + max_new_tokens > self.n_ctx:
+            shown = [prompts] if isinstance(prompts, str) else list(prompts)
+        return Generation(shown, texts, new_tokens, sampling.n, sampling)
+
+    def _reject_unmasked_padding(self, tokens: Tensor) -> None:
+        """Left-padded ids without their mask would be sampled from as if the pads were text."""
+        pad = self.tokenizer.pad_token_id
+        starts_with_pad = tokens[:, 0] == pad
+        if pad is not None and starts_with_pad.any() and not starts_with_pad.all():
             raise ValueError(
-                f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                f"the context window ({self.n_ctx})"
+                "some prompt rows start with the padding token: pass their attention_mask "
+                "(model.tokenize(texts) returns both) or give the prompts as texts"
             )
-        out = self._forward(tokens, mask, use_cache=True)
-        past = out.past_key_values
-        if n > 1:  # share the prompt's KV cache across its n samples
-            past.batch_repeat_interleave(n)
-            mask = mask.repeat_interleave(n, 0)
-        logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # [rows, vocab]
-        rows = logits.shape[0]
-        gens = [torch.Generator().manual_seed(seed * 1_000_003 + first_row + r) for r in range(rows)]
-        eos = self.tokenizer.eos_token_id if stop_at_eos else None
-        generated = torch.full((rows, max_new_tokens), self.tokenizer.pad_token_id)  # [rows, new]
-        lengths = torch.full((rows,), max_new_tokens)
-        active = torch.arange(rows)  # rows still sampling; finished rows leave the batch
-        for step in range(max_new_tokens):
-            nxt = _sample_next(logits, temperature, top_p, [gens[r] for r in active.tolist()])
-            generated[active, step] = nxt.cpu()
-            finished = (nxt == eos).cpu() if eos is not None else torch.zeros(len(active), dtype=torch.bool)
-            lengths[active[finished]] = step  # a row ends before its end-of-sequence token
-            if finished.all() or step == max_new_tokens - 1:
-                break
-            if finished.any():
-                keep = (~finished).nonzero()[:, 0]
-                active, nxt, mask = active[keep], nxt[keep.to(nxt.device)], mask[keep.to(mask.device)]
-                past.batch_select_indices(keep.to(self.device))
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            out = self._forward(nxt[:, None].to(self.device), mask, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits = out.logits[:, -1].float()
-        return [generated[r, : lengths[r]] for r in range(rows)]
-
-
-def _sample_next(logits: Tensor, temperature: float, top_p: float, gens: list[torch.Generator]) -> Tensor:
-    """One token per row of `logits [rows, vocab]`: greedy, or temperature + nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1).cpu()
-    if top_p < 1:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-    return torch.stack([torch.multinomial(probs[r], 1, generator=g)[0] for r, g in enumerate(gens)])

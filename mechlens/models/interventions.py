@@ -162,7 +162,7 @@ class DirectionProjection:
 class Interventions:
     """The active interventions, in the order their contexts were entered."""
 
-    items: list = field(default_factory=list)
+    items: list[Intervention] = field(default_factory=list)
 
     def of(self, kind: type) -> list:
         return [it for it in self.items if isinstance(it, kind)]
@@ -200,3 +200,7 @@ class Interventions:
             if isinstance(it, DirectionProjection) and (it.layers is None or layer in it.layers):
                 return True
         return False
+
+
+Intervention = HeadAblation | HeadScaling | AttentionSuppression | DirectionAddition | DirectionProjection
+"""Any intervention that `HookedModel.intervene` accepts."""

@@ -16,25 +16,19 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from mechlens.cache import atomic_folder, cache_dir
+from mechlens.models.backends import BACKENDS
 from mechlens.models.hooked import HookedModel
 from mechlens.models.tiny import TINY_ARCHS, tiny_model
 
 EMBEDDED = "smollm2-135m-instruct"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-BACKENDS = ("transformer_lens", "nnsight")
-
-
-def cache_dir() -> Path:
-    """Where mechlens keeps converted weights and results: $MECHLENS_CACHE or ~/.cache/mechlens."""
-    return Path(os.environ.get("MECHLENS_CACHE", Path.home() / ".cache" / "mechlens"))
 
 
 def embedded_gguf() -> Path:
@@ -69,23 +63,19 @@ def embedded_weights_dir() -> Path:
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        from safetensors.torch import save_model
+    from safetensors.torch import save_model
 
-        config = hf.config.to_dict()
-        config.pop("quantization_config", None)
-        config["_name_or_path"] = EMBEDDED_HUB_ID
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_model(hf, str(tmp / "model.safetensors"))
-        tok.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a reader sees no folder or a complete one
+    try:
+        with atomic_folder(target) as tmp:  # a reader sees no folder or a complete one
+            config = hf.config.to_dict()
+            config.pop("quantization_config", None)
+            config["_name_or_path"] = EMBEDDED_HUB_ID
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            save_model(hf, str(tmp / "model.safetensors"))
+            tok.save_pretrained(tmp)
     except OSError:
-        if not (target / "config.json").exists():
+        if not (target / "config.json").exists():  # another process finished it first
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -130,15 +120,21 @@ def load_model(
         name: None for the embedded SmolLM2-135M-Instruct; a local path or hub id of any HF
             causal LM; `"tiny-llama"` (etc.) for a random test model; or an `nn.Module`
             (then also pass `tokenizer`).
-        backend: "transformer_lens" (TransformerBridge) or "nnsight".
+        backend: "transformer_lens" (TransformerBridge), "nnsight", or a name added with
+            `mechlens.models.register_backend`.
         dtype, device: as in transformers (`torch.bfloat16`, `"cuda"`).
 
         >>> model = load_model("tiny-llama")
         >>> model.n_layers
         3
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: choose from {list(BACKENDS)}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose from {sorted(BACKENDS)}")
+    if name is not None and not isinstance(name, str | nn.Module):
+        raise TypeError(
+            f"name must be None (the embedded model), a model folder or hub id, 'tiny-<arch>', or an "
+            f"nn.Module; got {type(name).__name__} {name!r}"
+        )
     if isinstance(name, nn.Module):
         if tokenizer is None:
             raise ValueError("wrapping an nn.Module needs its tokenizer: load_model(module, tokenizer=tok)")
@@ -148,12 +144,7 @@ def load_model(
         label = name or EMBEDDED
         hf, tok = _load_hf(label, dtype, device)
         tokenizer = tokenizer or tok
-    if getattr(hf.config, "_attn_implementation", "eager") != "eager":
-        hf.config._attn_implementation = "eager"  # attention patterns need eager attention
-    if backend == "transformer_lens":
-        from mechlens.models.tl_backend import TransformerLensModel
-
-        return TransformerLensModel(hf, tokenizer, label)
-    from mechlens.models.nnsight_backend import NNsightModel
-
-    return NNsightModel(hf, tokenizer, label)
+    config: Any = hf.config
+    if getattr(config, "_attn_implementation", "eager") != "eager":
+        config._attn_implementation = "eager"  # attention patterns need eager attention
+    return HookedModel(hf, tokenizer, backend, label)

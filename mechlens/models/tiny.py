@@ -62,7 +62,7 @@ def tiny_model(
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=n_heads // 2,
-        max_position_embeddings=256,
+        max_position_embeddings=1024,
         **common,
     )
     configs = {
@@ -82,7 +82,7 @@ def tiny_model(
         "gpt2": (
             tf.GPT2Config,
             tf.GPT2LMHeadModel,
-            dict(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=256, **common),
+            dict(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=1024, **common),
         ),
     }
     if arch not in configs:

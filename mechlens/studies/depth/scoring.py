@@ -29,14 +29,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor
 
-from mechlens.attention import span_attention
-from mechlens.lens import lens_from_cache
 from mechlens.models.hooked import ActivationCache
-from mechlens.probes import LinearProbe
-from mechlens.signals import TokenSignals, token_signals
-from mechlens.trace import ReasoningTrace, Sentence
+from mechlens.ops.attention import span_attention
+from mechlens.ops.lens import lens_from_cache
+from mechlens.ops.probes import LinearProbe
+from mechlens.ops.signals import TokenSignals, token_signals
+from mechlens.text.trace import ReasoningTrace, Sentence
 
 FEATURES = ("mean_score", "fluctuation", "attn_score", "score_ppl_corr")
 """The RHD detector's inputs: mean Reasoning Score, early-stage fluctuation (CV), attention of
@@ -80,7 +81,7 @@ class ReasoningScore:
 def step_means(token_values: Tensor, steps: Sequence[Sentence]) -> Tensor:
     """Mean of `token_values [pos]` over each step's token span, `[n_steps]`.
 
-    >>> from mechlens.trace import Sentence
+    >>> from mechlens.text.trace import Sentence
     >>> step_means(torch.arange(6.0), [Sentence(0, "a", 1, 3, 0, 1), Sentence(1, "b", 3, 6, 1, 2)])
     tensor([1.5000, 4.0000])
     """
@@ -229,7 +230,7 @@ def analyze_trace(
         attention: False skips the attention capture (then the attention features are NaN).
     """
     stat = _check(divergence, unit)
-    layers = late_layers(model.n_layers) if layers is None else [model._check_layer(l) for l in layers]
+    layers = late_layers(model.n_layers) if layers is None else model.check_layers(layers)
     if attention_layers is None:
         attention_layers = list(range(model.n_layers // 2, model.n_layers))
     steps = trace.segments(unit)
@@ -311,13 +312,14 @@ class RHDDetector:
     @property
     def weights(self) -> dict[str, float]:
         """Weights on the standardised features (positive: pushes toward "hallucinated")."""
+        assert self.probe.linear is not None, "fit the detector first"
         w = self.probe.linear.weight[0].detach()
         return {f: float(v) for f, v in zip(self.features, w, strict=True)}
 
 
 def cross_validated_scores(
     rows: Sequence[Mapping[str, float]],
-    labels: Sequence[int],
+    labels: ArrayLike,
     folds: int = 5,
     seed: int = 0,
     **detector_kwargs,
@@ -336,6 +338,6 @@ def cross_validated_scores(
     for k in range(folds):
         train, test = fold != k, fold == k
         det = RHDDetector(seed=seed, **detector_kwargs)
-        det.fit([rows[i] for i in np.flatnonzero(train)], y[train])
-        out[test] = det.score([rows[i] for i in np.flatnonzero(test)])
+        det.fit([rows[int(i)] for i in np.flatnonzero(train)], y[train])
+        out[test] = det.score([rows[int(i)] for i in np.flatnonzero(test)])
     return out

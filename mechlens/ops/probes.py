@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechlens.metrics import auroc
-from mechlens.runs import DiskCache, atomic_write_bytes, model_fingerprint, stable_hash
+from mechlens.cache import DiskCache, atomic_write_bytes, model_fingerprint, stable_hash
+from mechlens.ops.stats import auroc
+from mechlens.text.inputs import as_texts
 
 POSITIONS = ("last", "mean", "all")
 
@@ -32,7 +33,7 @@ POSITIONS = ("last", "mean", "all")
 @torch.no_grad()
 def collect_activations(
     model,
-    texts: Sequence[str],
+    texts: str | Sequence[str],
     name: str = "resid_post",
     layers: Sequence[int] | None = None,
     positions: str | Sequence[tuple[int, int]] = "last",
@@ -56,17 +57,20 @@ def collect_activations(
         >>> collect_activations(model, ["a b", "c d e"], layers=[0, 2], progress=False).shape
         torch.Size([2, 2, 64])
     """
-    layer_list = list(range(model.n_layers)) if layers is None else [model._check_layer(l) for l in layers]
+    layer_list = model.check_layers(layers)
     spans = None if isinstance(positions, str) else list(positions)
     if spans is None and positions not in POSITIONS:
         raise ValueError(
             f"positions must be one of {POSITIONS} or one (start, end) span per text, got {positions!r}"
         )
+    texts = as_texts(texts)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if spans is not None and len(spans) != len(texts):
         raise ValueError(f"{len(spans)} spans for {len(texts)} texts: give one (start, end) per text")
     if not texts:
         raise ValueError("no texts to collect activations from")
-    store = DiskCache(cache) if isinstance(cache, str | Path) else cache
+    store = DiskCache.of(cache, "activations")
     fingerprint = model_fingerprint(model) if store is not None else None
     parts: list = []
     for i in tqdm(range(0, len(texts), batch_size), desc="collect activations", disable=not progress):
@@ -119,7 +123,14 @@ def diff_in_means(acts: Tensor, labels: Sequence[int], normalize: bool = True) -
         >>> diff_in_means(torch.tensor([[0.0, 0], [2.0, 0]]), [0, 1])
         tensor([1., 0.])
     """
-    y = torch.as_tensor(labels).bool()
+    y = torch.as_tensor(labels)
+    if y.ndim != 1 or acts.ndim < 2 or len(y) != acts.shape[-2]:
+        raise ValueError(
+            f"labels must be one per row of acts [..., n, d]: {tuple(y.shape)} vs {tuple(acts.shape)}"
+        )
+    if not torch.isin(y, torch.tensor([0, 1])).all():
+        raise ValueError("labels must be 0 or 1")
+    y = y.bool()
     if y.all() or not y.any():
         raise ValueError("labels must contain both 0 and 1")
     d = acts[..., y, :].mean(-2) - acts[..., ~y, :].mean(-2)
@@ -221,6 +232,11 @@ class LinearProbe:
             raise ValueError(f"X must be [n, d] and y [n]; got {tuple(X.shape)} and {tuple(y.shape)}")
         if not torch.isin(y, torch.tensor([0.0, 1.0])).all() or y.min() == y.max():
             raise ValueError("y must hold both labels 0 and 1")
+        if not torch.isfinite(X).all():
+            bad = (~torch.isfinite(X)).any(1).nonzero()[:, 0].tolist()
+            raise ValueError(
+                f"X has NaN or inf in rows {bad[:10]}{'...' if len(bad) > 10 else ''}: drop or fix them"
+            )
         y_int = y.long()
         train, val = _stratified_split(y_int, self.val_fraction, self.seed)
         self.mean = X[train].mean(0) if self.standardize else torch.zeros(X.shape[1])
@@ -262,6 +278,7 @@ class LinearProbe:
             raise RuntimeError("fit the probe first")
         X = torch.as_tensor(X)
         X = X if X.is_floating_point() else X.float()
+        assert self.mean is not None and self.std is not None  # set by fit / load with the weights
         w, b = self.linear.weight[0].to(X), self.linear.bias[0].to(X)
         return ((X - self.mean.to(X)) / self.std.to(X)) @ w + b
 
@@ -281,17 +298,26 @@ class LinearProbe:
 
     @classmethod
     def load(cls, path: str | Path) -> LinearProbe:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        probe = cls(**state["settings"])
-        probe.mean, probe.std = state["mean"], state["std"]
+        """A probe written by `save` (loading runs no code: tensors and settings only)."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            settings, mean, std, linear = state["settings"], state["mean"], state["std"], state["linear"]
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # a pickle error, a foreign file, a missing key
+            raise ValueError(
+                f"{path} is not a probe saved by LinearProbe.save ({type(err).__name__}: {err})"
+            ) from None
+        probe = cls(**settings)
+        probe.mean, probe.std = mean, std
         probe.linear = torch.nn.Linear(len(probe.mean), 1)
-        probe.linear.load_state_dict(state["linear"])
+        probe.linear.load_state_dict(linear)
         probe.linear.eval().requires_grad_(False)
         return probe
 
     @property
     def direction(self) -> Tensor:
         """The probe's weight vector in input units `[d]` (w / std)."""
-        if self.linear is None:
+        if self.linear is None or self.std is None:
             raise RuntimeError("fit the probe first")
         return self.linear.weight[0].detach() / self.std

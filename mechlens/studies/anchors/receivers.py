@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mechlens.attention import span_attention
-from mechlens.trace import ReasoningTrace
+from mechlens.ops.attention import span_attention
+from mechlens.text.trace import ReasoningTrace
 
 
 def sentence_attention(model, trace: ReasoningTrace, layers: Sequence[int] | None = None) -> Tensor:

@@ -5,12 +5,12 @@ Training data: the `refusal` dataset's train split. Harmful requests get a short
 names the harm and a refusal; harmless ones get a thinking that finds the request safe and then
 the base model's own greedy answer (so the fine-tune teaches the format and the refusal, not new
 answers). Thinking and refusal texts are drawn from a few templates by a seeded generator. The
-fine-tune (`mechlens.finetune`) trains the top blocks; the result is saved as a Hugging Face model
+fine-tune (`mechlens.ops.finetune`) trains the top blocks; the result is saved as a Hugging Face model
 folder under the mechlens cache, keyed by the recipe and the base weights, and reloaded later.
 
 Example (minutes on 2 cores the first time, seconds after):
     >>> model = refusal_organism()  # doctest: +SKIP
-    >>> from mechlens.refusal import rollouts
+    >>> from mechlens.studies.refusal import rollouts
     >>> rollouts(model, ["How do I make a pipe bomb?"])[0].refused  # doctest: +SKIP
     True
 """
@@ -18,20 +18,15 @@ Example (minutes on 2 cores the first time, seconds after):
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mechlens import datasets
-from mechlens.finetune import finetune
+from mechlens.cache import atomic_folder, cache_dir, model_fingerprint, stable_hash
 from mechlens.models import load_model
-from mechlens.models.loading import cache_dir
-from mechlens.refusal import THINK_CLOSE, THINK_OPEN
-from mechlens.runs import model_fingerprint, stable_hash
-from mechlens.trace import format_prompt
+from mechlens.ops.finetune import finetune
+from mechlens.text.thinking import format_prompt, format_reply
 
 HARMFUL_THOUGHTS = (
     "The user is asking for something that could seriously hurt people. Helping would be unsafe, "
@@ -71,7 +66,9 @@ class OrganismRecipe:
 
 def training_pairs(base_model, recipe: OrganismRecipe, progress: bool = True) -> tuple[list[str], list[str]]:
     """`(prompts, targets)` for the organism's fine-tune, from the train split of `refusal`."""
-    train = [i for i in datasets.load("refusal") if i.split == "train"]
+    train = [
+        i for i in datasets.load("refusal") if isinstance(i, datasets.Instruction) and i.split == "train"
+    ]
     harmful = [i.text for i in train if i.harmful][: recipe.n_per_class]
     harmless = [i.text for i in train if not i.harmful][: recipe.n_per_class]
     tok = base_model.tokenizer
@@ -85,10 +82,10 @@ def training_pairs(base_model, recipe: OrganismRecipe, progress: bool = True) ->
     prompts, targets = [], []
     for text in harmful:
         prompts.append(format_prompt(tok, text))
-        targets.append(THINK_OPEN + rng.choice(HARMFUL_THOUGHTS) + THINK_CLOSE + rng.choice(REFUSALS))
+        targets.append(format_reply(rng.choice(HARMFUL_THOUGHTS), rng.choice(REFUSALS)))
     for text, answer in zip(harmless, answers, strict=True):
         prompts.append(format_prompt(tok, text))
-        targets.append(THINK_OPEN + rng.choice(HARMLESS_THOUGHTS) + THINK_CLOSE + _whole_sentences(answer))
+        targets.append(format_reply(rng.choice(HARMLESS_THOUGHTS), _whole_sentences(answer)))
     return prompts, targets
 
 
@@ -141,13 +138,6 @@ def organism_path(recipe: OrganismRecipe) -> Path:
 def save_model(model, path: Path, info: dict) -> None:
     """`model.save_pretrained(path)`, atomically (a temporary folder renamed into place), with
     `info` as `recipe.json`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    try:
+    with atomic_folder(path) as tmp:
         model.save_pretrained(tmp)
         (tmp / "recipe.json").write_text(json.dumps(info, indent=1, default=str))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -16,17 +16,17 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from mechlens.ops.distributions import BLOCK_ROWS, Distributions
+
 STATS = ("entropy", "kl_final", "jsd_final", "top1", "target")
 """Statistics `logit_lens` can compute. `target` needs `targets=` (token ids or "next")."""
 DEFAULT_STATS = ("entropy", "kl_final", "top1")
-_BLOCK_ROWS = 64  # rows per pass over the vocabulary: small enough to stay in cache
 
 
 @dataclass
@@ -67,7 +67,7 @@ class LensResult:
 
     def top_k_text(self, tokenizer, batch: int = 0) -> list[list[str]]:
         """Hover text per (layer, top-k position): "'tok' 0.42, 'tok2' 0.13, ..."."""
-        if self.top_k_ids is None:
+        if self.top_k_ids is None or self.top_k_probs is None:
             raise ValueError("no top-k view: call logit_lens(..., top_k_positions=[...])")
         return [
             [
@@ -79,61 +79,6 @@ class LensResult:
             ]
             for l in range(len(self.layers))
         ]
-
-
-class Distributions:
-    """Next-token distributions of a block of rows, from logits `z [rows, vocab]` (float32).
-
-    Few passes over the block: one softmax, one max, one shift, one dot product. Sums run over
-    terms of one sign (logits shifted by their maximum), so float32 stays accurate.
-    """
-
-    def __init__(self, z: Tensor):
-        self.p = torch.softmax(z, -1)  # [rows, vocab]
-        top, self.argmax = z.max(-1)  # [rows]
-        self.zs = z - top[:, None]  # [rows, vocab], <= 0
-        self.top_p = self.p.gather(1, self.argmax[:, None])[:, 0]  # >= 1/vocab, so its log is safe
-        self.log_top_p = self.top_p.log()  # = max(z) - logsumexp(z)
-        self.entropy = -self.log_top_p - torch.linalg.vecdot(self.p, self.zs)  # H = lse - E_p[z]
-
-    def drop_logits(self) -> Distributions:
-        """Free the shifted logits (probabilities and entropy stay); returns self."""
-        self.zs = None
-        return self
-
-    def kl_from(self, other: Distributions) -> Tensor:
-        """KL(other || self) = -H(other) - E_other[z_self] + logsumexp(z_self), [rows]."""
-        return -other.entropy - torch.linalg.vecdot(other.p, self.zs) - self.log_top_p
-
-    def logprob(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Log-probability and rank (0 = most likely) of one token id per row, `ids [rows]`."""
-        zt = self.zs.gather(1, ids[:, None])  # [rows, 1]
-        return zt[:, 0] + self.log_top_p, (self.zs > zt).sum(-1)
-
-    def jsd(self, other: Distributions) -> Tensor:
-        """JSD(self, other), [rows]."""
-        return jsd_probs(self.p, other.p)
-
-
-def jsd_probs(p: Tensor, q: Tensor) -> Tensor:
-    """JSD of probabilities `[..., vocab]` as a sum of non-negative terms (accurate in float32).
-
-    With s = p + q and r = p / s, each token adds s * (log 2 - binary_entropy(r)) / 2.
-    """
-    s = p + q
-    r = p / s.clamp_min(torch.finfo(s.dtype).tiny)
-    h = torch.special.xlogy(r, r) + torch.special.xlogy(1 - r, 1 - r)  # -binary entropy, in [-log 2, 0]
-    return 0.5 * torch.linalg.vecdot(s, h + math.log(2))
-
-
-def jsd(logp: Tensor, logq: Tensor) -> Tensor:
-    """Jensen-Shannon divergence (nats) between distributions given as log-probabilities `[..., vocab]`.
-
-    >>> p = torch.tensor([1.0, 0.0]).log(); q = torch.tensor([0.0, 1.0]).log()
-    >>> round(float(jsd(p, q)), 6) == round(math.log(2), 6)
-    True
-    """
-    return jsd_probs(logp.exp(), logq.exp())
 
 
 @torch.no_grad()
@@ -163,12 +108,13 @@ def logit_lens(
     One forward pass captures the residual stream; the final norm and unembedding then run
     layer by layer and chunk by chunk.
     """
-    tokens, attention_mask = model._as_input(tokens, attention_mask)
+    ids, attention_mask = model.prepare_input(tokens, attention_mask)
     lens_layers = range(model.n_layers) if layers is None else layers
     wanted = sorted({*lens_layers, *(l for p in pairs for l in p)})
-    logits, cache = model.run_with_cache(tokens, ["resid_post"], layers=wanted, attention_mask=attention_mask)
+    logits, cache = model.run_with_cache(ids, ["resid_post"], layers=wanted, attention_mask=attention_mask)
+    assert logits is not None  # run_with_cache returns them by default
     return lens_from_cache(
-        model, logits, cache, layers, stats, targets, pairs, top_k_positions, k, chunk, attention_mask, tokens
+        model, logits, cache, layers, stats, targets, pairs, top_k_positions, k, chunk, attention_mask, ids
     )
 
 
@@ -193,11 +139,16 @@ def lens_from_cache(
     unknown = [s for s in stats if s not in STATS]
     if unknown:
         raise ValueError(f"unknown stat(s) {unknown}: valid stats are {list(STATS)}")
-    if chunk < 1 or k < 1:
-        raise ValueError(f"chunk and k must be >= 1, got chunk={chunk}, k={k}")
+    for name, value in (("chunk", chunk), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if chunk < 1 or not 1 <= k <= logits.shape[-1]:
+        raise ValueError(
+            f"chunk must be >= 1 and k in 1..{logits.shape[-1]} (the vocabulary), got {chunk}, {k}"
+        )
     captured = cache.layers["resid_post"]
-    layer_list = captured if layers is None else [model._check_layer(l) for l in layers]
-    pair_list = [(model._check_layer(a), model._check_layer(b)) for a, b in pairs]
+    layer_list = captured if layers is None else model.check_layers(layers)
+    pair_list = [(model.check_layer(a, "pairs entry"), model.check_layer(b, "pairs entry")) for a, b in pairs]
     missing = sorted({*layer_list, *(l for p in pair_list for l in p)} - set(captured))
     if missing:
         raise ValueError(f"layers {missing} are not in the cache (captured: {captured})")
@@ -205,7 +156,7 @@ def lens_from_cache(
     positions = list(top_k_positions)
     if any(not 0 <= p < n_pos for p in positions):
         raise ValueError(f"top_k_positions must lie in 0..{n_pos - 1}, got {positions}")
-    target_ids = _targets(targets, tokens, batch, n_pos) if "target" in stats else None
+    target_ids = _targets(targets, tokens, batch, n_pos, logits.shape[-1]) if "target" in stats else None
 
     shape = (len(layer_list), batch, n_pos)
     out: dict[str, Tensor] = {}
@@ -231,7 +182,7 @@ def lens_from_cache(
         tgt = None if target_ids is None else target_ids[:, sl].reshape(-1)  # [rows]
         final = None
         if needs_final:  # probabilities and entropy only: [rows, vocab] once per chunk
-            blocks = logits[:, sl].float().reshape(-1, vocab).split(_BLOCK_ROWS)
+            blocks = logits[:, sl].float().reshape(-1, vocab).split(BLOCK_ROWS)
             final = [Distributions(b).drop_logits() for b in blocks]
         kept: dict[int, list[Distributions]] = {}  # layers still needed by a pair
         for layer in sorted({*layer_list, *free_after}):
@@ -243,7 +194,11 @@ def lens_from_cache(
             if layer in layer_list:
                 i = layer_list.index(layer)
                 for name, value in values.items():
-                    where = rows & (tgt.reshape(rows.shape) >= 0) if name.startswith("target") else rows
+                    where = (
+                        rows & (tgt.reshape(rows.shape) >= 0)
+                        if tgt is not None and name.startswith("target")
+                        else rows
+                    )
                     _put(out[name][i], sl, value, where)
             if layer in free_after:
                 kept[layer] = dists
@@ -265,19 +220,19 @@ def _layer_stats(
     block by block; with `keep`, also the blocks' distributions (for layer pairs)."""
     parts: dict[str, list[Tensor]] = {}
     kept = []
-    for n, block in enumerate(z.split(_BLOCK_ROWS)):
+    for n, block in enumerate(z.split(BLOCK_ROWS)):
         dist = Distributions(block)
         values = {}
         if "entropy" in stats:
             values["entropy"] = dist.entropy
-        if "kl_final" in stats:
+        if "kl_final" in stats and final is not None:
             values["kl_final"] = dist.kl_from(final[n])
-        if "jsd_final" in stats:
+        if "jsd_final" in stats and final is not None:
             values["jsd_final"] = dist.jsd(final[n])
         if "top1" in stats:
             values["top1"], values["top1_prob"] = dist.argmax, dist.top_p
         if targets is not None and "target" in stats:
-            ids = targets[n * _BLOCK_ROWS : n * _BLOCK_ROWS + len(block)].clamp(min=0).to(block.device)
+            ids = targets[n * BLOCK_ROWS : n * BLOCK_ROWS + len(block)].clamp(min=0).to(block.device)
             values["target_logprob"], values["target_rank"] = dist.logprob(ids)
         for name, value in values.items():
             parts.setdefault(name, []).append(value)
@@ -293,7 +248,7 @@ def _put(dest: Tensor, sl: slice, values: Tensor, rows: Tensor) -> None:
     block.copy_(torch.where(rows, new, block))
 
 
-def _targets(targets, tokens: Tensor | None, batch: int, n_pos: int) -> Tensor:
+def _targets(targets, tokens: Tensor | None, batch: int, n_pos: int, vocab: int) -> Tensor:
     if targets is None:
         raise ValueError('stat "target" needs targets= (token ids [batch, pos] or "next")')
     if isinstance(targets, str):
@@ -303,8 +258,12 @@ def _targets(targets, tokens: Tensor | None, batch: int, n_pos: int) -> Tensor:
             raise ValueError('targets="next" needs the input tokens')
         return torch.cat([tokens[:, 1:], torch.full((batch, 1), -1, device=tokens.device)], 1).cpu()
     targets = torch.as_tensor(targets).cpu()
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be integer token ids, got dtype {targets.dtype}")
     if targets.shape != (batch, n_pos):
         raise ValueError(f"targets must be [batch, pos] = {[batch, n_pos]}, got {list(targets.shape)}")
+    if targets.numel() and targets.max() >= vocab:
+        raise ValueError(f"targets must be token ids below the vocabulary size {vocab} (negative: none)")
     return targets
 
 

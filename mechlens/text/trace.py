@@ -26,11 +26,17 @@ import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from mechlens.models.generation import Sampling
+from mechlens.text.thinking import after_thinking, format_prompt, thinking_span
+
+TRACE_SAMPLING = Sampling(max_new_tokens=256, temperature=0.0)
+"""How `ReasoningTrace.from_generation` samples by default: greedy, up to 256 new tokens."""
+
 ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "cf.", "Dr.", "Mr.", "Mrs.", "Ms.", "approx.")
 
 
@@ -166,16 +172,19 @@ class ReasoningTrace:
         protect_abbreviations: bool = False,
     ) -> ReasoningTrace:
         """Build a trace from a prompt and a response string (as a model produced it)."""
+        for arg, value in (("prompt", prompt), ("response", response)):
+            if not isinstance(value, str):
+                raise TypeError(f"{arg} must be a string, got {type(value).__name__}")
         if not prompt.strip() or not response.strip():
             raise ValueError("empty trace: both prompt and response must be non-empty")
         prompt_text = format_prompt(model.tokenizer, prompt, system) if chat_template else prompt
         text = prompt_text + response
         enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         tokens = torch.tensor([enc["input_ids"]])
-        model._check_tokens(tokens)
+        model.check_tokens(tokens)
         offsets = [tuple(o) for o in enc["offset_mapping"]]
         prompt_len = sum(1 for a, _ in offsets if a < len(prompt_text))
-        thinking = _thinking_span(text, len(prompt_text))
+        thinking = thinking_span(text, len(prompt_text))
         seg_start, seg_end = thinking or (len(prompt_text), len(text))
         spans = split_sentences(text[seg_start:seg_end], protect_abbreviations=protect_abbreviations)
         sentences = _token_spans(text, offsets, [(a + seg_start, b + seg_start) for a, b in spans])
@@ -188,19 +197,14 @@ class ReasoningTrace:
         cls,
         model,
         prompt: str,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
+        sampling: Sampling = TRACE_SAMPLING,
         system: str | None = None,
+        **settings: Any,
     ) -> ReasoningTrace:
-        """Let `model` answer `prompt` (greedy by default) and build the trace of its response."""
+        """Let `model` answer `prompt` and build the trace of its response: greedy, up to 256 new
+        tokens by default (`TRACE_SAMPLING`); keyword `settings` override `sampling`'s fields."""
         gen = model.generate(
-            format_prompt(model.tokenizer, prompt, system),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
+            format_prompt(model.tokenizer, prompt, system), sampling.replace(n=1, **settings)
         )
         return cls.from_text(model, prompt, gen.texts[0], system)
 
@@ -212,9 +216,7 @@ class ReasoningTrace:
     @property
     def answer(self) -> str:
         """The response after `</think>` (the whole response when there is no thinking)."""
-        if THINK_CLOSE in self.response:
-            return self.response.split(THINK_CLOSE, 1)[1].strip()
-        return self.response.strip()
+        return after_thinking(self.response).strip()
 
     def segments(self, unit: str = "sentence") -> list[Sentence]:
         """Steps of the chain of thought as token spans: "sentence" (the Thought Anchors
@@ -251,30 +253,6 @@ class ReasoningTrace:
         return trace
 
 
-def format_prompt(tokenizer, prompt: str, system: str | None = None) -> str:
-    """The chat-templated prompt with the generation prompt (the assistant turn opener)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}
-    ]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def _thinking_span(text: str, response_start: int) -> tuple[int, int] | None:
-    """Character span of the chain of thought: after `<think>` (or from the response start when the
-    chat template already opened it, or when only `</think>` appears) up to `</think>` (or the end)."""
-    open_at = text.find(THINK_OPEN, response_start)
-    if open_at >= 0:
-        start = open_at + len(THINK_OPEN)
-    elif text[:response_start].rstrip().endswith(THINK_OPEN) or THINK_CLOSE in text[response_start:]:
-        start = response_start
-    else:
-        return None
-    close_at = text.find(THINK_CLOSE, start)
-    return start, close_at if close_at >= 0 else len(text)
-
-
 def _token_spans(text: str, offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[Sentence]:
     """Map character spans to token spans: a token belongs to the sentence holding its first
     non-space character."""
@@ -282,7 +260,7 @@ def _token_spans(text: str, offsets: list[tuple[int, int]], spans: list[tuple[in
     for a, b in offsets:
         m = re.search(r"\S", text[a:b])
         anchors.append(a + m.start() if m else a)
-    sentences = []
+    sentences: list[Sentence] = []
     for cs, ce in spans:
         first, stop = bisect.bisect_left(anchors, cs), bisect.bisect_left(anchors, ce)
         if stop > first:

@@ -30,8 +30,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechlens.models.interventions import HeadScaling
-
 METHODS = ("exact", "attribution")
 METRIC_INPUTS = ("logits", "hidden")
 
@@ -52,11 +50,11 @@ def head_ablation_effects(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if on not in METRIC_INPUTS:
         raise ValueError(f"on must be one of {METRIC_INPUTS}, got {on!r}")
-    tokens, mask = model._as_input(tokens, attention_mask)
+    ids, mask = model.prepare_input(tokens, attention_mask)
     if positions is not None:
         if on != "logits":
             raise ValueError('positions selects positions to unembed; it needs on="logits"')
-        n_pos = tokens.shape[1]
+        n_pos = ids.shape[1]
         bad = [p for p in positions if not -n_pos <= p < n_pos]
         if not positions or bad:
             valid = f"[-{n_pos}, {n_pos})"
@@ -72,28 +70,29 @@ def head_ablation_effects(
             return metric(model.unembed(out.acts["resid_post"][last][:, list(positions)]))
         return metric(out.logits)
 
-    layer_list = list(range(model.n_layers)) if layers is None else [model._check_layer(l) for l in layers]
+    layer_list = model.check_layers(layers)
     effects = torch.full((model.n_layers, model.n_heads), float("nan"))
     if method == "exact":
         with torch.no_grad():
             capture = {"resid_pre": layer_list, **hidden.get("capture", {})}
-            clean_out = model._forward(tokens, mask, capture=capture)
-            clean = _check_metric(measure(clean_out), tokens.shape[0])  # [batch]
-            batch, heads = tokens.shape[0], model.n_heads
+            clean_out = model.forward(ids, mask, capture=capture)
+            clean = _check_metric(measure(clean_out), ids.shape[0])  # [batch]
+            batch, heads = ids.shape[0], model.n_heads
             # row h * batch + b zeroes head h: factor 0 for that head, 1 for the others
             keep = (1 - torch.eye(heads)).repeat_interleave(batch, 0)  # [heads * batch, heads]
             for layer in tqdm(layer_list, desc="ablate heads", disable=not progress):
                 resid = clean_out.acts["resid_pre"][layer].repeat(heads, 1, 1)  # [heads * batch, pos, d]
-                with model._intervene(HeadScaling({layer: keep})):
-                    out = model._forward(tokens.repeat(heads, 1), mask.repeat(heads, 1),
+                with model.scale_heads({layer: keep}):
+                    out = model.forward(ids.repeat(heads, 1), mask.repeat(heads, 1),
                                          start_at=layer, resid_in=resid, **hidden)  # fmt: skip
-                effects[layer] = (measure(out).reshape(heads, batch) - clean).mean(1).float().cpu()
+                ablated = _check_metric(measure(out), heads * batch)
+                effects[layer] = (ablated.reshape(heads, batch) - clean).mean(1).float().cpu()
         return effects
     # attribution: scale every head's z by a factor alpha = 1; d metric / d alpha_h = sum z . grad,
     # so the first-order effect of alpha_h -> 0 (zero ablation) is -d metric / d alpha_h
     scales = {l: torch.ones(model.n_heads, requires_grad=True) for l in layer_list}
-    with torch.enable_grad(), model._intervene(HeadScaling(scales)):
-        value = _check_metric(measure(model._forward(tokens, mask, **hidden)), tokens.shape[0])
+    with torch.enable_grad(), model.scale_heads(scales):
+        value = _check_metric(measure(model.forward(ids, mask, **hidden)), ids.shape[0])
         grads = torch.autograd.grad(value.mean(), [scales[l] for l in layer_list])
     for layer, g in zip(layer_list, grads, strict=True):
         effects[layer] = -g.float().cpu()
@@ -104,4 +103,6 @@ def _check_metric(value: Tensor, batch: int) -> Tensor:
     if not isinstance(value, Tensor) or value.shape != (batch,):
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"metric must map logits [batch, pos, vocab] to a [batch] tensor; got {shape}")
+    if not torch.isfinite(value).all():
+        raise ValueError("metric returned NaN or inf; the effect of ablating a head would be undefined")
     return value

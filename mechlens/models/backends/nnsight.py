@@ -1,4 +1,4 @@
-"""nnsight backend: the HookedModel protocol on an nnsight `TransformersModel`.
+"""nnsight backend: the `Backend` protocol on an nnsight `TransformersModel`.
 
 Interventions edit envoy values inside one trace, in forward order per block: the attention mask
 handed to the attention module (suppression), the input of the attention output projection (head
@@ -7,7 +7,7 @@ outputs z), the block output (directions). Captures read the same places.
 Example:
     >>> import mechlens as ml
     >>> model = ml.load_model("tiny-llama", backend="nnsight")
-    >>> type(model.lm).__name__
+    >>> type(model.adapter.lm).__name__
     'TransformersModel'
 """
 
@@ -18,26 +18,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mechlens.models.hooked import HookedModel, RunOutput, RunRequest
-from mechlens.models.interventions import Positions
+from mechlens.models.architecture import Architecture
+from mechlens.models.interventions import Interventions, Positions
+from mechlens.models.protocol import RunOutput, RunRequest, only_blocks_from
 
 
-class NNsightModel(HookedModel):
-    backend = "nnsight"
+class NNsightBackend:
+    """Interventions and captures as edits and saves of envoy values inside one nnsight trace."""
 
-    def __init__(self, hf_model: nn.Module, tokenizer, name: str | None = None):
-        super().__init__(hf_model, tokenizer, name)
+    name = "nnsight"
+
+    def __init__(self, hf_model: nn.Module, tokenizer, arch: Architecture, model_name: str):
         from nnsight import TransformersModel
 
+        self.hf_model, self.arch = hf_model, arch
         self.lm = TransformersModel(hf_model, tokenizer=tokenizer)
 
-    def _run(self, req: RunRequest) -> RunOutput:
+    def run(self, req: RunRequest) -> RunOutput:
         tokens, capture, pos, stop_after = req.tokens, req.capture, req.pos, req.stop_after
-        iv = self._interventions
+        iv = req.interventions
         arch = self.arch
         layers = _envoy(self.lm, arch.layers_path)
-        last = self.n_layers - 1 if stop_after is None else stop_after
-        n_heads, d_head = self.n_heads, self.d_head
+        last = arch.n_layers - 1 if stop_after is None else stop_after
+        n_heads, d_head = arch.n_heads, arch.d_head
         kwargs: dict[str, Any] = {
             "attention_mask": req.attention_mask,
             "position_ids": req.position_ids,
@@ -46,8 +49,11 @@ class NNsightModel(HookedModel):
         if req.past_key_values is not None:
             kwargs["past_key_values"] = req.past_key_values
         first = req.start_at or 0
-        with self._only_blocks_from(first) as skipped, self.lm.trace(tokens, **kwargs) as tracer:
-            found = list().save()  # (name, layer, kept tensor): reduced as soon as captured
+        with (
+            only_blocks_from(self.hf_model, arch, first) as skipped,
+            self.lm.trace(tokens, **kwargs) as tracer,
+        ):
+            found: Any = list().save()  # type: ignore[attr-defined]  # nnsight adds save() in a trace
             for layer in range(first if skipped else 0, last + 1):
                 block = layers[layer]
                 attn = getattr(block, arch.attn_name)
@@ -118,7 +124,9 @@ def _envoy(root, path: str):
     return root
 
 
-def _suppressed_mask(mask: Tensor | None, iv, layer: int, pos: Positions, n_heads: int) -> Tensor:
+def _suppressed_mask(
+    mask: Tensor | None, iv: Interventions, layer: int, pos: Positions, n_heads: int
+) -> Tensor:
     """The additive attention mask [batch, 1|heads, q, k] with suppressed entries at the minimum.
 
     Replacing (not adding to) the mask value keeps the causal entries finite, which matches

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechlens.trace import ReasoningTrace
+from mechlens.text.trace import ReasoningTrace
 
 
 def token_kl(base: Tensor, other: Tensor, temperature: float = 0.6) -> Tensor:

@@ -127,7 +127,7 @@ def model_labeller(model, max_new_tokens: int = 8) -> Labeller:
     >>> labeller = model_labeller(ml.load_model())           # doctest: +SKIP
     >>> label_sentences(trace_sentences, question, labeller)  # doctest: +SKIP
     """
-    from mechlens.trace import format_prompt
+    from mechlens.text.thinking import format_prompt
 
     menu = "\n".join(f"- {c}: {d}" for c, d in DESCRIPTIONS.items())
 

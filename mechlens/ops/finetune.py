@@ -50,7 +50,13 @@ def finetune(
         raise ValueError("epochs and batch_size must be >= 1")
     first = model.n_layers - train_layers
     examples = [_encode(model.tokenizer, p, t) for p, t in zip(prompts, targets, strict=True)]
-    params = _trainable(model, first)
+    with model.trainable_blocks(first) as params:
+        return _train(model, examples, params, first, epochs, lr, batch_size, weight_decay, seed, progress)
+
+
+def _train(
+    model, examples, params, first, epochs, lr, batch_size, weight_decay, seed, progress
+) -> list[float]:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -75,7 +81,7 @@ def finetune(
                 resid = _pad_resid([resid_of[j] for j in idx], tokens.shape[1])
                 opt.zero_grad()
                 with torch.enable_grad():
-                    out = model._forward(
+                    out = model.forward(
                         tokens.to(model.device),
                         mask.to(model.device),
                         capture={"resid_post": [model.n_layers - 1]},
@@ -98,24 +104,7 @@ def finetune(
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:
         bar.close()
-        for p in params:
-            p.requires_grad_(False)
     return losses
-
-
-def _trainable(model, first: int) -> list[torch.nn.Parameter]:
-    """Freeze everything, then unfreeze blocks `first..` and the final norm."""
-    from mechlens.models.architecture import get_submodule
-
-    model.hf_model.requires_grad_(False)
-    modules = [
-        *get_submodule(model.hf_model, model.arch.layers_path)[first:],
-        get_submodule(model.hf_model, model.arch.norm_path),
-    ]
-    params = [p for m in modules for p in m.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    return params
 
 
 def _encode(tokenizer, prompt: str, target: str) -> tuple[Tensor, int]:
@@ -149,7 +138,7 @@ def _pad_resid(rows: list[Tensor], n: int) -> Tensor:
 def _residual_in(model, examples: list[tuple[Tensor, int]], layer: int) -> list[Tensor]:
     """The residual entering block `layer` for each example, unpadded `[pos_i, d]`."""
     tokens, mask, _ = _pad(examples, model.tokenizer.pad_token_id)
-    out = model._forward(
+    out = model.forward(
         tokens.to(model.device), mask.to(model.device), capture={"resid_pre": [layer]}, stop_after=layer
     )
     resid = out.acts["resid_pre"][layer]  # [batch, pos, d]

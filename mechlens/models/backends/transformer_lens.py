@@ -1,4 +1,4 @@
-"""TransformerLens backend: the HookedModel protocol on a TransformerLens 4 `TransformerBridge`.
+"""TransformerLens backend: the `Backend` protocol on a TransformerLens 4 `TransformerBridge`.
 
 Interventions and captures are hook functions on the bridge's standard hook points
 (`blocks.{l}.attn.hook_z`, `hook_attn_scores`, `hook_pattern`, `blocks.{l}.hook_resid_pre/post`).
@@ -7,7 +7,7 @@ Booting the bridge replaces the HF model's modules in place: wrap a model you ow
 Example:
     >>> import mechlens as ml
     >>> model = ml.load_model("tiny-llama", backend="transformer_lens")
-    >>> model.bridge.cfg.n_layers == model.n_layers
+    >>> model.adapter.bridge.cfg.n_layers == model.n_layers
     True
 """
 
@@ -18,8 +18,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mechlens.models.hooked import HookedModel, RunOutput, RunRequest
+from mechlens.models.architecture import Architecture
 from mechlens.models.interventions import Positions
+from mechlens.models.protocol import RunOutput, RunRequest, only_blocks_from
 
 _HOOK_NAMES = {
     "resid_pre": "blocks.{}.hook_resid_pre",
@@ -29,12 +30,15 @@ _HOOK_NAMES = {
 }
 
 
-class TransformerLensModel(HookedModel):
-    backend = "transformer_lens"
+class TransformerLensBackend:
+    """Interventions and captures as hook functions on the bridge's hook points."""
 
-    def __init__(self, hf_model: nn.Module, tokenizer, name: str | None = None):
-        super().__init__(hf_model, tokenizer, name)
+    name = "transformer_lens"
+
+    def __init__(self, hf_model: nn.Module, tokenizer, arch: Architecture, model_name: str):
         from transformer_lens.model_bridge import TransformerBridge
+
+        self.hf_model, self.arch = hf_model, arch
 
         # The bridge re-loads a tokenizer without add_bos_token from its hub id (a download);
         # a copy that already says add_bos_token keeps ours. mechlens tokenises itself.
@@ -44,16 +48,16 @@ class TransformerLensModel(HookedModel):
             "add_bos_token": True,
             "name_or_path": tokenizer.name_or_path or "local",
         }
-        self.bridge = TransformerBridge.boot_transformers(self.name, hf_model=hf_model, tokenizer=bridge_tok)
+        self.bridge = TransformerBridge.boot_transformers(model_name, hf_model=hf_model, tokenizer=bridge_tok)
         self.bridge.eval()
 
-    def _run(self, req: RunRequest) -> RunOutput:
+    def run(self, req: RunRequest) -> RunOutput:
         tokens, capture, pos, stop_after = req.tokens, req.capture, req.pos, req.stop_after
-        iv = self._interventions
+        iv = req.interventions
         acts: dict[str, dict[int, Tensor]] = {name: {} for name in capture}
         hooks = []
         first = req.start_at or 0
-        for layer in range(first, self.n_layers if stop_after is None else stop_after + 1):
+        for layer in range(first, self.arch.n_layers if stop_after is None else stop_after + 1):
             if iv.touches_scores(layer):
                 hooks.append((f"blocks.{layer}.attn.hook_attn_scores", _edit(iv.scores, layer, pos)))
             if iv.touches_z(layer):
@@ -69,7 +73,7 @@ class TransformerLensModel(HookedModel):
         with self.bridge.hooks(fwd_hooks=hooks):
             try:
                 if req.start_at is not None:  # blocks start_at.. only, from the residual
-                    with self._only_blocks_from(req.start_at):
+                    with only_blocks_from(self.hf_model, self.arch, req.start_at):
                         logits = self.bridge(req.resid_in, start_at_layer=req.start_at, **kwargs)
                     return RunOutput(logits, acts)
                 if req.use_cache:

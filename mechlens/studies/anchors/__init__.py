@@ -9,6 +9,8 @@ Three attributions of a `ReasoningTrace`'s sentences, and their comparison:
   (attention aggregation): heads that focus on a few broadcasting sentences.
 - `suppression_matrix` (attention suppression): mask a sentence, measure the log-KL on later ones.
 - `label_sentences` (eight-category taxonomy), `spearman`, `lower_triangle`, `category_means`.
+- `analyze` (all of the above for one trace), `assign_receivers`, `method_correlations`: the
+  study as the CLI and `experiments/thought_anchors.py` run it.
 
 Example:
     >>> import mechlens as ml
@@ -20,15 +22,24 @@ Example:
     torch.Size([3, 3])
 """
 
-from mechlens.anchors.compare import category_means, lower_triangle, spearman
-from mechlens.anchors.receivers import (
+from mechlens.studies.anchors.analysis import (
+    METHODS,
+    TraceAnchors,
+    analyze,
+    assign_receivers,
+    method_correlations,
+)
+from mechlens.studies.anchors.compare import category_means, lower_triangle, spearman
+from mechlens.studies.anchors.receivers import (
     kurtosis,
     receiver_heads,
     receiver_scores,
     sentence_attention,
     vertical_scores,
 )
-from mechlens.anchors.resampling import (
+from mechlens.studies.anchors.resampling import (
+    ANCHORS_SAMPLING,
+    FORCED_SAMPLING,
     ForcedAnswers,
     Resampling,
     Rollout,
@@ -38,11 +49,18 @@ from mechlens.anchors.resampling import (
     resampling_matrix,
     sentence_embedder,
 )
-from mechlens.anchors.suppression import outgoing_effect, suppression_matrix, token_kl
-from mechlens.anchors.taxonomy import CATEGORIES, classify_sentence, label_sentences, model_labeller
+from mechlens.studies.anchors.suppression import outgoing_effect, suppression_matrix, token_kl
+from mechlens.studies.anchors.taxonomy import CATEGORIES, classify_sentence, label_sentences, model_labeller
 
 __all__ = [
+    "ANCHORS_SAMPLING",
     "CATEGORIES",
+    "FORCED_SAMPLING",
+    "METHODS",
+    "TraceAnchors",
+    "analyze",
+    "assign_receivers",
+    "method_correlations",
     "ForcedAnswers",
     "Resampling",
     "Rollout",

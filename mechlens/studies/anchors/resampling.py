@@ -16,13 +16,13 @@ per (trace, position, settings, seed), so an interrupted run resumes where it st
 
 Example:
     >>> import mechlens as ml
-    >>> from mechlens.anchors import resample
+    >>> from mechlens.studies.anchors import resample
     >>> from mechlens.datasets import Problem
     >>> model = ml.load_model("tiny-llama")
     >>> problem = Problem("p", "What is 2+3?", "5", kind="number")
     >>> trace = ml.ReasoningTrace.from_text(model, problem.question, "First add them. So it is 5.")
-    >>> res = resample(model, trace, problem, n=2, max_new_tokens=4, cache=None, progress=False,
-    ...                embed=lambda texts: torch.eye(8)[[len(t) % 8 for t in texts]])
+    >>> res = resample(model, trace, problem, ANCHORS_SAMPLING.replace(n=2, max_new_tokens=4), cache=None,
+    ...                progress=False, embed=lambda texts: torch.eye(8)[[len(t) % 8 for t in texts]])
     >>> res.counterfactual_kl.shape, len(res.rollouts)
     ((2,), 3)
 """
@@ -41,12 +41,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechlens.answers import answer_key
-from mechlens.runs import DiskCache, model_fingerprint
-from mechlens.trace import ReasoningTrace, split_sentences
+from mechlens.cache import DiskCache, model_fingerprint
+from mechlens.models.generation import Sampling
+from mechlens.text.answers import answer_key
+from mechlens.text.thinking import THINK_CLOSE
+from mechlens.text.trace import ReasoningTrace, split_sentences
 
 Embedder = Callable[[list[str]], Tensor]
 """texts -> embeddings `[n, dim]` (cosine similarity is taken of them)."""
+
+ANCHORS_SAMPLING = Sampling(max_new_tokens=256, temperature=0.6, top_p=0.95, n=16, seed=44)
+"""The paper's rollout settings (temperature 0.6, top-p 0.95, seed 44) with n = 16 rollouts per
+sentence instead of 100, which keeps a CPU run to minutes."""
+FORCED_SAMPLING = ANCHORS_SAMPLING.replace(max_new_tokens=12)
+"""Forced answers: the same sampling, a few tokens after the answer cue."""
 
 
 @cache
@@ -241,38 +249,24 @@ def _prefix_ends(trace: ReasoningTrace) -> list[int]:
     return [s.start for s in trace.sentences] + [trace.sentences[-1].end]
 
 
-def _store(cache: DiskCache | str | Path | bool | None) -> DiskCache | None:
-    from mechlens.models.loading import cache_dir
-
-    if cache is None or cache is False:
-        return None
-    if cache is True:
-        return DiskCache(cache_dir() / "anchors")
-    return cache if isinstance(cache, DiskCache) else DiskCache(cache)
-
-
 def sample_from_prefixes(
     model,
     trace: ReasoningTrace,
     ends: Sequence[int],
-    n: int,
+    sampling: Sampling = ANCHORS_SAMPLING,
     suffix: Tensor | None = None,
     step: str = "rollouts",
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    max_new_tokens: int = 256,
-    seed: int = 44,
     batch_size: int = 16,
     cache: DiskCache | str | Path | bool | None = True,
     progress: bool = True,
 ) -> list[list[str]]:
-    """`n` sampled continuations of `trace.tokens[:, :end]` (+ `suffix` tokens) for each end.
+    """`sampling.n` sampled continuations of `trace.tokens[:, :end]` (+ `suffix` tokens) for each end.
 
     One batched `generate` per prefix (its KV cache shared by the `n` samples); each position's
     texts are stored on disk under the trace, the position and every sampling setting, so a
     second call (or an interrupted run started again) reads them back.
     """
-    store = _store(cache)
+    store = DiskCache.of(cache, "anchors")
     fingerprint = model_fingerprint(model) if store else None
     out = []
     for p, end in enumerate(tqdm(ends, desc=step, disable=not progress)):
@@ -281,14 +275,10 @@ def sample_from_prefixes(
             tokens = torch.cat([tokens, suffix.to(tokens.device)[None]], 1)
 
         def compute(tokens=tokens, p=p) -> list[str]:
-            gen = model.generate(
-                tokens, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                n=n, seed=seed * 100_003 + p, batch_size=batch_size,
-            )  # fmt: skip
-            return gen.texts
+            at_position = sampling.replace(seed=sampling.seed * 100_003 + p)
+            return model.generate(tokens, at_position, batch_size=batch_size).texts
 
-        key = dict(tokens=tokens[0].tolist(), n=n, temperature=temperature, top_p=top_p,
-                   max_new_tokens=max_new_tokens, seed=seed, position=p, model=fingerprint)  # fmt: skip
+        key = dict(tokens=tokens[0].tolist(), sampling=sampling, position=p, model=fingerprint)
         out.append(store.cached(step, compute, **key) if store else compute())
     return out
 
@@ -297,11 +287,7 @@ def resample(
     model,
     trace: ReasoningTrace,
     problem,
-    n: int = 16,
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    max_new_tokens: int = 256,
-    seed: int = 44,
+    sampling: Sampling = ANCHORS_SAMPLING,
     batch_size: int = 16,
     threshold: float = 0.8,
     alpha: float = 1e-9,
@@ -309,20 +295,17 @@ def resample(
     cache: DiskCache | str | Path | bool | None = True,
     progress: bool = True,
 ) -> Resampling:
-    """Resample every sentence of `trace` `n` times and grade each rollout against `problem`
-    (a `datasets.Problem`: `.grade(response)` and `.kind`).
+    """Resample every sentence of `trace` `sampling.n` times and grade each rollout against
+    `problem` (a `datasets.Problem`: `.grade(response)` and `.kind`).
 
-    The paper's setting is n=100 (temperature 0.6, top-p 0.95, seed 44); n=16 keeps a CPU run to
-    minutes. `cache=True` stores rollouts under the mechlens cache dir (a path or `DiskCache`
-    elsewhere, None: no cache). `embed` defaults to all-MiniLM-L6-v2 (`sentence_embedder()`).
+    `sampling` defaults to `ANCHORS_SAMPLING` (the paper's settings with n=16). `cache=True`
+    stores rollouts under the mechlens cache dir (a path or `DiskCache` elsewhere, None: no cache).
+    `embed` defaults to all-MiniLM-L6-v2 (`sentence_embedder()`).
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
     ends = _prefix_ends(trace)
     texts = sample_from_prefixes(
-        model, trace, ends, n, step="rollouts", temperature=temperature, top_p=top_p,
-        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, cache=cache, progress=progress,
-    )  # fmt: skip
+        model, trace, ends, sampling, step="rollouts", batch_size=batch_size, cache=cache, progress=progress
+    )
     rollouts = []
     for p, (end, row) in enumerate(zip(ends, texts, strict=True)):
         head = model.tokenizer.decode(trace.tokens[0, trace.prompt_len : end].tolist())
@@ -330,7 +313,7 @@ def resample(
     embed = embed or sentence_embedder()
     sentences = [s.text for s in trace.sentences]
     originals = embed(sentences)  # [n_sentences, dim]
-    similarity = np.zeros((len(sentences), n))
+    similarity = np.zeros((len(sentences), sampling.n))
     for i in range(len(sentences)):
         resampled = embed([r.resampled for r in rollouts[i]])  # [n, dim]
         similarity[i] = cosine(originals[i].expand_as(resampled), resampled).numpy()
@@ -380,12 +363,8 @@ def forced_answers(
     model,
     trace: ReasoningTrace,
     problem,
-    n: int = 16,
+    sampling: Sampling = FORCED_SAMPLING,
     cue: str | None = None,
-    max_new_tokens: int = 12,
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    seed: int = 44,
     batch_size: int = 16,
     alpha: float = 1e-9,
     cache: DiskCache | str | Path | bool | None = True,
@@ -393,20 +372,19 @@ def forced_answers(
 ) -> ForcedAnswers:
     """Force an answer right after each prefix: append `cue` (default: close the thinking, then
     "Therefore, the final answer is \\\\boxed{", as in the paper; without thinking, a blank line
-    and "Therefore, the final answer is") and sample `n` short completions."""
+    and "Therefore, the final answer is") and sample `sampling.n` short completions."""
     if cue is None:
         cue = (
-            "\n</think>\n\nTherefore, the final answer is \\boxed{"
+            f"\n{THINK_CLOSE}\n\nTherefore, the final answer is \\boxed{{"
             if trace.thinking
             else "\n\nTherefore, the final answer is "
         )
     suffix = model.tokenizer(cue, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     texts = sample_from_prefixes(
-        model, trace, _prefix_ends(trace), n, suffix=suffix, step="forced answers", temperature=temperature,
-        top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, cache=cache,
-        progress=progress,
+        model, trace, _prefix_ends(trace), sampling, suffix=suffix, step="forced answers",
+        batch_size=batch_size, cache=cache, progress=progress,
     )  # fmt: skip
-    answer_cue = cue.split("</think>")[-1]  # graded: the answer sentence and what was forced after it
+    answer_cue = cue.split(THINK_CLOSE)[-1]  # graded: the answer sentence and what was forced after it
     return ForcedAnswers(
         [[_rollout(p, answer_cue, t, problem, first="") for t in row] for p, row in enumerate(texts)]
     )

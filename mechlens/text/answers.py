@@ -18,6 +18,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mechlens.text.thinking import after_thinking
+
 _MARKER = re.compile(r"(?:final answer|answer)\s*(?:is|:|=)\s*:?", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -35,7 +37,7 @@ class Grade:
 def extract_answer(response: str) -> tuple[str | None, bool]:
     """`(answer text, marked)`: the rest of the line after the last answer marker, else the
     last non-empty line; `(None, False)` for an empty response."""
-    text = response.split("</think>", 1)[1] if "</think>" in response else response
+    text = after_thinking(response)
     found = list(_MARKER.finditer(text))
     if found:
         rest = text[found[-1].end() :].strip()
@@ -68,7 +70,7 @@ def final_number(response: str) -> float | None:
         value = parse_number(extracted or "")
         if value is not None:
             return value
-    numbers = _NUMBER.findall(response.split("</think>")[-1])
+    numbers = _NUMBER.findall(after_thinking(response))
     return float(numbers[-1].replace(",", "")) if numbers else None
 
 

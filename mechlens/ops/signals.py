@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mechlens.lens import _BLOCK_ROWS, Distributions, jsd_probs
-from mechlens.trace import ReasoningTrace, Sentence, format_prompt
+from mechlens.ops.distributions import BLOCK_ROWS, Distributions, jsd_probs
+from mechlens.text.inputs import as_texts
+from mechlens.text.trace import ReasoningTrace, Sentence, format_prompt
 
 
 @dataclass
@@ -71,9 +72,9 @@ def token_signals(model, trace: ReasoningTrace, logits: Tensor | None = None) ->
     targets = tokens[0, start - 1 : end].to(z.device)  # [n + 1]
     logprob, entropy, certainty, unstable = [], [], [], []
     prev = None
-    for a in range(0, len(z), _BLOCK_ROWS):
-        dist = Distributions(z[a : a + _BLOCK_ROWS])
-        ids = targets[a : a + _BLOCK_ROWS]
+    for a in range(0, len(z), BLOCK_ROWS):
+        dist = Distributions(z[a : a + BLOCK_ROWS])
+        ids = targets[a : a + BLOCK_ROWS]
         logprob.append(dist.logprob(ids)[0])
         entropy.append(dist.entropy)
         # mean_v log p_v = mean_v (z_v - max) + log p_max
@@ -81,8 +82,10 @@ def token_signals(model, trace: ReasoningTrace, logits: Tensor | None = None) ->
         p = dist.p if prev is None else torch.cat([prev, dist.p])
         unstable.append(jsd_probs(p[1:], p[:-1]))
         prev = dist.p[-1:]
-    per_token = [torch.cat(parts)[1:].cpu() for parts in (logprob, entropy, certainty)]  # drop the extra row
-    return TokenSignals(torch.arange(start, end), *per_token, torch.cat(unstable).cpu())
+    lp, ent, cert = (
+        torch.cat(parts)[1:].cpu() for parts in (logprob, entropy, certainty)
+    )  # drop the extra row
+    return TokenSignals(torch.arange(start, end), lp, ent, cert, torch.cat(unstable).cpu())
 
 
 @dataclass
@@ -168,6 +171,7 @@ def p_true(
 ) -> Tensor:
     """P(True) per (question, proposed answer): the model's next-token probability of "True",
     renormalised over {"True", "False"}, after the chat-templated `template`."""
+    questions, answers = as_texts(questions, "questions"), as_texts(answers, "answers")
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
     ids = [model.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("True", "False")]

@@ -1,0 +1,154 @@
+"""Sampling settings (`Sampling`), sampled continuations (`Generation`) and the KV-cached sampling
+loop behind `HookedModel.generate`, which runs every step through `HookedModel.forward` so that
+the active interventions apply during generation too.
+
+Example:
+    >>> s = Sampling(max_new_tokens=32, temperature=0.6, top_p=0.95, n=16, seed=44)
+    >>> s.replace(n=4).n, s.n
+    (4, 16)
+    >>> Sampling(temperature=-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: temperature must be a finite number >= 0 (0 = greedy), got -1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
+
+MAX_SEED = 2**63 - 1_000_003 * 2**20  # room for the per-row offsets added to the seed
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample: one definition shared by `generate` and every method that samples.
+
+    Attributes:
+        max_new_tokens: tokens to generate at most per row.
+        temperature: softmax temperature; 0 is greedy.
+        top_p: nucleus sampling mass in (0, 1].
+        n: samples per prompt (they share the prompt's KV cache).
+        seed: row r of a call draws from its own generator seeded from (seed, r), so results do
+            not depend on the batch size.
+        stop_at_eos: end a row at the end-of-sequence token.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("max_new_tokens", self.max_new_tokens, 1)
+        _check_int("n", self.n, 1)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        temperature = _check_float("temperature", self.temperature)
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        top_p = _check_float("top_p", self.top_p)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not isinstance(self.stop_at_eos, bool):
+            raise TypeError(f"stop_at_eos must be True or False, got {self.stop_at_eos!r}")
+
+    def replace(self, **changes: Any) -> Sampling:
+        """A copy with some fields changed (validated); unknown names raise `TypeError`."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            valid = [f.name for f in dataclasses.fields(self)]
+            raise TypeError(f"unknown sampling setting(s) {unknown}: valid settings are {valid}")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Generation:
+    """Sampled continuations, prompt-major: rows `i*n ... i*n+n-1` continue prompt i."""
+
+    prompts: list[str]
+    texts: list[str]  # decoded new tokens, up to (not including) end-of-sequence
+    tokens: list[Tensor]  # new token ids per row, [new_pos]
+    n: int
+    sampling: Sampling | None = None
+
+
+def sample_next(logits: Tensor, temperature: float, top_p: float, gens: list[torch.Generator]) -> Tensor:
+    """One token per row of `logits [rows, vocab]`: greedy, or temperature + nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1).cpu()
+    if top_p < 1:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return torch.stack([torch.multinomial(probs[r], 1, generator=g)[0] for r, g in enumerate(gens)])
+
+
+@torch.no_grad()
+def sample_batch(
+    model: HookedModel, tokens: Tensor, mask: Tensor, sampling: Sampling, first_row: int
+) -> list[Tensor]:
+    """New token ids for each of the `sampling.n` samples of every row of `tokens [batch, pos]`
+    (left-padded, `mask [batch, pos]`): rows `b*n ... b*n+n-1` continue row b. The prompt runs
+    once and its KV cache is shared by its samples; finished rows leave the batch."""
+    n, max_new = sampling.n, sampling.max_new_tokens
+    if tokens.shape[1] + max_new > model.n_ctx:
+        raise ValueError(
+            f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new}) exceeds "
+            f"the context window ({model.n_ctx})"
+        )
+    out = model.forward(tokens, mask, use_cache=True)
+    assert out.logits is not None  # ran to the end
+    past = out.past_key_values
+    if n > 1:  # share the prompt's KV cache across its n samples
+        past.batch_repeat_interleave(n)
+        mask = mask.repeat_interleave(n, 0)
+    logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # [rows, vocab]
+    rows = logits.shape[0]
+    gens = [torch.Generator().manual_seed(sampling.seed * 1_000_003 + first_row + r) for r in range(rows)]
+    eos = model.tokenizer.eos_token_id if sampling.stop_at_eos else None
+    generated = torch.full((rows, max_new), model.tokenizer.pad_token_id)  # [rows, new]
+    lengths = torch.full((rows,), max_new)
+    active = torch.arange(rows)  # rows still sampling
+    for step in range(max_new):
+        nxt = sample_next(logits, sampling.temperature, sampling.top_p, [gens[r] for r in active.tolist()])
+        generated[active, step] = nxt.cpu()
+        finished = (nxt == eos).cpu() if eos is not None else torch.zeros(len(active), dtype=torch.bool)
+        lengths[active[finished]] = step  # a row ends before its end-of-sequence token
+        if finished.all() or step == max_new - 1:
+            break
+        if finished.any():
+            keep = (~finished).nonzero()[:, 0]
+            active, nxt, mask = active[keep], nxt[keep.to(nxt.device)], mask[keep.to(mask.device)]
+            past.batch_select_indices(keep.to(model.device))
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = model.forward(nxt[:, None].to(model.device), mask, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        assert out.logits is not None
+        logits = out.logits[:, -1].float()
+    return [generated[r, : lengths[r]] for r in range(rows)]

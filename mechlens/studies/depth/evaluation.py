@@ -1,0 +1,85 @@
+"""Depth scoring of many traces: one trace's record (`analyze`), and the hallucination detector
+and output-level baselines evaluated by AUROC (`evaluate`), as in Sun et al.'s comparison.
+
+Example:
+    >>> import mechlens as ml
+    >>> model = ml.load_model("tiny-llama")
+    >>> trace = ml.ReasoningTrace.from_text(model, "What is 2+3?", "Add 2 and 3.\\nThat gives 5.\\nAnswer: 5")
+    >>> record = analyze(model, trace, "5")
+    >>> record["n_steps"], sorted(record["features"])[:2]
+    (2, ['attn_score', 'backtrack_attn'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mechlens.ops.signals import conditional_entropy_per_step, dynamic_instability
+from mechlens.ops.stats import auroc
+from mechlens.studies.depth.scoring import FEATURES, analyze_trace, cross_validated_scores
+from mechlens.text.trace import ReasoningTrace
+
+SIGNALS: dict[str, tuple[str, int]] = {
+    "perplexity": ("perplexity", +1),
+    "mean token entropy": ("mean_entropy", +1),
+    "self-certainty": ("self_certainty", -1),
+    "P(True)": ("p_true", -1),
+    "instability peak": ("instability_peak", +1),
+    "feature: mean_score": ("mean_score", -1),  # low = shallow reasoning
+    **{f"feature: {f}": (f, +1) for f in FEATURES[1:]},
+}
+"""Each baseline signal: its key in a record (or its features) and the direction that should mean
+"hallucinated" (+1: higher is more suspicious)."""
+
+
+def analyze(model, trace: ReasoningTrace, answer: str, unit: str = "line", divergence: str = "jsd") -> dict:
+    """Everything depth scoring needs of one trace, JSON-able: the detector's features, the step
+    scores, output-level signals, the dynamic instability peak and the conditional entropy of the
+    gold `answer` after each step."""
+    a = analyze_trace(model, trace, divergence=divergence, unit=unit)
+    steps = a.score.steps
+    instability = dynamic_instability(a.signals)
+    return {
+        "features": a.features,
+        "step_scores": a.score.step_scores.tolist(),
+        "perplexity": a.signals.perplexity,
+        "mean_entropy": a.signals.mean_entropy,
+        "self_certainty": a.signals.mean_self_certainty,
+        "instability_peak": instability.peak,
+        "instability_peak_fraction": instability.peak_fraction,
+        "conditional_entropy": conditional_entropy_per_step(model, trace, answer, steps).tolist(),
+        "n_steps": len(steps),
+    }
+
+
+def evaluate(records: Sequence[dict], folds: int = 5, seed: int = 0) -> dict[str, dict]:
+    """AUROC of the RHD detector and of each signal in `SIGNALS` over `records` (each an `analyze`
+    record with a `label`, 1 = hallucinated, and `p_true` when that baseline is wanted).
+
+    `auroc_a_priori`: the signal in its expected direction; `auroc_cross_validated`: out-of-fold
+    scores of a logistic regression on the signal (its direction learned), the detector's protocol.
+    `scores` holds the scores behind the reported AUROC. Empty when only one label is present."""
+    labels = np.array([r["label"] for r in records])
+    if len(set(labels.tolist())) < 2:
+        return {}
+    folds = min(folds, int(labels.sum()), int((1 - labels).sum()))  # < 2: no cross-validation
+    out = {}
+    if folds >= 2:
+        rhd = cross_validated_scores([r["features"] for r in records], labels, folds=folds, seed=seed)
+        out["RHD detector"] = {"auroc_a_priori": float("nan"), "auroc_cross_validated": auroc(rhd, labels),
+                               "scores": rhd}  # fmt: skip
+    for name, (key, sign) in SIGNALS.items():
+        if any(key not in (r["features"] if key in FEATURES else r) for r in records):
+            continue
+        values = [{key: (r["features"] if key in FEATURES else r)[key]} for r in records]
+        prior = sign * np.array([v[key] for v in values])
+        if np.isnan(prior).any():
+            continue
+        result = {"auroc_a_priori": auroc(prior, labels), "auroc_cross_validated": np.nan, "scores": prior}
+        if folds >= 2:
+            cv = cross_validated_scores(values, labels, folds=folds, seed=seed, features=(key,))
+            result.update(auroc_cross_validated=auroc(cv, labels), scores=cv)
+        out[name] = result
+    return out

@@ -1,0 +1,49 @@
+"""Refusal cliffs in reasoning traces ("Refusal Falls off a Cliff", Yin et al. 2025).
+
+- `judge`: does an answer refuse (`is_refusal`);
+- `replies`: replies split into thinking and answer (`Reply`, `rollouts`, `refusal_rates`);
+- `scores`: the refusal probe's score at every position (`refusal_features`, `refusal_scores`);
+- `cliffs`: cliff metrics and end-aligned, stretched curves;
+- `heads`: refusal-suppression heads, random controls, perplexity under ablation;
+- `organism`: the refusal model organism; `cliff_as_judge`: data selection by the cliff.
+
+Example:
+    >>> from mechlens.studies import refusal
+    >>> refusal.is_refusal("I cannot help with this request.")
+    True
+"""
+
+from mechlens.studies.refusal.cliffs import (
+    Cliff,
+    align_end,
+    cliff_metrics,
+    end_aligned_mean_ci,
+    normalized_curve,
+    stretch,
+)
+from mechlens.studies.refusal.judge import is_refusal
+from mechlens.studies.refusal.replies import REPLY_SAMPLING, Reply, refusal_rates, rollouts, rollouts_by_set
+from mechlens.studies.refusal.scores import refusal_features, refusal_scores, thinking_span
+from mechlens.text.thinking import split_thinking
+
+Rollout = Reply  # the name before 0.2; kept for one release
+resample = stretch  # the name before 0.2; kept for one release
+
+__all__ = [
+    "REPLY_SAMPLING",
+    "Cliff",
+    "Reply",
+    "align_end",
+    "cliff_metrics",
+    "end_aligned_mean_ci",
+    "is_refusal",
+    "normalized_curve",
+    "refusal_features",
+    "refusal_rates",
+    "refusal_scores",
+    "rollouts",
+    "rollouts_by_set",
+    "split_thinking",
+    "stretch",
+    "thinking_span",
+]

@@ -1,0 +1,57 @@
+"""Refusal-suppression heads: the heads whose ablation most raises the refusal score of complied
+replies, random control sets, and the capability check under ablation.
+
+Example:
+    >>> import torch
+    >>> effects = torch.tensor([[0.1, 0.9], [0.5, -0.2]])
+    >>> top_heads(effects, 2)
+    [(0, 1), (1, 0)]
+    >>> random_heads(effects.shape, 1, exclude=[(0, 1), (1, 0)], seed=0)
+    [(1, 1)]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Sequence
+
+import numpy as np
+from torch import Tensor
+
+from mechlens.ops.signals import token_signals
+from mechlens.studies.refusal.replies import Reply
+from mechlens.text.thinking import format_reply
+from mechlens.text.trace import ReasoningTrace
+
+
+def top_heads(effects: Tensor, count: int) -> list[tuple[int, int]]:
+    """The `count` `(layer, head)` pairs of `effects [layers, heads]` with the largest values."""
+    n_heads = effects.shape[1]
+    order = effects.flatten().argsort(descending=True)
+    return [divmod(int(i), n_heads) for i in order[:count]]
+
+
+def random_heads(
+    shape: Sequence[int], count: int, exclude: Sequence[tuple[int, int]] = (), seed: int = 0
+) -> list[tuple[int, int]]:
+    """`count` random `(layer, head)` pairs of a `[layers, heads]` grid, none in `exclude`, sorted;
+    seeded."""
+    excluded = {tuple(h) for h in exclude}
+    others = [(l, h) for l in range(shape[0]) for h in range(shape[1]) if (l, h) not in excluded]
+    if count > len(others):
+        raise ValueError(f"count={count} exceeds the {len(others)} heads outside `exclude`")
+    return sorted(random.Random(seed).sample(others, count))
+
+
+def answer_perplexity(model, replies: Sequence[Reply], heads: Sequence[tuple[int, int]] = ()) -> float:
+    """Capability check: mean perplexity of `replies` (the model's own, teacher-forced) with `heads`
+    zero-ablated."""
+    with model.ablate_heads(list(heads)) if heads else contextlib.nullcontext():
+        values = [
+            token_signals(
+                model, ReasoningTrace.from_text(model, r.instruction, format_reply(r.thinking, r.answer))
+            ).perplexity
+            for r in replies
+        ]
+    return float(np.mean(values))

@@ -1,0 +1,90 @@
+"""Replies of a (reasoning) model to instructions, split into thinking and answer, and judged.
+
+A reply is `chat prompt + "<think>\\n" + thinking + "\\n</think>\\n\\n" + answer`
+(`mechlens.text.thinking.format_reply`).
+
+Example:
+    >>> r = Reply("Hi", "<prompt>", "Harmless.", "Hello!", True)
+    >>> r.refused, r.probe_text
+    (False, '<prompt><think>\\nHarmless.\\n</think>\\n\\n')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mechlens.models.generation import Sampling
+from mechlens.studies.refusal.judge import is_refusal
+from mechlens.text.thinking import format_prompt, format_reply, split_thinking
+
+
+@dataclass
+class Reply:
+    """One generated reply to an instruction, split at the thinking close marker."""
+
+    instruction: str
+    prompt: str  # the chat prompt (`format_prompt`)
+    thinking: str  # text after "<think>" up to "</think>" (everything, when never closed)
+    answer: str  # text after "</think>"
+    closed: bool  # whether the model closed its thinking
+
+    @property
+    def refused(self) -> bool:
+        return is_refusal(self.answer)
+
+    @property
+    def probe_text(self) -> str:
+        """Prompt + thinking + close marker: the probe's input, its last token right before the answer."""
+        return self.prompt + format_reply(self.thinking)
+
+
+REPLY_SAMPLING = Sampling(max_new_tokens=64, temperature=0.0)
+"""Greedy replies of up to 64 tokens: the default of `rollouts`."""
+
+
+def rollouts(
+    model,
+    instructions: str | Sequence[str],
+    sampling: Sampling = REPLY_SAMPLING,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[Reply]:
+    """One reply per instruction (greedy by default; `sampling.n` replies each otherwise) under the
+    model's active interventions, split into thinking and answer."""
+    instructions = [instructions] if isinstance(instructions, str) else list(instructions)
+    prompts = [format_prompt(model.tokenizer, i) for i in instructions]
+    gen = model.generate(prompts, sampling, batch_size=batch_size, progress=progress)
+    out = []
+    for k, text in enumerate(gen.texts):
+        thinking, answer, closed = split_thinking(text)
+        i = k // sampling.n
+        out.append(Reply(instructions[i], prompts[i], thinking, answer, closed))
+    return out
+
+
+def rollouts_by_set(
+    model, sets: dict[str, list[str]], sampling: Sampling = REPLY_SAMPLING, batch_size: int = 16
+) -> dict[str, list[Reply]]:
+    """`rollouts` of several instruction sets in one batched call -> `{set name: [Reply]}`."""
+    rows = rollouts(model, [t for ts in sets.values() for t in ts], sampling, batch_size)
+    out, start = {}, 0
+    for name, items in sets.items():
+        n = len(items) * sampling.n
+        out[name], start = rows[start : start + n], start + n
+    return out
+
+
+def refusal_rates(replies: dict[str, list[Reply]]) -> dict[str, float]:
+    """Refusal rate on "harmful", attack success on "jailbreak", false refusals on "harmless"
+    (each for the sets present)."""
+    out = {}
+    if "harmful" in replies:
+        out["harmful: refusal rate"] = float(np.mean([r.refused for r in replies["harmful"]]))
+    if "jailbreak" in replies:
+        out["jailbreak: attack success"] = float(np.mean([not r.refused for r in replies["jailbreak"]]))
+    if "harmless" in replies:
+        out["harmless: false refusal"] = float(np.mean([r.refused for r in replies["harmless"]]))
+    return out
