@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
 import mechlens as ml
+from mechlens.cache import cache_dir
 from mechlens.models.tiny import tiny_model
 
 BACKENDS = ["transformer_lens", "nnsight"]
@@ -22,6 +24,22 @@ def wrap_with_reference(arch: str, backend: str, **kwargs):
     hf, tok = tiny_model(arch, **kwargs)
     reference = copy.deepcopy(hf).eval()
     return ml.load_model(hf, backend=backend, tokenizer=tok), reference
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache(tmp_path_factory):
+    """Tests write results into a fresh cache folder, never the user's; the converted embedded
+    weights (minutes to rebuild) are shared with the user's cache through a link."""
+    real, tmp = cache_dir(), tmp_path_factory.mktemp("mechlens-cache")
+    (real / "models").mkdir(parents=True, exist_ok=True)
+    (tmp / "models").symlink_to(real / "models", target_is_directory=True)
+    old = os.environ.get("MECHLENS_CACHE")
+    os.environ["MECHLENS_CACHE"] = str(tmp)
+    yield tmp
+    if old is None:
+        os.environ.pop("MECHLENS_CACHE", None)
+    else:
+        os.environ["MECHLENS_CACHE"] = old
 
 
 @pytest.fixture(params=BACKENDS)

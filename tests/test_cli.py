@@ -109,3 +109,47 @@ def test_anchors_command(capsys, tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     assert main(["anchors", str(tmp_path / "bad.json"), "--model", "tiny-llama"]) == 2
     assert main(["anchors", str(tmp_path / "missing.json"), "--model", "tiny-llama"]) == 2
+
+
+def test_user_mistakes_exit_2_with_one_line(capsys, tmp_path):
+    import json
+
+    import torch
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["lens", "one two", "--model", "tiny-llama", "--out", str(blocker / "sub" / "l.html")]) == 2
+    trace = tmp_path / "t.json"
+    trace.write_text(json.dumps({"prompt": 5, "response": "Fine."}))
+    assert main(["anchors", str(trace), "--model", "tiny-llama"]) == 2
+    torch.save({"x": torch.ones(2)}, tmp_path / "notprobe.pt")
+    args = ["refusal", "Hi", "--model", "tiny-llama", "--max-new-tokens", "2", "--probe"]
+    assert main([*args, str(tmp_path / "notprobe.pt")]) == 2
+    (tmp_path / "notes.txt").write_text("print('hi')")
+    assert main(["run", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("mechlens ") for line in err)
+    assert "prompt" in err[1] and "not a probe" in err[2] and "not a Python script" in err[3]
+
+
+def test_run_reports_exit_messages_and_imports_beside_the_script(capsys, tmp_path):
+    (tmp_path / "helper.py").write_text("VALUE = 41\n")
+    (tmp_path / "exp.py").write_text("import sys\nimport helper\nsys.exit(f'stopped at {helper.VALUE + 1}')\n")
+    assert main(["run", str(tmp_path / "exp.py")]) == 1
+    assert "stopped at 42" in capsys.readouterr().err
+    (tmp_path / "ok.py").write_text("import sys\nprint(sys.argv[1:])\n")
+    assert main(["run", str(tmp_path / "ok.py"), "--n", "3"]) == 0
+    assert "['--n', '3']" in capsys.readouterr().out
+
+
+def test_out_into_a_folder_writes_inside_it(tmp_path):
+    folder = tmp_path / "figs"
+    folder.mkdir()
+    assert main(["lens", "one two", "--model", "tiny-llama", "--out", str(folder)]) == 0
+    assert (folder / "lens.html").exists() and not (tmp_path / "figs.html").exists()
+
+
+def test_run_finds_experiments_outside_the_checkout(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no experiments/ here: the checkout's are found
+    assert main(["run", "no_such_experiment"]) == 2
+    assert "depth_scoring" in capsys.readouterr().err

@@ -25,7 +25,13 @@ from torch import Tensor
 if TYPE_CHECKING:
     from mechlens.models.hooked import HookedModel
 
-MAX_SEED = 2**63 - 1_000_003 * 2**20  # room for the per-row offsets added to the seed
+MAX_SEED = 2**63 - 1
+"""Seeds are 0..MAX_SEED; each row's generator is seeded from (seed, row) modulo 2**63."""
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The generator seed of row `row` of a call with `seed` (identical for every batch size)."""
+    return (seed * 1_000_003 + row) % 2**63
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -130,7 +136,7 @@ def sample_batch(
         mask = mask.repeat_interleave(n, 0)
     logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # [rows, vocab]
     rows = logits.shape[0]
-    gens = [torch.Generator().manual_seed(sampling.seed * 1_000_003 + first_row + r) for r in range(rows)]
+    gens = [torch.Generator().manual_seed(row_seed(sampling.seed, first_row + r)) for r in range(rows)]
     eos = model.tokenizer.eos_token_id if sampling.stop_at_eos else None
     generated = torch.full((rows, max_new), model.tokenizer.pad_token_id)  # [rows, new]
     lengths = torch.full((rows,), max_new)

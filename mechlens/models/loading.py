@@ -16,8 +16,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -79,6 +82,16 @@ def embedded_weights_dir() -> Path:
     return target
 
 
+def _hub_resolves() -> bool:
+    """Whether the Hugging Face hub's host name resolves (a DNS lookup only, no connection)."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
 def _load_hf(name: str, dtype: torch.dtype, device: str | None) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,10 +105,13 @@ def _load_hf(name: str, dtype: torch.dtype, device: str | None) -> tuple[nn.Modu
         return hf.to(dtype=dtype, device=device or "cpu"), tok
     else:
         source = name
+    # a hub id: the local HF cache first; the network only where the hub's name resolves (else
+    # transformers would retry for most of a minute before failing)
+    local_only = Path(source).exists() or os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_resolves()
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         hf = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation="eager", device_map=device
+            source, dtype=dtype, attn_implementation="eager", device_map=device, local_files_only=local_only
         )
     except (OSError, ValueError) as err:
         raise ValueError(

@@ -275,7 +275,7 @@ def sample_from_prefixes(
             tokens = torch.cat([tokens, suffix.to(tokens.device)[None]], 1)
 
         def compute(tokens=tokens, p=p) -> list[str]:
-            at_position = sampling.replace(seed=sampling.seed * 100_003 + p)
+            at_position = sampling.replace(seed=(sampling.seed * 100_003 + p) % 2**63)
             return model.generate(tokens, at_position, batch_size=batch_size).texts
 
         key = dict(tokens=tokens[0].tolist(), sampling=sampling, position=p, model=fingerprint)
