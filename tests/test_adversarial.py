@@ -176,7 +176,10 @@ def test_interventions_are_batch_invariant(pair, rows, layer):
     tl, _ = pair
     toks, mask = _left_pad(rows)
     shortest = min(len(r) for r in rows)
-    with tl.ablate_heads([(layer, 1)], positions=[0]), tl.add_direction(layer, torch.ones(D), positions=[shortest - 1]):
+    with (
+        tl.ablate_heads([(layer, 1)], positions=[0]),
+        tl.add_direction(layer, torch.ones(D), positions=[shortest - 1]),
+    ):
         batch = tl(toks, mask)
         for i, r in enumerate(rows):
             torch.testing.assert_close(batch[i, -len(r) :], tl(torch.tensor([r]))[0], atol=1e-4, rtol=0)
@@ -202,7 +205,10 @@ def test_span_or_position_past_a_short_row_raises(model):
     toks, mask = model.tokenize(["ab", "a much longer row of text"])
     with model.suppress_attention(keys=(5, 9)), pytest.raises(ValueError, match="past the end of a row of 2"):
         model(toks, mask)
-    with model.add_direction(0, torch.ones(D), positions=[15]), pytest.raises(ValueError, match="shortest row"):
+    with (
+        model.add_direction(0, torch.ones(D), positions=[15]),
+        pytest.raises(ValueError, match="shortest row"),
+    ):
         model(toks, mask)
 
 
@@ -225,7 +231,9 @@ def test_nothing_loads_with_pickle_execution():
     import re
 
     root = pathlib.Path(ml.__file__).parent
-    offenders = [p for p in root.rglob("*.py") if re.search(r"weights_only\s*=\s*False|pickle\.load", p.read_text())]
+    offenders = [
+        p for p in root.rglob("*.py") if re.search(r"weights_only\s*=\s*False|pickle\.load", p.read_text())
+    ]
     assert not offenders
 
 

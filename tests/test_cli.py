@@ -134,7 +134,9 @@ def test_user_mistakes_exit_2_with_one_line(capsys, tmp_path):
 
 def test_run_reports_exit_messages_and_imports_beside_the_script(capsys, tmp_path):
     (tmp_path / "helper.py").write_text("VALUE = 41\n")
-    (tmp_path / "exp.py").write_text("import sys\nimport helper\nsys.exit(f'stopped at {helper.VALUE + 1}')\n")
+    (tmp_path / "exp.py").write_text(
+        "import sys\nimport helper\nsys.exit(f'stopped at {helper.VALUE + 1}')\n"
+    )
     assert main(["run", str(tmp_path / "exp.py")]) == 1
     assert "stopped at 42" in capsys.readouterr().err
     (tmp_path / "ok.py").write_text("import sys\nprint(sys.argv[1:])\n")
