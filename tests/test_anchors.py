@@ -62,9 +62,20 @@ def test_answer_kl_hand_computed():
     p, q = {"7": 3, "8": 1}, {"7": 1, "8": 3}
     want = 0.75 * math.log(0.75 / 0.25) + 0.25 * math.log(0.25 / 0.75)
     assert anchors.answer_kl(p, q) == pytest.approx(want, abs=1e-8)
-    # Laplace smoothing, and an answer only q has (weight 0 in the sum, but it counts in V)
+    # Laplace smoothing weights by the smoothed p (the authors' code): an answer only q has
+    # counts in V and in the sum. {7: 2} vs {7: 1, 9: 1}: p_s = (3/4, 1/4), q_s = (1/2, 1/2)
     lap = anchors.answer_kl({"7": 2}, {"7": 1, "9": 1}, alpha=1.0)
-    assert lap == pytest.approx(1.0 * math.log((3 / 4) / (2 / 4)))
+    assert lap == pytest.approx(0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5))
+    assert lap == pytest.approx(0.1308, abs=1e-4)  # not 0.405, the unsmoothed weighting
+    three = anchors.answer_kl({"1": 5, "2": 1}, {"1": 1, "3": 2}, alpha=1.0)  # V = 3
+    ps, qs = [6 / 9, 2 / 9, 1 / 9], [2 / 6, 1 / 6, 3 / 6]
+    assert three == pytest.approx(sum(a * math.log(a / b) for a, b in zip(ps, qs, strict=True)))
+    pt = (3 + 1) / (4 + 2)  # the Bernoulli variant: 3 of 4 correct vs 1 of 4, alpha = 1
+    qt = (1 + 1) / (4 + 2)
+    want_binary = pt * math.log(pt / qt) + (1 - pt) * math.log((1 - pt) / (1 - qt))
+    got_binary = anchors.correct_kl({"True": 3, "False": 1}, {"True": 1, "False": 3}, alpha=1.0)
+    assert got_binary == pytest.approx(want_binary)
+    assert anchors.correct_kl({"True": 2}, {"True": 2}) == pytest.approx(0.0, abs=1e-12)
     assert anchors.answer_kl({"7": 2}, {"7": 2}) == 0.0
     assert math.isnan(anchors.answer_kl({}, {"7": 1}))
 
@@ -188,6 +199,13 @@ def test_resampling_matrix_on_fixed_rollouts():
     m = anchors.resampling_matrix(res, embed=fake_embed, threshold=0.99)
     assert m[2, 0] == 1.0 and m[1, 0] == 1.0
     assert np.isnan(m[0]).all() and np.isnan(m[:, 2]).all()
+    # source 1: every rollout at 1 kept its sentence. The authors compare the rollouts at 2 with
+    # all rollouts at 1 (no difference: 0); ours, with the different ones only (none: NaN)
+    assert m[2, 1] == 0.0
+    ours = anchors.resampling_matrix(res, embed=fake_embed, threshold=0.99, compare="different")
+    assert np.isnan(ours[2, 1]) and ours[2, 0] == 1.0
+    with pytest.raises(ValueError, match="compare must be"):
+        anchors.resampling_matrix(res, embed=fake_embed, compare="some")
 
 
 @pytest.mark.slow
@@ -237,10 +255,11 @@ def test_vertical_scores_and_kurtosis_match_scipy_reference():
             assert anchors.kurtosis(got[idx]).item() == pytest.approx(float(want_k), rel=1e-4)
 
 
-def test_sentence_attention_equals_block_means_of_full_pattern(llama):
+@pytest.mark.parametrize("chunk", [5, 512])
+def test_sentence_attention_equals_block_means_of_full_pattern(llama, chunk):
     model, _ = llama
     trace = trace_of(model)
-    got = anchors.sentence_attention(model, trace)  # [layers, heads, S, S]
+    got = anchors.sentence_attention(model, trace, chunk=chunk)  # [layers, heads, S, S]
     _, cache = model.run_with_cache(trace.tokens, ["pattern"])
     spans = [(s.start, s.end) for s in trace.sentences]
     for layer in range(model.n_layers):
@@ -251,6 +270,14 @@ def test_sentence_attention_equals_block_means_of_full_pattern(llama):
                     want = a[h, qa:qb, ka:kb].mean()
                     assert got[layer, h, qi, ki].item() == pytest.approx(want.item(), abs=1e-6)
     assert torch.allclose(got, span_attention(cache["pattern"][:, 0], spans, keys="mean"), atol=1e-6)
+
+
+def test_short_traces_warn_before_their_kurtosis_is_used(llama):
+    model, _ = llama
+    trace = trace_of(model)
+    a = anchors.analyze(model, trace, proximity=1, cache=None)
+    with pytest.warns(UserWarning, match="fewer than 10 finite vertical scores"):
+        anchors.assign_receivers([a], top_k=2)
 
 
 def test_receiver_heads_and_scores():
@@ -289,6 +316,12 @@ def test_suppression_matrix_equals_masked_attention_reference(backend, batch_siz
     trace = trace_of(model)
     fast = anchors.suppression_matrix(model, trace, batch_size=batch_size)
     naive = anchors.suppression_matrix(model, trace, reuse_prefix=False)
+    for chunk in (7,):  # the forwards in chunks (7 divides no length here) give the same matrix
+        chunked = anchors.suppression_matrix(model, trace, batch_size=batch_size, chunk=chunk)
+        torch.testing.assert_close(chunked, fast, atol=1e-5, rtol=0, equal_nan=True)
+    some = anchors.suppression_matrix(model, trace, batch_size=batch_size, sources=[1, 3])
+    torch.testing.assert_close(some[:, [1, 3]], fast[:, [1, 3]], atol=1e-5, rtol=0, equal_nan=True)
+    assert torch.isnan(some[:, [0, 2]]).all()
     want = reference_matrix(model, reference, trace)
     torch.testing.assert_close(naive, want, atol=1e-4, rtol=0, equal_nan=True)
     torch.testing.assert_close(fast, naive, atol=1e-4, rtol=0, equal_nan=True)

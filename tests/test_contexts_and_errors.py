@@ -108,3 +108,20 @@ def test_repr_and_dims(llama):
     assert (model.n_layers, model.n_heads, model.d_model, model.d_head) == (3, 4, 64, 16)
     assert model.d_vocab == len(model.tokenizer)
     assert model.backend in repr(model)
+
+
+def test_a_capture_over_the_memory_budget_raises_and_names_the_ways_out(llama):
+    model, _ = llama
+    toks = torch.randint(3, 200, (1, 900))
+    model.memory_budget = 2**20  # 1 MiB
+    try:
+        with pytest.raises(ValueError, match=r"reduce=.*forward_chunks"):
+            model.run_with_cache(toks, ["pattern"])
+        with pytest.raises(ValueError, match="model.memory_budget"):
+            model(toks)
+        model.memory_budget = 2**30
+        _, cache = model.run_with_cache(toks, ["pattern"], layers=[0], return_logits=False,
+                                        reduce=lambda name, layer, p: p[..., -1, :])  # fmt: skip
+        assert cache["pattern"].shape == (1, 1, model.n_heads, 900)
+    finally:
+        model.memory_budget = 8 * 2**30

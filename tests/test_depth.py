@@ -75,11 +75,12 @@ def test_reasoning_score_equals_plain_reference(backend, divergence):
     assert math.isnan(rs.token_scores[0])
 
 
-def test_step_attention_and_features_match_plain_loop(backend):
+@pytest.mark.parametrize("chunk", [7, 33, 512])  # 7 and 33 divide no trace length here
+def test_step_attention_and_features_match_plain_loop(backend, chunk):
     model, reference = wrap_with_reference("llama", backend, n_layers=4)
     trace = ml.ReasoningTrace.from_text(model, "What is 2+3?", RESPONSE)
     a = depth.analyze_trace(
-        model, trace, layers=[1, 2], attention_layers=[2, 3], unit="line", late_fraction=0.5
+        model, trace, layers=[1, 2], attention_layers=[2, 3], unit="line", late_fraction=0.5, chunk=chunk
     )
     with torch.no_grad():
         att = reference(trace.tokens, output_attentions=True).attentions  # per layer [1, heads, q, k]
@@ -133,3 +134,20 @@ def test_depth_errors(llama):
     with pytest.raises(ValueError, match="valid layers"):
         depth.reasoning_score(model, trace, layers=[7])
     assert depth.late_layers(30) == list(range(15, 29)) and depth.late_layers(3) == [1]
+
+
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_chunked_analysis_equals_one_pass(backend, chunk):
+    """Every number of the analysis is the same whatever the chunk (one chunk = the whole trace)."""
+    model, _ = wrap_with_reference("llama", backend, n_layers=4)
+    trace = ml.ReasoningTrace.from_text(model, "What is 2+3?", RESPONSE)
+    whole = depth.analyze_trace(model, trace, unit="line", chunk=4096)
+    part = depth.analyze_trace(model, trace, unit="line", chunk=chunk)
+    torch.testing.assert_close(
+        part.score.token_scores, whole.score.token_scores, atol=1e-5, rtol=0, equal_nan=True
+    )
+    torch.testing.assert_close(part.step_attention, whole.step_attention, atol=1e-6, rtol=0)
+    torch.testing.assert_close(part.signals.logprob, whole.signals.logprob, atol=1e-5, rtol=0)
+    torch.testing.assert_close(part.signals.instability, whole.signals.instability, atol=1e-6, rtol=0)
+    for name, value in whole.features.items():
+        assert part.features[name] == pytest.approx(value, abs=1e-5, nan_ok=True)

@@ -100,3 +100,29 @@ def test_lens_errors_name_what_is_valid(llama, tokens):
         ml.logit_lens(model, tokens, top_k_positions=[11])
     with pytest.raises(ValueError, match="valid layers"):
         ml.logit_lens(model, tokens, layers=[3])
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7])
+def test_chunked_lens_equals_one_chunk(backend, chunk):
+    """The forward and the unembedding in chunks (7 divides neither length) give the same numbers,
+    also for a left-padded batch, layer pairs, next-token targets and top-k views across chunks."""
+    model, _ = wrap_with_reference("qwen2", backend)
+    toks, mask = model.tokenize(["one two three four five six", "a b"])
+    kw = dict(stats=ALL, targets="next", pairs=[(0, 2)], top_k_positions=[9, 0, 5], k=3, attention_mask=mask)
+    whole = ml.logit_lens(model, toks, chunk=4096, **kw)
+    part = ml.logit_lens(model, toks, chunk=chunk, **kw)
+    for name in (
+        "entropy",
+        "kl_final",
+        "jsd_final",
+        "top1_prob",
+        "target_logprob",
+        "jsd_pairs",
+        "top_k_probs",
+    ):
+        torch.testing.assert_close(
+            getattr(part, name), getattr(whole, name), atol=1e-5, rtol=0, equal_nan=True
+        )
+    for name in ("top1", "target_rank", "top_k_ids"):
+        assert torch.equal(getattr(part, name), getattr(whole, name)), name
+    assert part.top_k_positions == [9, 0, 5]

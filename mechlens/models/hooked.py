@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,7 @@ class HookedModel:
         self.tokenizer = tokenizer
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         self._interventions = Interventions()
+        self.memory_budget = int(float(os.environ.get("MECHLENS_MEMORY_BUDGET_GB", 8)) * 2**30)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.adapter: Backend = (
@@ -388,11 +390,106 @@ class HookedModel:
         )
         return self.adapter.run(request)
 
+    def chunk_size_for(self, n_pos: int, budget_mb: float = 128) -> int:
+        """Positions per chunk for a forward over `n_pos` tokens: 512, fewer on long inputs so that
+        one layer's eager attention (scores, softmax and a copy: `3 x heads x chunk x n_pos`
+        floats) stays under `budget_mb`; at least 64."""
+        per_position = 3 * self.n_heads * max(int(n_pos), 1) * 4
+        return int(min(512, max(64, budget_mb * 2**20 // per_position)))
+
+    def forward_chunks(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None = None,
+        chunk_size: int | None = None,
+        *,
+        capture: dict[str, list[int]] | None = None,
+        stop_after: int | None = None,
+        past_key_values: Any = None,
+        reduce: Reducer | None = None,
+    ) -> Iterator[tuple[int, RunOutput]]:
+        """One forward pass run `chunk_size` positions at a time (default `chunk_size_for` the
+        input's length), the earlier chunks' keys and values kept in a KV cache: yields
+        `(start, RunOutput)` for positions `start .. start + chunk_size`.
+
+        Memory then depends on the chunk, not on the sequence: each layer's attention scores are
+        `[batch, heads, chunk, pos]` at most, and captures, logits and `reduce` see one chunk at a
+        time (the KV cache itself grows with the sequence). The numbers equal one full forward.
+        `past_key_values` continues a cache whose positions come before `tokens` (all rows real).
+
+            >>> for start, out in model.forward_chunks(toks, chunk_size=256, stop_after=5,   # doctest: +SKIP
+            ...                                        capture={"resid_post": [5]}):
+            ...     use(out.acts["resid_post"][5])        # [batch, <=256, d_model]
+        """
+        from transformers import DynamicCache
+
+        if past_key_values is None:
+            tokens, attention_mask = self.prepare_input(tokens, attention_mask)
+            past_key_values = DynamicCache(config=self.hf_model.config)
+            done = 0
+        else:
+            tokens = torch.as_tensor(tokens, device=self.device)
+            done = past_key_values.get_seq_length()
+            attention_mask = torch.ones(
+                tokens.shape[0], done + tokens.shape[1], dtype=torch.long, device=self.device
+            )
+        if chunk_size is None:
+            chunk_size = self.chunk_size_for(done + tokens.shape[1])
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        n = tokens.shape[1]
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            out = self.forward(
+                tokens[:, start:end],
+                attention_mask[:, : done + end],
+                capture={name: list(layers) for name, layers in (capture or {}).items()},
+                stop_after=stop_after,
+                past_key_values=past_key_values,
+                use_cache=True,
+                reduce=reduce,
+            )
+            out.past_key_values = past_key_values
+            yield start, out
+
     def __call__(self, tokens: TokensLike, attention_mask: Tensor | None = None) -> Tensor:
         """Logits `[batch, pos, vocab]` under the active interventions."""
         tokens, attention_mask = self.prepare_input(tokens, attention_mask)
+        self.check_memory(tokens.shape, {}, logits=True)
         with torch.no_grad():
             return _logits(self.forward(tokens, attention_mask))
+
+    def check_memory(
+        self,
+        shape: tuple[int, ...],
+        capture: dict[str, list[int]],
+        logits: bool,
+        reduce: Reducer | None = None,
+    ) -> int:
+        """Estimated bytes a one-pass forward of `shape = (batch, pos)` holds (captures, logits, one
+        layer's eager attention scores); `ValueError` naming the ways out when it exceeds
+        `model.memory_budget` (bytes; default 8 GiB or `$MECHLENS_MEMORY_BUDGET_GB`)."""
+        batch, pos = int(shape[0]), int(shape[1])
+        item = torch.finfo(self.dtype).bits // 8
+        per_layer = {
+            "resid_pre": batch * pos * self.d_model,
+            "resid_post": batch * pos * self.d_model,
+            "z": batch * pos * self.n_heads * self.d_head,
+            "pattern": batch * self.n_heads * pos * pos,
+        }
+        held = 0 if reduce is not None else sum(per_layer[n] * len(ls) for n, ls in capture.items())
+        held += batch * pos * self.d_vocab if logits else 0
+        held += 3 * batch * self.n_heads * pos * pos  # scores, softmax and its copy, one layer at a time
+        held *= item
+        if held > self.memory_budget:
+            gib = 2**30
+            raise ValueError(
+                f"this forward of {batch} x {pos} tokens would hold about {held / gib:.1f} GiB (budget "
+                f"{self.memory_budget / gib:.1f} GiB, model.memory_budget): capture fewer layers=, shrink "
+                "each capture as it is taken with run_with_cache(reduce=...), use return_logits=False, or "
+                "run in chunks: model.forward_chunks(...), logit_lens(chunk=), sentence_attention(chunk=)"
+            )
+        return held
 
     def run_with_cache(
         self,
@@ -413,6 +510,11 @@ class HookedModel:
 
             >>> _, c = model.run_with_cache(toks, ["pattern"],        # doctest: +SKIP
             ...     reduce=lambda name, layer, p: p[..., -1, :])    # last query's row per layer
+
+        `reduce=` is the way to capture from long traces: a full `pattern` capture of an 8k-token
+        trace is 30 x 9 x 8192^2 floats (72 GiB). A request whose estimate exceeds
+        `model.memory_budget` raises a `ValueError` naming `reduce=`, `layers=` and the chunked
+        forward (`forward_chunks`) instead of running out of memory.
         """
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in CACHE_NAMES]
@@ -423,6 +525,7 @@ class HookedModel:
             raise ValueError("layers is empty: give at least one layer")
         tokens, attention_mask = self.prepare_input(tokens, attention_mask)
         capture = {n: layer_list for n in names}
+        self.check_memory(tokens.shape, capture, return_logits, reduce)
         stop_after = None if return_logits else max(layer_list)
         with torch.set_grad_enabled(grad):
             out = self.forward(tokens, attention_mask, capture=capture, stop_after=stop_after, reduce=reduce)

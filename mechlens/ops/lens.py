@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mechlens.models.hooked import ActivationCache
 from mechlens.ops.distributions import BLOCK_ROWS, Distributions
 
 STATS = ("entropy", "kl_final", "jsd_final", "top1", "target")
@@ -42,7 +43,8 @@ class LensResult:
     target_logprob, target_rank: log p_layer(target) and the target's rank (0 = top); NaN / -1
         where there is no target (the last position with `targets="next"`, or a negative id).
     jsd_pairs: `[pairs, batch, pos]` JSD between the layer pairs in `pairs`.
-    top_k_ids, top_k_probs: `[layers, batch, len(top_k_positions), k]` for a few positions.
+    top_k_ids, top_k_probs: `[layers, batch, len(top_k_positions), k]` for a few positions (-1
+        and NaN at padding).
     """
 
     layers: list[int]
@@ -91,7 +93,7 @@ def logit_lens(
     pairs: Sequence[tuple[int, int]] = (),
     top_k_positions: Sequence[int] = (),
     k: int = 5,
-    chunk: int = 512,
+    chunk: int | None = None,
     attention_mask: Tensor | None = None,
 ) -> LensResult:
     """Logit-lens statistics of `tokens` at every layer in `layers` (default: all).
@@ -102,26 +104,90 @@ def logit_lens(
             input's own next token (what the model was trained to predict).
         pairs: layer pairs `(a, b)` whose JSD to report in `jsd_pairs` (any model layers).
         top_k_positions: positions for the `top_k_ids`/`top_k_probs` view (hover text).
-        chunk: positions unembedded at once; memory peaks near `3 * batch * chunk * vocab` floats
-            (about 300 MB for a 49k vocabulary at the default).
+        chunk: positions run through the forward at once (default: `model.chunk_size_for` the
+            length: 512, fewer on long inputs). Memory: the KV cache, one chunk's attention and
+            captures, and a few `[256, vocab]` blocks; never `[pos, vocab]`.
 
-    One forward pass captures the residual stream; the final norm and unembedding then run
-    layer by layer and chunk by chunk.
+    The forward runs `chunk` positions at a time over a KV cache (`HookedModel.forward_chunks`),
+    stopping after the last layer needed; each chunk's residual stream is read through the final
+    norm and unembedding layer by layer, the output distribution included (the last layer's lens
+    is the model's output), so nothing `[pos, vocab]`-sized beyond one chunk is ever held.
     """
-    ids, attention_mask = model.prepare_input(tokens, attention_mask)
-    lens_layers = range(model.n_layers) if layers is None else layers
-    wanted = sorted({*lens_layers, *(l for p in pairs for l in p)})
-    logits, cache = model.run_with_cache(ids, ["resid_post"], layers=wanted, attention_mask=attention_mask)
-    assert logits is not None  # run_with_cache returns them by default
-    return lens_from_cache(
-        model, logits, cache, layers, stats, targets, pairs, top_k_positions, k, chunk, attention_mask, ids
-    )
+    ids, mask = model.prepare_input(tokens, attention_mask)
+    stats = _check_stats(stats)
+    lens_layers = model.check_layers(layers)
+    pair_list = _check_pairs(model, pairs)
+    last = model.n_layers - 1
+    final = [last] if any(s in stats for s in FINAL_STATS) else []
+    needed = sorted({*lens_layers, *(l for p in pair_list for l in p), *final})
+    n_pos = ids.shape[1]
+    positions = _check_positions(top_k_positions, n_pos)
+    target_ids = _targets(targets, ids, ids.shape[0], n_pos, model.d_vocab) if "target" in stats else None
+    parts, top = [], {}
+    for start, out in model.forward_chunks(
+        ids, mask, chunk, capture={"resid_post": needed}, stop_after=max(needed)
+    ):
+        resid = out.acts["resid_post"]
+        end = start + resid[needed[0]].shape[1]
+        cache = ActivationCache(
+            {"resid_post": torch.stack([resid[l] for l in needed])}, {"resid_post": needed}
+        )
+        here = [p for p in positions if start <= p < end]
+        part = lens_from_cache(
+            model, None, cache, lens_layers, stats, None if target_ids is None else target_ids[:, start:end],
+            pair_list, [p - start for p in here], k, None, mask[:, start:end],
+        )  # fmt: skip
+        if here and part.top_k_ids is not None and part.top_k_probs is not None:
+            for i, p in enumerate(here):
+                top[p] = (part.top_k_ids[:, :, i], part.top_k_probs[:, :, i])
+        parts.append(part)
+    result = _concat(parts)
+    result.top_k_positions = positions
+    if positions:
+        result.top_k_ids = torch.stack([top[p][0] for p in positions], 2)
+        result.top_k_probs = torch.stack([top[p][1] for p in positions], 2)
+    return result
+
+
+FINAL_STATS = ("kl_final", "jsd_final")
+"""Statistics that compare a layer with the model's output distribution."""
+_POSITION_FIELDS = ("entropy", "kl_final", "jsd_final", "top1", "top1_prob", "target_logprob", "target_rank",
+                    "jsd_pairs")  # fmt: skip
+
+
+def _concat(parts: list[LensResult]) -> LensResult:
+    """Chunks' results joined along the position axis."""
+    first = parts[0]
+    joined = LensResult(first.layers, pairs=first.pairs)
+    for name in _POSITION_FIELDS:
+        if getattr(first, name) is not None:
+            setattr(joined, name, torch.cat([getattr(p, name) for p in parts], 2))
+    return joined
+
+
+def _check_stats(stats: Sequence[str] | str) -> list[str]:
+    stats = [stats] if isinstance(stats, str) else list(stats)
+    unknown = [s for s in stats if s not in STATS]
+    if unknown:
+        raise ValueError(f"unknown stat(s) {unknown}: valid stats are {list(STATS)}")
+    return stats
+
+
+def _check_pairs(model, pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(model.check_layer(a, "pairs entry"), model.check_layer(b, "pairs entry")) for a, b in pairs]
+
+
+def _check_positions(top_k_positions: Sequence[int], n_pos: int) -> list[int]:
+    positions = list(top_k_positions)
+    if any(isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < n_pos for p in positions):
+        raise ValueError(f"top_k_positions must lie in 0..{n_pos - 1}, got {positions}")
+    return positions
 
 
 @torch.no_grad()
 def lens_from_cache(
     model,
-    logits: Tensor,
+    logits: Tensor | None,
     cache,
     layers: Sequence[int] | None = None,
     stats: Sequence[str] = DEFAULT_STATS,
@@ -129,34 +195,33 @@ def lens_from_cache(
     pairs: Sequence[tuple[int, int]] = (),
     top_k_positions: Sequence[int] = (),
     k: int = 5,
-    chunk: int = 512,
+    chunk: int | None = None,
     attention_mask: Tensor | None = None,
     tokens: Tensor | None = None,
 ) -> LensResult:
-    """`logit_lens` on an existing forward: `logits [batch, pos, vocab]` and a cache holding
-    `resid_post` of the needed layers (reuse one forward for the lens and other captures)."""
-    stats = [stats] if isinstance(stats, str) else list(stats)
-    unknown = [s for s in stats if s not in STATS]
-    if unknown:
-        raise ValueError(f"unknown stat(s) {unknown}: valid stats are {list(STATS)}")
+    """`logit_lens` on an existing forward: a cache holding `resid_post` of the needed layers and
+    the output `logits [batch, pos, vocab]`, or None to read the output distribution from the
+    last layer's `resid_post` (then it must be in the cache). `chunk` positions are unembedded at
+    once (default: 256 rows), so memory holds a few `[256, vocab]` blocks."""
+    stats = _check_stats(stats)
+    vocab = model.d_vocab if logits is None else logits.shape[-1]
+    batch, n_pos = cache["resid_post"].shape[1:3]
+    chunk = max(1, 256 // batch) if chunk is None else chunk
     for name, value in (("chunk", chunk), ("k", k)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if chunk < 1 or not 1 <= k <= logits.shape[-1]:
-        raise ValueError(
-            f"chunk must be >= 1 and k in 1..{logits.shape[-1]} (the vocabulary), got {chunk}, {k}"
-        )
+    if chunk < 1 or not 1 <= k <= vocab:
+        raise ValueError(f"chunk must be >= 1 and k in 1..{vocab} (the vocabulary), got {chunk}, {k}")
     captured = cache.layers["resid_post"]
     layer_list = captured if layers is None else model.check_layers(layers)
-    pair_list = [(model.check_layer(a, "pairs entry"), model.check_layer(b, "pairs entry")) for a, b in pairs]
-    missing = sorted({*layer_list, *(l for p in pair_list for l in p)} - set(captured))
+    pair_list = _check_pairs(model, pairs)
+    needs_final = any(s in stats for s in FINAL_STATS)
+    from_last = [model.n_layers - 1] if needs_final and logits is None else []
+    missing = sorted({*layer_list, *(l for p in pair_list for l in p), *from_last} - set(captured))
     if missing:
         raise ValueError(f"layers {missing} are not in the cache (captured: {captured})")
-    batch, n_pos = logits.shape[:2]
-    positions = list(top_k_positions)
-    if any(not 0 <= p < n_pos for p in positions):
-        raise ValueError(f"top_k_positions must lie in 0..{n_pos - 1}, got {positions}")
-    target_ids = _targets(targets, tokens, batch, n_pos, logits.shape[-1]) if "target" in stats else None
+    positions = _check_positions(top_k_positions, n_pos)
+    target_ids = _targets(targets, tokens, batch, n_pos, vocab) if "target" in stats else None
 
     shape = (len(layer_list), batch, n_pos)
     out: dict[str, Tensor] = {}
@@ -170,20 +235,25 @@ def lens_from_cache(
     if pair_list:
         out["jsd_pairs"] = torch.full((len(pair_list), batch, n_pos), float("nan"))
 
-    needs_final = any(s in stats for s in ("kl_final", "jsd_final"))
     free_after = {l: max(max(p) for p in pair_list if l in p) for p in pair_list for l in p}
     real = torch.ones(batch, n_pos, dtype=torch.bool)  # [batch, pos] positions to report
     if attention_mask is not None:
         real = attention_mask.bool().cpu()
-    vocab = logits.shape[-1]
     for start in range(0, n_pos, chunk):
         sl = slice(start, start + chunk)
         rows = real[:, sl]  # [batch, chunk]
         tgt = None if target_ids is None else target_ids[:, sl].reshape(-1)  # [rows]
         final = None
         if needs_final:  # probabilities and entropy only: [rows, vocab] once per chunk
-            blocks = logits[:, sl].float().reshape(-1, vocab).split(BLOCK_ROWS)
-            final = [Distributions(b).drop_logits() for b in blocks]
+            z_final = (
+                model.unembed(cache.at("resid_post", model.n_layers - 1)[:, sl])
+                if logits is None
+                else logits[:, sl]
+            )
+            final = [
+                Distributions(b).drop_logits() for b in z_final.float().reshape(-1, vocab).split(BLOCK_ROWS)
+            ]
+            del z_final
         kept: dict[int, list[Distributions]] = {}  # layers still needed by a pair
         for layer in sorted({*layer_list, *free_after}):
             resid = cache.at("resid_post", layer)[:, sl]  # [batch, chunk, d_model]
@@ -209,7 +279,9 @@ def lens_from_cache(
             kept = {l: d for l, d in kept.items() if free_after[l] > layer}
     result = LensResult(layer_list, pairs=pair_list, top_k_positions=positions, **out)
     if positions:
-        result.top_k_ids, result.top_k_probs = _top_k(model, cache, layer_list, positions, k)
+        ids, probs = _top_k(model, cache, layer_list, positions, k)  # [layers, batch, n, k]
+        pad = ~real[:, positions][None, :, :, None]  # padding has no top-k: -1 and NaN, as above
+        result.top_k_ids, result.top_k_probs = ids.masked_fill(pad, -1), probs.masked_fill(pad, float("nan"))
     return result
 
 

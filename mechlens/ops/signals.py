@@ -58,34 +58,65 @@ class TokenSignals:
 
 
 @torch.no_grad()
-def token_signals(model, trace: ReasoningTrace, logits: Tensor | None = None) -> TokenSignals:
+def token_signals(
+    model, trace: ReasoningTrace, logits: Tensor | None = None, chunk: int | None = None
+) -> TokenSignals:
     """Signals of every response token of `trace`; pass the trace's `logits [1, pos, vocab]` to
-    reuse a forward pass you already ran."""
+    reuse a forward pass you already ran. Without them the forward runs `chunk` positions at a
+    time (default: `model.chunk_size_for` the trace) and the output distribution is read from the
+    last layer a block of 64 positions at a time, so no `[pos, vocab]` tensor is ever held."""
     tokens = trace.tokens
-    if logits is None:
-        logits = model(tokens)
     start, end = trace.prompt_len, trace.n_tokens
     if start < 2 or end <= start:
         raise ValueError(f"need >= 2 prompt tokens and >= 1 response token, got {start} and {end - start}")
+    acc = SignalRows(tokens[0], first=start - 2)
     # rows start-2 .. end-2 predict tokens start-1 .. end-1; the first row only feeds instability
-    z = logits[0, start - 2 : end - 1].float()  # [n + 1, vocab]
-    targets = tokens[0, start - 1 : end].to(z.device)  # [n + 1]
-    logprob, entropy, certainty, unstable = [], [], [], []
-    prev = None
-    for a in range(0, len(z), BLOCK_ROWS):
-        dist = Distributions(z[a : a + BLOCK_ROWS])
-        ids = targets[a : a + BLOCK_ROWS]
-        logprob.append(dist.logprob(ids)[0])
-        entropy.append(dist.entropy)
-        # mean_v log p_v = mean_v (z_v - max) + log p_max
-        certainty.append(-math.log(z.shape[-1]) - dist.zs.mean(-1) - dist.log_top_p)
-        p = dist.p if prev is None else torch.cat([prev, dist.p])
-        unstable.append(jsd_probs(p[1:], p[:-1]))
-        prev = dist.p[-1:]
-    lp, ent, cert = (
-        torch.cat(parts)[1:].cpu() for parts in (logprob, entropy, certainty)
-    )  # drop the extra row
-    return TokenSignals(torch.arange(start, end), lp, ent, cert, torch.cat(unstable).cpu())
+    if logits is not None:
+        acc.add(logits[0, start - 2 : end - 1])
+    else:
+        last = model.n_layers - 1
+        for a, out in model.forward_chunks(
+            tokens, None, chunk, capture={"resid_post": [last]}, stop_after=last
+        ):
+            resid = out.acts["resid_post"][last][0]  # [chunk, d_model]
+            acc.add_residual(model, resid, a, end - 1)
+    return acc.result(start, end)
+
+
+class SignalRows:
+    """Per-token signals of next-token logits fed in order, block by block (row r predicts token
+    r + 1 of `tokens`; `first` is the first row fed). `result` gives the `TokenSignals`."""
+
+    def __init__(self, tokens: Tensor, first: int):
+        self.tokens, self.row = tokens, first
+        self.parts: dict[str, list[Tensor]] = {"logprob": [], "entropy": [], "certainty": [], "unstable": []}
+        self.prev: Tensor | None = None  # the last row's probabilities, for the next block's instability
+
+    def add_residual(self, model, resid: Tensor, start: int, stop: int) -> None:
+        """Feed the rows of `resid [n, d_model]` (positions `start ..`) that are due, up to row
+        `stop` (exclusive), through the final norm and unembedding, a block of rows at a time."""
+        lo, hi = max(start, self.row), min(start + len(resid), stop)
+        for a in range(lo, hi, BLOCK_ROWS):
+            self.add(model.unembed(resid[a - start : min(a + BLOCK_ROWS, hi) - start]))
+
+    def add(self, z: Tensor) -> None:
+        """`z [rows, vocab]`: logits of the next rows."""
+        z = z.float()
+        for a in range(0, len(z), BLOCK_ROWS):
+            dist = Distributions(z[a : a + BLOCK_ROWS])
+            ids = self.tokens[self.row + 1 : self.row + 1 + len(dist.p)].to(z.device)
+            self.parts["logprob"].append(dist.logprob(ids)[0])
+            self.parts["entropy"].append(dist.entropy)
+            # mean_v log p_v = mean_v (z_v - max) + log p_max
+            self.parts["certainty"].append(-math.log(z.shape[-1]) - dist.zs.mean(-1) - dist.log_top_p)
+            p = dist.p if self.prev is None else torch.cat([self.prev, dist.p])
+            self.parts["unstable"].append(jsd_probs(p[1:], p[:-1]))
+            self.prev = dist.p[-1:]
+            self.row += len(dist.p)
+
+    def result(self, start: int, end: int) -> TokenSignals:
+        lp, ent, cert = (torch.cat(self.parts[k])[1:].cpu() for k in ("logprob", "entropy", "certainty"))
+        return TokenSignals(torch.arange(start, end), lp, ent, cert, torch.cat(self.parts["unstable"]).cpu())
 
 
 @dataclass

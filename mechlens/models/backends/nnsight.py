@@ -90,7 +90,9 @@ class NNsightBackend:
                             ("z", layer, req.keep("z", layer, z.reshape(*z.shape[:2], n_heads, d_head)))
                         )
                 if "pattern" in capture and layer in capture["pattern"]:
-                    found.append(("pattern", layer, req.keep("pattern", layer, attn.output[1])))
+                    out = attn.output
+                    found.append(("pattern", layer, req.keep("pattern", layer, out[1])))
+                    attn.output = (out[0], None, *out[2:])  # the block ignores it: let it go now
                 if iv.touches_resid(layer):
                     out = block.output
                     if isinstance(out, tuple):
@@ -107,6 +109,7 @@ class NNsightBackend:
                         )
                     )
             if stop_after is not None:
+                _ = layers[stop_after].output  # run up to here even when nothing was captured
                 tracer.stop()
             else:
                 output = self.lm.output.save()

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,13 +141,25 @@ def analyze(
 
 
 def assign_receivers(
-    analyses: Sequence[TraceAnchors], top_k: int = 20
+    analyses: Sequence[TraceAnchors], top_k: int = 20, min_scores: int = 10
 ) -> tuple[Tensor, list[tuple[int, int]]]:
     """Receiver heads from the kurtosis of vertical scores averaged over `analyses` (layer 0
     excluded; at most as many as have a finite kurtosis), and each analysis's `receiver` scores.
-    Returns `(kurtosis [layers, heads], heads)`."""
+    Returns `(kurtosis [layers, heads], heads)`.
+
+    A kurtosis over fewer than `min_scores` finite vertical scores (sentences outside the
+    proximity window) is noise: such traces are named in a warning."""
     if not analyses:
         raise ValueError("no analyses: give at least one TraceAnchors")
+    counts = [int(torch.isfinite(a.vertical[0, 0]).sum()) for a in analyses]
+    short = [i for i, n in enumerate(counts) if n < min_scores]
+    if short:
+        warnings.warn(
+            f"receiver-head kurtosis over fewer than {min_scores} finite vertical scores is noise: "
+            f"traces {short} have {[counts[i] for i in short]}; use traces with more sentences or a "
+            "smaller proximity",
+            stacklevel=2,
+        )
     kurt = torch.stack([kurtosis(a.vertical) for a in analyses]).nanmean(0)  # [layers, heads]
     finite = int(torch.isfinite(kurt[1:]).sum())
     if finite == 0:

@@ -26,26 +26,34 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mechlens.ops.attention import span_attention
+from mechlens.ops.attention import SpanAttention
 from mechlens.text.trace import ReasoningTrace
 
 
-def sentence_attention(model, trace: ReasoningTrace, layers: Sequence[int] | None = None) -> Tensor:
+def sentence_attention(
+    model, trace: ReasoningTrace, layers: Sequence[int] | None = None, chunk: int | None = None
+) -> Tensor:
     """Sentence x sentence attention `[layers, heads, S, S]` of every head: the block mean of token
     attention from the tokens of sentence q (rows) to those of sentence k (columns).
 
-    One forward pass; each layer's `[heads, T, T]` pattern is pooled as soon as it is captured, so
-    no more than one layer's token attention exists at a time.
+    The forward runs `chunk` query positions at a time over a KV cache (default:
+    `model.chunk_size_for` the trace), and each layer's
+    `[heads, chunk, pos]` attention is pooled into sentence blocks as soon as it is captured, so
+    memory depends on the chunk, not on the trace's length.
     """
+    layer_list = model.check_layers(layers)
     spans = [(s.start, s.end) for s in trace.sentences]
+    pooled = {layer: SpanAttention(spans, keys="mean") for layer in layer_list}
 
-    def pool(name: str, layer: int, pattern: Tensor) -> Tensor:  # [1, heads, T, T] -> [1, heads, S, S]
-        return span_attention(pattern.float(), spans, keys="mean")
+    def pool(name: str, layer: int, pattern: Tensor) -> Tensor:  # [1, heads, q, k]: the last q of k
+        pooled[layer].add(pattern[0].float(), query_start=pattern.shape[-1] - pattern.shape[-2])
+        return pattern.new_zeros(0)
 
-    _, cache = model.run_with_cache(
-        trace.tokens, ["pattern"], layers=layers, return_logits=False, reduce=pool
-    )
-    return cache["pattern"][:, 0]
+    for _ in model.forward_chunks(
+        trace.tokens, None, chunk, capture={"pattern": layer_list}, stop_after=max(layer_list), reduce=pool
+    ):
+        pass
+    return torch.stack([pooled[layer].result() for layer in layer_list])
 
 
 def vertical_scores(matrix: Tensor, proximity: int = 4, control_depth: bool = False) -> Tensor:

@@ -95,14 +95,18 @@ def cosine(a: Tensor, b: Tensor) -> Tensor:
 
 
 def answer_kl(p: Mapping[str, int], q: Mapping[str, int], alpha: float = 1e-9) -> float:
-    """KL(p || q) of two answer-count distributions, smoothed as in the Thought Anchors code.
+    """KL(p || q) of two answer-count distributions, as the Thought Anchors code computes it
+    (`analyze_rollouts.py`, `calculate_kl_divergence`, answer distributions).
 
-    Over the V answers seen in either: p_s(a) = (c_p(a) + alpha) / (n_p + alpha V) (same for q),
-    KL = sum_a p(a) log(p_s(a) / q_s(a)) with the unsmoothed p(a) as weight, clipped at 0.
-    `alpha=1` is Laplace smoothing. NaN when either side has no answers.
+    Over the V answers seen on either side: p_s(a) = (c_p(a) + alpha) / (n_p + alpha V) (same
+    for q) and KL = sum_a p_s(a) log(p_s(a) / q_s(a)), the smoothed p as weight, clipped at 0.
+    `alpha=1` is Laplace smoothing (the code's `laplace_smooth=True`). NaN when either side has
+    no answers (the code returns 0 there).
 
     >>> round(answer_kl({"7": 3, "8": 1}, {"7": 1, "8": 3}), 4)
     0.5493
+    >>> round(answer_kl({"7": 2}, {"7": 1, "9": 1}, alpha=1.0), 4)
+    0.1308
     """
     n_p, n_q = sum(p.values()), sum(q.values())
     if n_p == 0 or n_q == 0:
@@ -111,14 +115,27 @@ def answer_kl(p: Mapping[str, int], q: Mapping[str, int], alpha: float = 1e-9) -
     v = len(answers)
     kl = 0.0
     for a in answers:
-        c_p, c_q = p.get(a, 0), q.get(a, 0)
-        if c_p:
-            kl += (
-                c_p
-                / n_p
-                * math.log(((c_p + alpha) / (n_p + alpha * v)) / ((c_q + alpha) / (n_q + alpha * v)))
-            )
+        p_s = (p.get(a, 0) + alpha) / (n_p + alpha * v)
+        q_s = (q.get(a, 0) + alpha) / (n_q + alpha * v)
+        kl += p_s * math.log(p_s / q_s)
     return max(0.0, kl)
+
+
+def correct_kl(p: Mapping[str, int], q: Mapping[str, int], alpha: float = 1e-9) -> float:
+    """KL between the two Bernoulli distributions of being correct, as the Thought Anchors code
+    computes it (`calculate_kl_divergence`, `use_prob_true=True`): p = (correct + alpha) /
+    (answered + 2 alpha) on each side, counts given as `{"True": k, "False": m}`. NaN when a side
+    has no answers.
+
+    >>> round(correct_kl({"True": 3, "False": 1}, {"True": 1, "False": 3}), 4)
+    0.5493
+    """
+    n_p, n_q = sum(p.values()), sum(q.values())
+    if n_p == 0 or n_q == 0:
+        return float("nan")
+    a = (p.get("True", 0) + alpha) / (n_p + 2 * alpha)
+    b = (q.get("True", 0) + alpha) / (n_q + 2 * alpha)
+    return max(0.0, a * math.log(a / b) + (1 - a) * math.log((1 - a) / (1 - b)))
 
 
 @dataclass
@@ -200,7 +217,8 @@ class Resampling:
         out = []
         for i in self._idx:
             rest = self.rollouts[i + 1] + (self.similar(i) if use_similar else [])
-            out.append(answer_kl(_counts(self.different(i), binary), _counts(rest, binary), self.alpha))
+            kl = correct_kl if binary else answer_kl
+            out.append(kl(_counts(self.different(i), binary), _counts(rest, binary), self.alpha))
         return np.array(out)
 
     @property
@@ -391,13 +409,18 @@ def forced_answers(
 
 
 def resampling_matrix(
-    res: Resampling, embed: Embedder | None = None, threshold: float | None = None
+    res: Resampling, embed: Embedder | None = None, threshold: float | None = None, compare: str = "all"
 ) -> np.ndarray:
     """Sentence-to-sentence resampling effect `[target j, source i]` (NaN unless j > i): how much
     more often S_j's content reappears downstream when S_i is kept (rollouts at i+1) than when it
-    is replaced by a different sentence (D_i). A sentence "reappears" in a rollout when one of the
-    rollout's sentences has cosine >= `threshold` (default: the resampling threshold) with it.
+    is resampled (all rollouts at i, as the authors' `step_attribution.py`,
+    `compute_step_importance_matrix`, compares them; `compare="different"`, our variant, takes
+    only the rollouts at i whose sentence differs in meaning, D_i). A sentence "reappears" in a
+    rollout when one of the rollout's sentences has cosine >= `threshold` (default: the
+    resampling threshold) with it; rollouts with no text are left out, as in their code.
     """
+    if compare not in ("all", "different"):
+        raise ValueError(f"compare must be 'all' (the authors') or 'different', got {compare!r}")
     embed = embed or sentence_embedder()
     threshold = res.threshold if threshold is None else threshold
     pieces = {id(r): [r.text[a:b] for a, b in split_sentences(r.text)] for rows in res.rollouts for r in rows}
@@ -421,7 +444,8 @@ def resampling_matrix(
     n = len(res.sentences)
     matrix = np.full((n, n), np.nan)
     for i in range(n):
-        kept, changed = res.rollouts[i + 1], res.different(i)
+        changed = res.rollouts[i] if compare == "all" else res.different(i)
+        kept, changed = [r for r in res.rollouts[i + 1] if r.text], [r for r in changed if r.text]
         if not kept or not changed:
             continue
         effect = reappears(kept).mean(0) - reappears(changed).mean(0)  # [S]

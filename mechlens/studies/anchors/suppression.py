@@ -6,7 +6,8 @@ the clean and the suppressed next-token distributions (softmax at temperature 0.
 log space, log(KL + 1e-9), and averaged over the tokens of each target sentence i > j.
 
 Only the suffix from sentence j on is recomputed: the clean prefix's KV cache is reused, and
-sentences are batched, each row suppressing its own sentence.
+sentences are batched, each row suppressing its own sentence; every forward runs a chunk of
+positions at a time, so an 8k-token trace needs memory for its KV caches, not for its logits.
 
 Example:
     >>> import mechlens as ml
@@ -19,10 +20,15 @@ Example:
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechlens.ops.distributions import BLOCK_ROWS
 from mechlens.text.trace import ReasoningTrace
 
 
@@ -51,36 +57,70 @@ def suppression_matrix(
     trace: ReasoningTrace,
     temperature: float = 0.6,
     only_first: int | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     reuse_prefix: bool = True,
     progress: bool = False,
+    chunk: int | None = None,
+    sources: Sequence[int] | None = None,
 ) -> Tensor:
     """Sentence x sentence suppression effect `[target i, source j]` (NaN unless i > j): the mean
     over the tokens of sentence i (the first `only_first` of them, when given) of
     log(KL(p_clean || p_suppressed) + 1e-9), with attention to sentence j suppressed.
 
-    `reuse_prefix=False` runs one full forward per sentence (the slow reference; same numbers).
+    The clean trace runs once, `chunk` positions at a time, keeping its KV cache and its last
+    layer's residual stream (`[pos, d_model]`, from which each chunk's clean distribution is
+    read). Each group of `batch_size` source sentences (default: 4, fewer on long traces so that
+    their KV caches stay near 4096 rows x positions) continues from the clean cache cropped at
+    its first sentence, each row suppressing its own sentence, again `chunk` positions at a time:
+    memory depends on the chunk and the trace's KV cache, never on `[pos, vocab]`.
+    `sources` limits the columns computed (default: all). `reuse_prefix=False` runs one full
+    forward per sentence (the slow reference; same numbers).
     """
     n = len(trace.sentences)
     eps = 1e-9
     matrix = torch.full((n, n), float("nan"))
     sentences = trace.sentences
+    columns = list(range(n)) if sources is None else sorted({int(j) for j in sources})
+    if any(not 0 <= j < n for j in columns):
+        raise ValueError(f"sources must be sentence indices in 0..{n - 1}, got {list(sources or [])}")
+    if batch_size is None:
+        batch_size = max(1, min(4, 4096 // trace.n_tokens))
     if reuse_prefix:
-        prefix = model.cache_prefix(trace.tokens)
-        base = prefix.logits[0]  # [T, vocab]
-        groups = [list(range(j, min(j + batch_size, n))) for j in range(0, n, batch_size)]
+        last = model.n_layers - 1
+        capture = {"resid_post": [last]}
+        clean: list[Tensor] = []
+        past: Any = None  # the clean trace's KV cache
+        for _, out in model.forward_chunks(trace.tokens, None, chunk, capture=capture, stop_after=last):
+            clean.append(out.acts["resid_post"][last][0])
+            past = out.past_key_values
+        clean_resid = torch.cat(clean)  # [T, d_model]
+        groups = [columns[g : g + batch_size] for g in range(0, len(columns), batch_size)]
         for group in tqdm(groups, desc="suppression", disable=not progress):
             start = sentences[group[0]].start  # rows share the suffix from the group's first sentence
+            rows = copy.deepcopy(past)
+            rows.crop(start - trace.n_tokens)  # a negative count removes that many positions
+            if len(group) > 1:
+                rows.batch_repeat_interleave(len(group))
             suffix = trace.tokens[:, start:].expand(len(group), -1)  # [rows, T - start]
+            kl = []
             with model.suppress_attention([(sentences[j].start, sentences[j].end) for j in group]):
-                logits = model.continue_prefix(prefix, suffix, upto=start)  # [rows, T - start, vocab]
+                for a, out in model.forward_chunks(
+                    suffix, None, chunk, capture=capture, stop_after=last, past_key_values=rows
+                ):
+                    resid = out.acts["resid_post"][last]  # [rows, c, d_model]
+                    step = max(1, BLOCK_ROWS // len(group))  # unembed [rows, step, vocab] at a time
+                    for b in range(0, resid.shape[1], step):
+                        at = start + a + b
+                        supp = model.unembed(resid[:, b : b + step])  # [rows, c, vocab], c <= step
+                        base = model.unembed(clean_resid[at : at + supp.shape[1]])  # [c, vocab]
+                        kl.append(token_kl(base[None], supp, temperature).cpu())  # [rows, <=step]
+            log_kl = torch.log(torch.cat(kl, 1) + eps)  # [rows, T - start]
             for row, j in enumerate(group):
-                log_kl = torch.log(token_kl(base[start:], logits[row], temperature) + eps).cpu()
-                matrix[:, j] = _sentence_means(log_kl, trace, start, only_first)
+                matrix[:, j] = _sentence_means(log_kl[row], trace, start, only_first)
     else:
         with torch.no_grad():
             base = model(trace.tokens)[0]  # [T, vocab]
-            for j in tqdm(range(n), desc="suppression (naive)", disable=not progress):
+            for j in tqdm(columns, desc="suppression (naive)", disable=not progress):
                 with model.suppress_attention((sentences[j].start, sentences[j].end)):
                     logits = model(trace.tokens)[0]
                 log_kl = torch.log(token_kl(base, logits, temperature) + eps).cpu()

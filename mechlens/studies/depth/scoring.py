@@ -33,10 +33,10 @@ from numpy.typing import ArrayLike
 from torch import Tensor
 
 from mechlens.models.hooked import ActivationCache
-from mechlens.ops.attention import span_attention
+from mechlens.ops.attention import SpanAttention
 from mechlens.ops.lens import lens_from_cache
 from mechlens.ops.probes import LinearProbe
-from mechlens.ops.signals import TokenSignals, token_signals
+from mechlens.ops.signals import SignalRows, TokenSignals
 from mechlens.text.trace import ReasoningTrace, Sentence
 
 FEATURES = ("mean_score", "fluctuation", "attn_score", "score_ppl_corr")
@@ -216,6 +216,7 @@ def analyze_trace(
     quantile: float = 0.25,
     tau: float = math.inf,
     attention: bool = True,
+    chunk: int | None = None,
 ) -> TraceAnalysis:
     """Reasoning Score, hallucination features and token signals of one trace, in one forward.
 
@@ -228,6 +229,9 @@ def analyze_trace(
         quantile, tau: a step is anomalous when its score is below the trace's `quantile` or
             above `tau`.
         attention: False skips the attention capture (then the attention features are NaN).
+        chunk: positions run at once (default: `model.chunk_size_for` the trace): memory depends
+            on it, not on the trace's length (the forward runs over a KV cache, attention is
+            pooled per query chunk, the unembedding goes by blocks of 64 positions).
     """
     stat = _check(divergence, unit)
     layers = late_layers(model.n_layers) if layers is None else model.check_layers(layers)
@@ -236,30 +240,44 @@ def analyze_trace(
     steps = trace.segments(unit)
     if not steps:
         raise ValueError("empty trace: no steps to score")
-    names = ["resid_post", "pattern"] if attention else ["resid_post"]
-    captured = sorted({*layers, *attention_layers}) if attention else layers
-    logits, cache = model.run_with_cache(trace.tokens, names, layers=captured)
+    last = model.n_layers - 1
     first = steps[0].start - 1  # the lens is only needed where the steps are predicted
-    resid = ActivationCache({"resid_post": cache["resid_post"][:, :, first:]}, {"resid_post": captured})
-    lens = lens_from_cache(model, logits[:, first:], resid, layers=layers, stats=[stat])
+    spans = [(s.start, s.end) for s in steps]
+    pooled = SpanAttention(spans) if attention else None  # step x step attention, by query chunks
+    needed = sorted({*layers, last})
+    capture = {"resid_post": needed, **({"pattern": list(attention_layers)} if attention else {})}
+
+    def pool(name: str, layer: int, t: Tensor) -> Tensor:  # each layer's pattern, head-averaged
+        return t.float().mean(1) if name == "pattern" else t  # [1, heads, q, k] -> [1, q, k]
+
     per_position = torch.full((trace.n_tokens,), float("nan"))
-    per_position[first:] = getattr(lens, stat)[:, 0].mean(0)
+    signals = SignalRows(trace.tokens[0], first=trace.prompt_len - 2)
+    for start, out in model.forward_chunks(trace.tokens, None, chunk, capture=capture, stop_after=last,
+                                           reduce=pool):  # fmt: skip
+        resid = out.acts["resid_post"]
+        end = start + resid[last].shape[1]
+        if end > first:  # the lens of the late layers where steps are predicted
+            lo = max(first, start)
+            cache = ActivationCache({"resid_post": torch.stack([resid[l][:, lo - start :] for l in needed])},
+                                    {"resid_post": needed})  # fmt: skip
+            lens = lens_from_cache(model, None, cache, layers=layers, stats=[stat])
+            per_position[lo:end] = getattr(lens, stat)[:, 0].mean(0)
+        signals.add_residual(model, resid[last][0], start, trace.n_tokens - 1)
+        if pooled is not None:
+            pooled.add(torch.stack([out.acts["pattern"][l][0] for l in attention_layers]).mean(0), start)
     token_scores = _token_scores(per_position)  # [pos]
     step_scores = step_means(token_scores, steps)
     score = ReasoningScore(layers, divergence, steps, token_scores, step_scores)
 
-    signals = token_signals(model, trace, logits)
+    token_sig = signals.result(trace.prompt_len, trace.n_tokens)
     nll = torch.full((trace.n_tokens,), float("nan"))
-    nll[signals.positions] = -signals.logprob
+    nll[token_sig.positions] = -token_sig.logprob
     step_ppl = step_means(nll, steps).exp()
 
     n = len(steps)
-    spans = [(s.start, s.end) for s in steps]
     step_attention, attn_score, backtrack = None, float("nan"), float("nan")
-    if attention:
-        idx = [cache.layers["pattern"].index(l) for l in attention_layers]
-        pattern = cache["pattern"][idx, 0]  # [layers, heads, q, k]
-        step_attention = span_attention(pattern, spans).mean((0, 1))  # [n_steps, n_steps]
+    if pooled is not None:
+        step_attention = pooled.result()  # [n_steps, n_steps], mean over the layers' heads
         anomalous = anomalous_steps(step_scores, quantile, tau)
         first_late = n - max(1, math.ceil(late_fraction * n))
         attn_score = backtrack_attention(step_attention, anomalous, range(first_late, n), first_late)
@@ -271,7 +289,7 @@ def analyze_trace(
         "score_ppl_corr": pearson(step_scores, step_ppl),
         "backtrack_attn": backtrack,
     }
-    return TraceAnalysis(score, step_attention, step_ppl, features, signals)
+    return TraceAnalysis(score, step_attention, step_ppl, features, token_sig)
 
 
 def feature_matrix(rows: Sequence[Mapping[str, float]], features: Sequence[str] = FEATURES) -> Tensor:
