@@ -93,6 +93,7 @@ def child(analysis: str, n_tokens: int) -> dict:
         "score": lambda: depth.reasoning_score(model, trace, unit="sentence"),
         "attention": lambda: anchors.sentence_attention(model, trace),
         "suppression": lambda: anchors.suppression_matrix(model, trace),
+        "suppression-one-source": lambda: anchors.suppression_matrix(model, trace, sources=[0]),
     }
     if analysis == "floor":
 
