@@ -359,11 +359,13 @@ class HookedModel:
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)} does not cover tokens {tuple(tokens.shape)}"
             )
-        capture = {} if capture is None else capture
-        for name, layers in capture.items():
-            if name not in CACHE_NAMES:
-                raise ValueError(f"unknown capture name {name!r}: valid names are {list(CACHE_NAMES)}")
-            capture[name] = self.check_layers(layers, f"capture[{name!r}]")
+        unknown = [name for name in capture or {} if name not in CACHE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown capture name {unknown[0]!r}: valid names are {list(CACHE_NAMES)}")
+        # a checked copy: the caller's dict is left as it was
+        capture = {
+            name: self.check_layers(layers, f"capture[{name!r}]") for name, layers in (capture or {}).items()
+        }
         if stop_after is not None:
             stop_after = self.check_layer(stop_after, "stop_after")
         if (start_at is None) != (resid_in is None):
@@ -443,7 +445,7 @@ class HookedModel:
             out = self.forward(
                 tokens[:, start:end],
                 attention_mask[:, : done + end],
-                capture={name: list(layers) for name, layers in (capture or {}).items()},
+                capture=capture,
                 stop_after=stop_after,
                 past_key_values=past_key_values,
                 use_cache=True,
