@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 from torch import Tensor
@@ -371,11 +372,23 @@ def _wrap(text: str, width: int = 70) -> list[str]:
 
 
 def sentence_heatmap(
-    matrix: Tensor, sentences: Sequence[str], colorbar: str, title: str = "", diverging: bool = False
+    matrix: Tensor,
+    sentences: Sequence[str],
+    colorbar: str,
+    title: str = "",
+    diverging: bool = False,
+    center_rows: bool = False,
 ) -> go.Figure:
     """Sentence x sentence heatmap `matrix [rows, columns]` (NaN blank) with "index: start of the
-    sentence" on the axes and both sentences in full in the hover."""
-    z = matrix.float().numpy() if isinstance(matrix, Tensor) else matrix
+    sentence" on the axes and both sentences in full in the hover. `center_rows=True` subtracts
+    each row's NaN-aware mean first, as the Thought Anchors suppression plots
+    (`plot_suppression_matrix.py`, `--normalize-rows`), and uses a diverging scale."""
+    z = matrix.float().numpy() if isinstance(matrix, Tensor) else np.asarray(matrix, dtype=float)
+    if center_rows:
+        finite_rows = np.isfinite(z).any(1)
+        z = z.copy()
+        z[finite_rows] -= np.nanmean(z[finite_rows], 1, keepdims=True)
+        diverging = True
     labels = [f"{i}: {_short(s, 28)}" for i, s in enumerate(sentences)]
     full = ["<br>".join(_wrap(s, 60)) for s in sentences]
     custom = [[[full[r], full[c]] for c in range(len(sentences))] for r in range(len(sentences))]

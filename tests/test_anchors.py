@@ -20,7 +20,7 @@ from mechlens.studies.anchors.resampling import Resampling, Rollout
 
 RESPONSE = (
     "<think>First, I add 2 and 3. That gives 5 in total.\n\nWait, let me check: 2 + 3 = 5. "
-    "So the total is 5 apples.</think>\nThe answer is 5."
+    "So the total is 5 apples. Done.</think>\nThe answer is 5."
 )
 
 
@@ -193,7 +193,7 @@ def test_forced_answers_counts(llama):
 def test_resampling_matrix_on_fixed_rollouts():
     # S2 reappears in every rollout that kept S0 (position 1) and in none that replaced it
     s = ["Alpha beta gamma.", "Delta epsilon zeta.", "Theta iota kappa."]
-    keep = [Rollout(1, "Delta epsilon zeta. Theta iota kappa.", s[1], "1", True)] * 2
+    keep = [Rollout(1, "Delta epsilon zeta. Theta iota kappa. Done now.</think>So 1.", s[1], "1", True)] * 2
     changed = [Rollout(0, "Omicron pi rho. Sigma tau upsilon.", "Omicron pi rho.", "2", False)] * 2
     res = Resampling(s, [changed, keep, keep, []], np.array([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
     m = anchors.resampling_matrix(res, embed=fake_embed, threshold=0.99)
@@ -332,6 +332,107 @@ def test_suppression_matrix_equals_masked_attention_reference(backend, batch_siz
     torch.testing.assert_close(anchors.outgoing_effect(fast), torch.nanmean(fast, 0), equal_nan=True)
 
 
+def authors_compress(logits, p=0.9999, max_k=100, temperature=0.6):
+    """Port of their `compress_logits_top_p` for one position: (indices, float16 logits)."""
+    probs = torch.softmax(logits / temperature, -1)
+    sorted_probs, sorted_idx = torch.sort(probs, descending=True)
+    k = min(torch.searchsorted(torch.cumsum(sorted_probs, 0), p, right=False).item() + 1, max_k)
+    top = sorted_idx[: max(1, k)]
+    return top.numpy().astype(np.int32), logits[top].numpy().astype(np.float16)
+
+
+def authors_sparse_kl(b, s, temperature=0.6):
+    """Port of their `calculate_kl_divergence_sparse` (numpy union, -1e9 fill, clip at 0)."""
+    (b_idx, b_logits), (s_idx, s_logits) = b, s
+    union = np.union1d(b_idx, s_idx)
+    at = {idx: k for k, idx in enumerate(union)}
+    bu, su = np.full(len(union), -1e9, np.float32), np.full(len(union), -1e9, np.float32)
+    for idx, z in zip(b_idx, b_logits.astype(np.float32), strict=True):
+        bu[at[idx]] = z
+    for idx, z in zip(s_idx, s_logits.astype(np.float32), strict=True):
+        su[at[idx]] = z
+    log_p = torch.log_softmax(torch.from_numpy(bu) / temperature, 0)
+    log_q = torch.log_softmax(torch.from_numpy(su) / temperature, 0)
+    p_dist = log_p.exp()
+    terms = torch.where(p_dist == 0, torch.tensor(0.0), p_dist * (log_p - log_q))
+    return max(float(terms.sum()), 0.0)
+
+
+def test_nucleus_kl_equals_the_authors_code():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(12, 300, generator=g) * 4
+    other = base + torch.randn(12, 300, generator=g) * torch.linspace(0, 3, 12)[:, None]
+    other[3] = base[3]  # identical: 0
+    other[4, base[4].argmax()] -= 30  # the top token leaves the nucleus: the -1e9 fill dominates
+    peaked = base.clone()
+    peaked[5, 7] = 60  # a one-token nucleus
+    got = anchors.nucleus_kl(peaked, other)
+    want = [authors_sparse_kl(authors_compress(peaked[r]), authors_compress(other[r])) for r in range(12)]
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert got[3] == 0 and got[4] > 1e6 and (got >= 0).all()
+    full = anchors.token_kl(peaked, other)
+    assert not torch.allclose(got, full)  # an approximation of the exact KL, not the same number
+
+
+def authors_token_ranges(model, text, sentences):
+    """Their `get_chunk_ranges` end (content, then the whitespace after it) and
+    `get_sentence_token_boundaries` (token counts of the text up to each end)."""
+    out, pos = [], 0
+    for sentence in sentences:
+        start = text.find(sentence, pos)
+        end = start + len(sentence)
+        while end < len(text) and text[end].isspace():
+            end += 1
+        pos = end
+        n = [len(model.tokenizer(text[:c], add_special_tokens=False)["input_ids"]) for c in (start, end)]
+        out.append(tuple(n))
+    return out
+
+
+def test_authors_token_spans(backend):
+    model, _ = wrap_with_reference("llama", backend)
+    trace = trace_of(model)
+    spans = anchors.authors_token_spans(model, trace)
+    assert spans == authors_token_ranges(model, trace.text, [s.text for s in trace.sentences])
+    ours = [(s.start, s.end) for s in trace.sentences]
+    # a sentence after ". " starts one token late (the space is its own token in a prefix)
+    assert spans != ours and all(b[0] - a[0] in (0, 1) for a, b in zip(ours, spans, strict=True))
+
+
+def test_suppression_authors_kl_equals_their_pipeline(backend):
+    model, reference = wrap_with_reference("llama", backend)
+    trace = trace_of(model)
+    spans = anchors.authors_token_spans(model, trace)
+    with torch.no_grad():
+        base = reference(trace.tokens).logits[0]
+        n = len(spans)
+        want = torch.full((n, n), float("nan"))
+        for j, (a, b) in enumerate(spans):
+            with suppression_hooks(model, reference, a, b):
+                supp = reference(trace.tokens).logits[0]
+            log_kl = [
+                np.log(authors_sparse_kl(authors_compress(base[t]), authors_compress(supp[t])) + 1e-9)
+                for t in range(trace.n_tokens)
+            ]
+            for i, (c, d) in enumerate(spans):
+                if i > j:
+                    want[i, j] = float(np.mean(log_kl[c:d]))
+    for kwargs in ({}, {"reuse_prefix": False}, {"batch_size": 2, "chunk": 5}):
+        got = anchors.suppression_matrix(model, trace, kl="authors", **kwargs)
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4, equal_nan=True)
+    with pytest.raises(ValueError, match="kl must be one of"):
+        anchors.suppression_matrix(model, trace, kl="sparse")
+
+
+def test_sentence_heatmap_center_rows():
+    from mechlens.plots import sentence_heatmap
+
+    m = torch.tensor([[float("nan")] * 3, [1.0, float("nan"), float("nan")], [2.0, 4.0, float("nan")]])
+    z = np.array(sentence_heatmap(m, ["a", "b", "c"], "x", center_rows=True).data[0].z, dtype=float)
+    np.testing.assert_allclose(z[2, :2], [-1.0, 1.0])
+    assert z[1, 0] == 0 and np.isnan(z[0]).all()
+
+
 def test_token_kl_never_negative():
     logits = torch.randn(5, 100, generator=torch.Generator().manual_seed(0))
     kl = anchors.token_kl(logits, logits + 1e-7 * torch.randn(5, 100))
@@ -393,3 +494,17 @@ def test_generate_from_token_ids_equals_from_text(llama):
     a = model.generate(ids, max_new_tokens=4, temperature=0.7, seed=3, n=2)
     b = model.generate(text, max_new_tokens=4, temperature=0.7, seed=3, n=2)
     assert a.texts == b.texts and a.prompts == [text]
+
+
+def test_analyze_cache_follows_the_segmentation(tmp_path):
+    model = ml.load_model("tiny-llama")
+    authors = trace_of(model)
+    ours = ml.ReasoningTrace.from_text(model, "What is 2+3?", RESPONSE, keep_last=True)
+    assert torch.equal(authors.tokens, ours.tokens) and authors.sentences[-1].end < ours.sentences[-1].end
+    for trace in (authors, ours, authors):  # same tokens, other sentences: never the stored matrix
+        a = anchors.analyze(model, trace, proximity=1, cache=tmp_path, progress=False)
+        want = anchors.suppression_matrix(model, trace)
+        torch.testing.assert_close(a.suppression, want, equal_nan=True)
+    full = anchors.analyze(model, authors, proximity=1, cache=tmp_path, progress=False)
+    theirs = anchors.analyze(model, authors, proximity=1, cache=tmp_path, progress=False, kl="authors")
+    assert not torch.allclose(full.suppression, theirs.suppression, equal_nan=True)

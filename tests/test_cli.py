@@ -92,7 +92,9 @@ def test_anchors_command(capsys, tmp_path):
 
     trace = tmp_path / "t.json"
     trace.write_text(
-        json.dumps({"prompt": "What is 2+3?", "response": "Let me add them. 2 + 3 = 5. The answer is 5."})
+        json.dumps(
+            {"prompt": "What is 2+3?", "response": "Let me add them. 2 + 3 = 5. The answer is 5. Done."}
+        )
     )
     args = ["anchors", str(trace), "--model", "tiny-llama", "--proximity", "1"]
     assert (

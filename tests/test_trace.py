@@ -13,35 +13,95 @@ def texts(text, **kw):
     return [text[a:b] for a, b in split_sentences(text, **kw)]
 
 
+def reference_chunks(solution_text: str) -> list[str]:
+    """A line-by-line port of the authors' splitter (thought-anchors `utils.py`,
+    `split_solution_into_chunks`), the final-chunk append left commented out as there."""
+    if "<think>" in solution_text:
+        solution_text = solution_text.split("<think>")[1].strip()
+    if "</think>" in solution_text:
+        solution_text = solution_text.split("</think>")[0].strip()
+    chunks, current = [], ""
+    for i in range(len(solution_text)):
+        current += solution_text[i]
+        para = any(solution_text[i : i + len(b)] == b for b in ("\n\n", "\r\n\r\n"))
+        sent = i < len(solution_text) - 1 and solution_text[i] in ".?!" and solution_text[i + 1] in " \n"
+        if (para or sent) and current.strip():
+            chunks.append(current.strip())
+            current = ""
+    i = 0
+    while i < len(chunks):
+        if len(chunks[i]) < 10:
+            if i == len(chunks) - 1:
+                if i > 0:
+                    chunks[i - 1] = chunks[i - 1] + " " + chunks[i]
+                    chunks.pop(i)
+            else:
+                chunks[i + 1] = chunks[i] + " " + chunks[i + 1]
+                chunks.pop(i)
+                continue
+        i += 1
+    return chunks
+
+
+def squash(chunks):
+    return [" ".join(c.split()) for c in chunks]
+
+
 def test_splitter_rules():
-    assert texts("Pi is 3.14 roughly. Next we add 2.5 to it.") == [
+    # the final chunk, which no boundary closes, is not a unit (as the authors' splitter)
+    assert texts("Pi is 3.14 roughly. Next we add 2.5 to it. So it is 5.64.") == [
         "Pi is 3.14 roughly.",
         "Next we add 2.5 to it.",
     ]
+    assert texts("Pi is 3.14 roughly. Next we add 2.5 to it.", keep_last=True)[-1] == "Next we add 2.5 to it."
     # cut at blank lines, strip whitespace
-    assert texts("First paragraph here\n\nSecond paragraph here") == [
+    assert texts("First paragraph here\n\nSecond paragraph here\n\nThird") == [
         "First paragraph here",
         "Second paragraph here",
     ]
-    assert texts("Windows line end\r\n\r\nand the next one") == ["Windows line end", "and the next one"]
+    assert texts("Windows line end\r\n\r\nand the next one\r\n\r\nend") == [
+        "Windows line end",
+        "and the next one",
+    ]
     # ? and ! followed by newline cut too; no cut without the following space/newline
-    assert texts("Is it twelve?\nYes it is!Right, twelve.") == ["Is it twelve?", "Yes it is!Right, twelve."]
+    assert texts("Is it twelve?\nYes it is!Right, twelve. Ok then.") == [
+        "Is it twelve?",
+        "Yes it is!Right, twelve.",
+    ]
     # fragments under 10 characters merge into the next sentence ...
-    assert texts("Wait. Let me recompute this.") == ["Wait. Let me recompute this."]
-    # ... and the last short one into the previous
-    assert texts("The sum is 12 exactly. Done.") == ["The sum is 12 exactly. Done."]
+    assert texts("Wait. Let me recompute this. And more.") == ["Wait. Let me recompute this."]
+    # ... and, the final chunk gone, a short last one into the previous
+    assert texts("The sum is 12 exactly. Done. So 12.") == ["The sum is 12 exactly. Done."]
     # a numbered list: the reference cuts after "1." and "2." too; short pieces merge forward
-    assert texts("Steps:\n1. add\n2. multiply numbers.\n\nThen check the result.") == [
+    assert texts("Steps:\n1. add\n2. multiply numbers.\n\nThen check the result.", keep_last=True) == [
         "Steps:\n1. add\n2.",
         "multiply numbers.",
         "Then check the result.",
     ]
-    assert texts("   ") == []
-    assert texts("short") == ["short"]
+    assert texts("   ") == [] and texts("short") == [] and texts("short", keep_last=True) == ["short"]
+    assert texts("One sentence, closed.\n") == []  # stripped first: the last period closes nothing
+
+
+CASES = [
+    "Pi is 3.14 roughly. Next we add 2.5 to it. So it is 5.64.",
+    "Wait. Let me recompute this.\n\nOk. Hmm, 7 * 8 = 56. Right! Yes.\nSo 56.",
+    "  Steps:\n1. add\n2. multiply numbers.\n\nThen check. Fine. a. b. c.  ",
+    "Is it twelve?\nYes it is!Right, twelve.\r\n\r\nDone here. Ok.",
+    "First, add. Then, multiply the two. Check: 3.5 + 1 = 4.5. Done. ",
+]
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_splitter_equals_the_authors(text):
+    # their pipeline always passes the text after <think>, which the splitter strips
+    assert squash(texts(text)) == squash(reference_chunks("<think>" + text))
+    thinking = "<think>" + text + "</think>\nThe answer is 5."
+    a, b = len("<think>"), len("<think>") + len(text)
+    assert squash(texts(thinking[a:b])) == squash(reference_chunks(thinking))
 
 
 def test_splitter_abbreviations():
-    text = "Use a tool, e.g. a hammer for it. Then stop working."
+    text = "Use a tool, e.g. a hammer for it. Then stop working. Ok."
     assert texts(text) == ["Use a tool, e.g.", "a hammer for it.", "Then stop working."]  # as the reference
     assert texts(text, protect_abbreviations=True) == [
         "Use a tool, e.g. a hammer for it.",
@@ -61,7 +121,7 @@ def tiny():
 
 RESPONSE = (
     "<think>First, I add 2 and 3. That gives 5.\n\nWait, let me check: 2 + 3 = 5. "
-    "That gives 5.</think>\nThe answer is 5."
+    "That gives 5. So it is 5.</think>\nThe answer is 5."
 )
 
 
@@ -93,14 +153,16 @@ def test_trace_spans_round_trip(tiny):
 
 
 def test_trace_without_think_uses_whole_response(tiny):
-    trace = ml.ReasoningTrace.from_text(tiny, "Hi?", "Hello there friend. How are you today?")
+    trace = ml.ReasoningTrace.from_text(tiny, "Hi?", "Hello there friend. How are you today? Fine.")
     assert trace.thinking is None
     assert [s.text for s in trace.sentences] == ["Hello there friend.", "How are you today?"]
 
 
 def test_trace_template_opened_think(tiny):
-    trace = ml.ReasoningTrace.from_text(tiny, "Q?", "Let me think about it.</think>Yes.")
+    trace = ml.ReasoningTrace.from_text(tiny, "Q?", "Let me think about it. Then say yes.</think>Yes.")
     assert [s.text for s in trace.sentences] == ["Let me think about it."]
+    with pytest.raises(ValueError, match="keep_last"):
+        ml.ReasoningTrace.from_text(tiny, "Q?", "Only one.</think>Yes.").check_sentences()
 
 
 def test_trace_errors(tiny):
@@ -130,7 +192,7 @@ def test_round_trip_on_embedded_tokenizer(embedded_nnsight):
         "Hmm, e.g. a kilo is about 8 apples.\n\nWait, that's not right! Let me redo it: "
         "3 + 20 = 23.\n\nSo the total is 23 apples.\n</think>\n\nTom has 23 apples."
     )
-    trace = ml.ReasoningTrace.from_text(embedded_nnsight, "How many apples?", response)
+    trace = ml.ReasoningTrace.from_text(embedded_nnsight, "How many apples?", response, keep_last=True)
     assert [s.text for s in trace.sentences] == [
         "Okay, so the problem says Tom has 3 apples and buys 2.5 kg more.",
         "Hmm, e.g. a kilo is about 8 apples.",

@@ -1,21 +1,26 @@
 """ReasoningTrace: a prompt, a chain of thought and an answer, tokenised with the chat template,
 with sentences as exact token spans.
 
-Sentences follow the Thought Anchors splitter: inside `<think>...</think>` when present (else the
-whole response), cut after `.`, `?` or `!` followed by a space or newline and at blank lines;
-strip; merge fragments under 10 characters into the next sentence (the last into the previous).
-Token spans come from the tokenizer's offset mapping, never from string search, so a sentence that
-repeats keeps its own span.
+Sentences follow the Thought Anchors splitter (`utils.py`, `split_solution_into_chunks`): the
+text inside `<think>...</think>` when present (else the whole response), stripped, is cut after
+`.`, `?` or `!` followed by a space or newline and at blank lines; chunks are stripped and
+fragments under 10 characters merge into the next sentence (the last into the previous). As in
+their code, the final chunk that no boundary closes is not a unit (their append of it is commented
+out): the last sentence before `</think>` is left out, and a short chunk before it merges into the
+previous one. `keep_last=True` (our variant) keeps it. Token spans come from the tokenizer's
+offset mapping, never from string search, so a sentence that repeats keeps its own span.
 
 Example:
     >>> import mechlens as ml
     >>> model = ml.load_model("tiny-llama")
-    >>> trace = ml.ReasoningTrace.from_text(model, "What is 2+3?",
-    ...     "<think>First, add 2 and 3. That gives 5.</think>The answer is 5.")
-    >>> [s.text for s in trace.sentences]
+    >>> response = "<think>First, add 2 and 3. That gives 5. Done.</think>The answer is 5."
+    >>> [s.text for s in ml.ReasoningTrace.from_text(model, "What is 2+3?", response).sentences]
     ['First, add 2 and 3.', 'That gives 5.']
+    >>> trace = ml.ReasoningTrace.from_text(model, "What is 2+3?", response, keep_last=True)
+    >>> [s.text for s in trace.sentences]
+    ['First, add 2 and 3.', 'That gives 5. Done.']
     >>> s = trace.sentences[1]; model.to_string(trace.tokens[0, s.start:s.end]).strip()
-    'That gives 5.'
+    'That gives 5. Done.'
 """
 
 from __future__ import annotations
@@ -45,19 +50,23 @@ def split_sentences(
     min_chars: int = 10,
     max_chunks: int = 275,
     protect_abbreviations: bool = False,
+    keep_last: bool = False,
 ) -> list[tuple[int, int]]:
     """Character spans `[start, end)` of the sentences of `text` (Thought Anchors rules).
 
-    `protect_abbreviations=True` does not cut after "e.g.", "i.e." and similar; the reference
-    splitter does, so the default is False.
+    As the authors' splitter, the stripped text's final chunk, which no boundary closes, is
+    dropped; `keep_last=True` (ours) keeps it. `protect_abbreviations=True` (ours) does not cut
+    after "e.g.", "i.e." and similar; the reference splitter does.
 
-        >>> t = "Let x = 3.5. Then 2x = 7!\\n\\nOk. Done with it."
+        >>> t = "Let x = 3.5. Then 2x = 7!\\n\\nOk. Done with it. So x = 3.5."
         >>> [t[a:b] for a, b in split_sentences(t)]
         ['Let x = 3.5.', 'Then 2x = 7!', 'Ok. Done with it.']
+        >>> [t[a:b] for a, b in split_sentences(t, keep_last=True)][-1]
+        'So x = 3.5.'
     """
     cuts: list[tuple[int, int]] = []  # raw chunks before stripping
-    start = i = 0
-    n = len(text)
+    start = i = len(text) - len(text.lstrip())
+    n = len(text.rstrip())
     while i < n:
         brk = next((b for b in ("\r\n\r\n", "\n\n") if text.startswith(b, i)), None)
         if brk:
@@ -70,7 +79,8 @@ def split_sentences(
             cuts.append((start, i + 1))
             start = i + 1
         i += 1
-    cuts.append((start, n))
+    if keep_last:
+        cuts.append((start, n))
     spans = _merge_short(text, cuts, min_chars)
     if len(spans) > max_chunks:
         warnings.warn(f"{len(spans)} sentences; keeping the first max_chunks={max_chunks}", stacklevel=2)
@@ -170,8 +180,13 @@ class ReasoningTrace:
         system: str | None = None,
         chat_template: bool = True,
         protect_abbreviations: bool = False,
+        keep_last: bool = False,
     ) -> ReasoningTrace:
-        """Build a trace from a prompt and a response string (as a model produced it)."""
+        """Build a trace from a prompt and a response string (as a model produced it).
+
+        `keep_last=True` keeps the final unclosed chunk as a sentence (our variant; module
+        docstring). A response with no closed sentence gives a trace without sentences: the
+        sentence analyses then raise (`check_sentences`)."""
         for arg, value in (("prompt", prompt), ("response", response)):
             if not isinstance(value, str):
                 raise TypeError(f"{arg} must be a string, got {type(value).__name__}")
@@ -186,10 +201,10 @@ class ReasoningTrace:
         prompt_len = sum(1 for a, _ in offsets if a < len(prompt_text))
         thinking = thinking_span(text, len(prompt_text))
         seg_start, seg_end = thinking or (len(prompt_text), len(text))
-        spans = split_sentences(text[seg_start:seg_end], protect_abbreviations=protect_abbreviations)
+        spans = split_sentences(
+            text[seg_start:seg_end], protect_abbreviations=protect_abbreviations, keep_last=keep_last
+        )
         sentences = _token_spans(text, offsets, [(a + seg_start, b + seg_start) for a, b in spans])
-        if not sentences:
-            raise ValueError("empty trace: the response has no sentence to analyse")
         return cls(prompt, response, text, tokens.to(model.device), offsets, prompt_len, thinking, sentences)
 
     @classmethod
@@ -226,6 +241,15 @@ class ReasoningTrace:
         start, end = self.thinking or (len(self.text) - len(self.response), len(self.text))
         spans = split_blocks(self.text[start:end], unit)
         return _token_spans(self.text, self.offsets, [(a + start, b + start) for a, b in spans])
+
+    def check_sentences(self, minimum: int = 1) -> list[Sentence]:
+        """`self.sentences`, or a ValueError when there are fewer than `minimum`."""
+        if len(self.sentences) < minimum:
+            raise ValueError(
+                f"the trace has {len(self.sentences)} sentence(s), the analysis needs {minimum}: the "
+                "splitter drops the final chunk that no boundary closes (keep_last=True keeps it)"
+            )
+        return self.sentences
 
     def sentence_of(self, position: int) -> Sentence | None:
         """The sentence that contains token `position`, if any."""

@@ -15,7 +15,7 @@ Three attributions of a `ReasoningTrace`'s sentences, and their comparison:
 Example:
     >>> import mechlens as ml
     >>> model = ml.load_model("tiny-llama")
-    >>> trace = ml.ReasoningTrace.from_text(model, "What is 2+3?", "Let me add. 2 + 3 = 5. So it is 5.")
+    >>> trace = ml.ReasoningTrace.from_text(model, "What is 2+3?", "Let me add. 2 + 3 = 5. So it is 5. Done.")
     >>> ml.anchors.label_sentences([s.text for s in trace.sentences])
     ['plan_generation', 'active_computation', 'result_consolidation']
     >>> ml.anchors.suppression_matrix(model, trace).shape
@@ -50,7 +50,13 @@ from mechlens.studies.anchors.resampling import (
     resampling_matrix,
     sentence_embedder,
 )
-from mechlens.studies.anchors.suppression import outgoing_effect, suppression_matrix, token_kl
+from mechlens.studies.anchors.suppression import (
+    authors_token_spans,
+    nucleus_kl,
+    outgoing_effect,
+    suppression_matrix,
+    token_kl,
+)
 from mechlens.studies.anchors.taxonomy import CATEGORIES, classify_sentence, label_sentences, model_labeller
 
 __all__ = [
@@ -66,6 +72,7 @@ __all__ = [
     "Resampling",
     "Rollout",
     "answer_kl",
+    "authors_token_spans",
     "correct_kl",
     "category_means",
     "classify_sentence",
@@ -74,6 +81,7 @@ __all__ = [
     "label_sentences",
     "lower_triangle",
     "model_labeller",
+    "nucleus_kl",
     "outgoing_effect",
     "receiver_heads",
     "receiver_scores",

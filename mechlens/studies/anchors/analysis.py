@@ -102,23 +102,30 @@ def analyze(
     embed: Embedder | None = None,
     cache: DiskCache | str | Path | bool | None = True,
     progress: bool = True,
+    kl: str = "full",
 ) -> TraceAnchors:
     """All attributions of `trace`: categories, sentence attention, vertical scores and the
     suppression matrix always; with a `problem` (a `datasets.Problem`), resampling with `sampling`,
     the resampling matrix, and forced answers with `forced_sampling` (None skips them).
 
-    `cache` stores rollouts, attention and suppression under the trace's tokens and the model's
-    weights (True: the mechlens cache folder; a folder or `DiskCache`; None: nothing stored)."""
-    store = DiskCache.of(cache, "anchors")
-    key = {"tokens": trace.tokens[0].tolist(), "model": model_fingerprint(model)} if store else {}
+    `kl` picks the suppression KL (`suppression_matrix`: "full", ours, or "authors").
 
-    def cached(step: str, compute):
-        return store.cached(step, compute, **key) if store else compute()
+    `cache` stores rollouts, attention and suppression under the trace's tokens, its sentence
+    spans and the model's weights (True: the mechlens cache folder; a folder or `DiskCache`; None:
+    nothing stored)."""
+    store = DiskCache.of(cache, "anchors")
+    spans = [(s.start, s.end) for s in trace.sentences]
+    key = {"tokens": trace.tokens[0].tolist(), "sentences": spans, "model": model_fingerprint(model)}
+
+    def cached(step: str, compute, **more):
+        return store.cached(step, compute, **key, **more) if store else compute()
 
     sentences = [s.text for s in trace.sentences]
     question = getattr(problem, "question", trace.prompt)
     attention = cached("sentence attention", lambda: sentence_attention(model, trace))
-    suppression = cached("suppression", lambda: suppression_matrix(model, trace, progress=progress))
+    suppression = cached(
+        "suppression", lambda: suppression_matrix(model, trace, progress=progress, kl=kl), kl=kl
+    )
     result = TraceAnchors(
         trace=trace,
         problem=problem,

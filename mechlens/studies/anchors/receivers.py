@@ -10,7 +10,7 @@ Example:
     >>> import mechlens as ml
     >>> model = ml.load_model("tiny-llama")
     >>> trace = ml.ReasoningTrace.from_text(model, "Q?", "One step here. Two steps here. "
-    ...     "Three steps here. Four steps here. Five steps here. Six steps here.")
+    ...     "Three steps here. Four steps here. Five steps here. Six steps here. End.")
     >>> m = sentence_attention(model, trace)                  # [layers, heads, S, S]
     >>> v = vertical_scores(m, proximity=2)                   # [layers, heads, S]
     >>> k = kurtosis(v)                                       # [layers, heads]
@@ -42,7 +42,7 @@ def sentence_attention(
     memory depends on the chunk, not on the trace's length.
     """
     layer_list = model.check_layers(layers)
-    spans = [(s.start, s.end) for s in trace.sentences]
+    spans = [(s.start, s.end) for s in trace.check_sentences()]
     pooled = {layer: SpanAttention(spans, keys="mean") for layer in layer_list}
 
     def pool(name: str, layer: int, pattern: Tensor) -> Tensor:  # [1, heads, q, k]: the last q of k

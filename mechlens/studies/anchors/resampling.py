@@ -20,7 +20,7 @@ Example:
     >>> from mechlens.datasets import Problem
     >>> model = ml.load_model("tiny-llama")
     >>> problem = Problem("p", "What is 2+3?", "5", kind="number")
-    >>> trace = ml.ReasoningTrace.from_text(model, problem.question, "First add them. So it is 5.")
+    >>> trace = ml.ReasoningTrace.from_text(model, problem.question, "First add them. So it is 5. Done.")
     >>> res = resample(model, trace, problem, ANCHORS_SAMPLING.replace(n=2, max_new_tokens=4), cache=None,
     ...                progress=False, embed=lambda texts: torch.eye(8)[[len(t) % 8 for t in texts]])
     >>> res.counterfactual_kl.shape, len(res.rollouts)
@@ -264,7 +264,8 @@ class Resampling:
 def _prefix_ends(trace: ReasoningTrace) -> list[int]:
     """Token position where each rollout's prefix ends: each sentence's start, then the end of the
     last sentence."""
-    return [s.start for s in trace.sentences] + [trace.sentences[-1].end]
+    sentences = trace.check_sentences()
+    return [s.start for s in sentences] + [sentences[-1].end]
 
 
 def sample_from_prefixes(
@@ -423,7 +424,9 @@ def resampling_matrix(
         raise ValueError(f"compare must be 'all' (the authors') or 'different', got {compare!r}")
     embed = embed or sentence_embedder()
     threshold = res.threshold if threshold is None else threshold
-    pieces = {id(r): [r.text[a:b] for a, b in split_sentences(r.text)] for rows in res.rollouts for r in rows}
+    # as `extract_steps_from_rollout`: the sentences of the rollout's thinking (before `</think>`)
+    thoughts = {id(r): r.text.split(THINK_CLOSE)[0] for rows in res.rollouts for r in rows}
+    pieces = {k: [t[a:b] for a, b in split_sentences(t)] for k, t in thoughts.items()}
     texts = sorted({t for ts in pieces.values() for t in ts})
     if not texts:
         return np.full((len(res.sentences),) * 2, np.nan)
