@@ -102,6 +102,14 @@ def _nanmean(values: list[float]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
+def _direction(rows: list[dict], feature: str) -> str:
+    """Whether `feature` is higher or lower on hallucinated than on correct traces among `rows`."""
+    means = [_nanmean([r["features"][feature] for r in rows if r["label"] == label]) for label in (1, 0)]
+    if None in means:
+        return "undefined"
+    return "higher when hallucinated" if means[0] > means[1] else "lower"
+
+
 def main(cfg: DepthConfig) -> dict:
     model = ml.load_model(cfg.model, backend=cfg.backend)
     run = Run("depth_scoring", cfg, cfg.out, model=model, seed=cfg.seed)
@@ -145,7 +153,22 @@ def main(cfg: DepthConfig) -> dict:
 
     # ---- detector vs baselines, on every analysed trace and on the chosen subset
     by_subset = subsets(kept)
-    evaluation = {name: depth.evaluate(rows, cfg.folds, cfg.seed) for name, rows in by_subset.items()}
+    evaluation = {
+        name: depth.evaluate(rows, cfg.folds, cfg.seed, strata=[r["problem"].kind for r in rows])
+        for name, rows in by_subset.items()
+    }
+    # the headline: the detector and the mean Reasoning Score alone, AUROC within each dataset
+    # (datasets differ in accuracy, so an AUROC over all traces partly measures the dataset)
+    headline = {
+        name: {
+            "auroc_stratified_by_dataset": res["auroc_stratified"],
+            "auroc_by_dataset": res["auroc_by_stratum"],
+            "auroc_pooled": res["auroc_cross_validated"],
+        }
+        for name, res in evaluation["all"].items()
+        if name in ("RHD detector", "feature: mean_score")
+    }
+    print("headline (cross-validated, within dataset):", headline)
     shown = by_subset[cfg.subset]  # the traces the label-comparison figures show
     labels = np.array([r["label"] for r in shown])
 
@@ -249,6 +272,16 @@ def main(cfg: DepthConfig) -> dict:
         "auroc": {
             subset: {name: {k: v for k, v in res.items() if k != "scores"} for name, res in ev.items()}
             for subset, ev in evaluation.items()
+        },
+        "headline": headline,
+        # the paper: hallucinated traces score lower (mean_score) and fluctuate more early, attend
+        # more to anomalous shallow steps, and their step scores track perplexity more
+        "feature_directions": {
+            f: {
+                "paper": "higher when hallucinated" if depth.SIGNALS[f"feature: {f}"][1] > 0 else "lower",
+                "here": _direction(shown, f),
+            }
+            for f in FEATURES
         },
         "feature_means": {
             name: {

@@ -21,12 +21,13 @@ from typing import Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from mechlens import datasets
-from mechlens.ops.heads import head_ablation_effects
+from mechlens.ops.heads import direct_head_scores, head_ablation_effects
 from mechlens.ops.probes import LinearProbe, probe_sweep
-from mechlens.ops.stats import auroc
-from mechlens.plots import grouped_bars, head_heatmap, histograms_by_group, mean_ci_lines
+from mechlens.ops.stats import auroc, spearman
+from mechlens.plots import control_strip, grouped_bars, head_heatmap, histograms_by_group, mean_ci_lines
 from mechlens.runs import Run, parse_config
 from mechlens.studies.refusal import (
     REPLY_SAMPLING,
@@ -40,7 +41,7 @@ from mechlens.studies.refusal import (
     rollouts_by_set,
     thinking_span,
 )
-from mechlens.studies.refusal.heads import answer_perplexity, random_heads, top_heads
+from mechlens.studies.refusal.heads import answer_perplexity, random_head_sets, top_heads
 from mechlens.studies.refusal.organism import OrganismRecipe, organism_path, refusal_organism
 
 
@@ -53,8 +54,12 @@ class RefusalConfig:
     max_new_tokens: int = 48
     batch_size: int = 16
     k_end: int = 5  # tokens at the end of the thinking that the cliff and the head metric read
-    sweep_examples: int = 6  # complied traces in the exact head sweep
+    sweep_examples: int = 6  # complied traces in the head scores
     head_fraction: float = 0.03
+    head_ranking: Literal["direct", "exact", "attribution"] = "direct"  # the authors': direct score
+    rescale: Literal["norm", "none"] = "norm"  # the authors' ablation keeps the attention output's norm
+    random_sets: int = 20  # random head sets of the same size: the control distribution
+    control_sets: str = "jailbreak,harmless"  # the sets (comma-separated) each random head set runs on
     judge_fraction: float = 0.25
     judge_epochs: int = 3
     organism_examples: int | None = None  # per class; None = the organism recipe's whole train split
@@ -69,6 +74,10 @@ class RefusalConfig:
             # ones measured here either did not refuse (40 per class, 2 epochs: 0/8 harmful refused) or
             # refused everything (40 per class, lr 3e-4, 3 epochs: 10/16 harmless refused)
             self.n_probe, self.n_test, self.n_candidates, self.sweep_examples = 16, 8, 16, 1
+            self.control_sets = "jailbreak"  # 20 random sets x 8 prompts: attack success only
+        unknown = set(self.control_sets.split(",")) - {"harmful", "jailbreak", "harmless"}
+        if unknown:
+            raise ValueError(f"control_sets must name harmful, jailbreak or harmless; got {sorted(unknown)}")
 
 
 GROUPS = ("harmful, refused", "harmful, complied", "harmless")
@@ -84,13 +93,18 @@ def main(cfg: RefusalConfig) -> dict:
     def pick(harmful: bool, split: str, n: int) -> list[str]:
         return [i.text for i in data if i.harmful == harmful and i.split == split][:n]
 
+    rescale = None if cfg.rescale == "none" else cfg.rescale
+
     def replies(sets: dict[str, list[str]], heads=()) -> dict[str, list[Reply]]:
         def compute():
-            with model.ablate_heads(list(heads)) if heads else contextlib.nullcontext():
+            with model.ablate_heads(list(heads), rescale=rescale) if heads else contextlib.nullcontext():
                 rows = rollouts_by_set(model, sets, sampling, cfg.batch_size)
             return {k: [asdict(r) for r in v] for k, v in rows.items()}
 
-        rows = run.cached("replies", compute, config=False, sets=sets, sampling=sampling, heads=list(heads))
+        rows = run.cached(
+            "replies", compute, config=False, sets=sets, sampling=sampling, heads=list(heads),
+            rescale=rescale if heads else None,
+        )  # fmt: skip
         return {k: [Reply(**r) for r in v] for k, v in rows.items()}
 
     train_harmful = pick(True, "train", 10_000)
@@ -106,7 +120,7 @@ def main(cfg: RefusalConfig) -> dict:
     }
     rolls = replies(prompts)
     organism = refusal_rates(rolls)
-    print("organism:", {k: round(v, 3) for k, v in organism.items()})
+    print("organism:", {k: round(v["rate"], 3) for k, v in organism.items()})
 
     # ---- the probe: own replies, harmful refused = 1, harmless answered = 0, classes balanced
     pos = [r for r in rolls["probe harmful"] if r.refused]
@@ -185,7 +199,9 @@ def main(cfg: RefusalConfig) -> dict:
     run.save_figure(fig, "cliff_hist", caption="Distribution of cliff sizes by outcome.")
     example_scores(run, model, traces, curves)
 
-    # ---- refusal-suppression heads: ablating them raises the refusal score of complied traces
+    # ---- refusal-suppression heads: the authors rank heads by their direct write against the
+    # refusal direction at the last thinking token; the exact ablation effect and attribution
+    # patching (the rise of the refusal score over the last k_end tokens) are reported beside it
     complied = [r for r in rolls["candidates"] + rolls["jailbreak"] if not r.refused]
     sweep_rows = complied[: cfg.sweep_examples] or traces["harmful, refused"][: cfg.sweep_examples]
     toks, mask = model.tokenize([r.probe_text for r in sweep_rows])
@@ -194,7 +210,7 @@ def main(cfg: RefusalConfig) -> dict:
         return probe.decision_function(hidden[:, -cfg.k_end :]).mean(-1)
 
     key = dict(texts=[r.probe_text for r in sweep_rows], probe=probe.direction, k=cfg.k_end)
-    effects = {
+    scores = {
         method: run.cached(
             f"head {method}",
             lambda method=method: head_ablation_effects(
@@ -205,40 +221,89 @@ def main(cfg: RefusalConfig) -> dict:
         )
         for method in ("exact", "attribution")
     }
-    exact, attribution = effects["exact"], effects["attribution"]
+    scores["direct"] = run.cached(
+        "head direct",
+        lambda: -direct_head_scores(model, toks, probe.direction, positions=(-1,), attention_mask=mask),
+        config=False,
+        **key,
+    )  # negated: larger = more refusal-suppressing, as the other two
     n_heads = max(1, round(cfg.head_fraction * model.n_layers * model.n_heads))
-    top = top_heads(exact, n_heads)
-    rand = random_heads(exact.shape, n_heads, exclude=top, seed=cfg.seed)
-    top10 = set(top_heads(exact, 10)) & set(top_heads(attribution, 10))
+    ranked = {method: top_heads(s, n_heads) for method, s in scores.items()}
+    top = ranked[cfg.head_ranking]
+    agreement = {
+        f"{a} vs {b}": {
+            f"top{n_heads}_overlap": len(set(ranked[a]) & set(ranked[b])),
+            "spearman": spearman(scores[a].flatten().numpy(), scores[b].flatten().numpy())[0],
+        }
+        for a, b in (("direct", "exact"), ("direct", "attribution"), ("exact", "attribution"))
+    }
+    print("head rankings:", json.dumps(agreement))
     fig = head_heatmap(
-        exact,
-        "change in refusal logit",
+        scores["direct"],
+        "- direct write along the refusal direction",
         marked=top,
+        title=f"Refusal-suppression score of each head (direct write, negated; top {n_heads} boxed)",
+    )
+    run.save_figure(
+        fig,
+        "head_direct_scores",
+        caption="Each head's write against the refusal direction at the last token.",
+    )
+    fig = head_heatmap(
+        scores["exact"],
+        "change in refusal logit",
+        marked=ranked["exact"],
         title=f"Effect of zero-ablating each head on the refusal score (top {n_heads} boxed)",
     )
     run.save_figure(fig, "head_effects", caption="Exact head-ablation effects on the probe's refusal logit.")
 
+    # ablate the top heads, and random head sets of the same size (the control distribution)
     eval_sets = {s: prompts[s] for s in ("harmful", "jailbreak", "harmless")}
-    ablation = {"organism": organism}
-    perplexity = {"organism": answer_perplexity(model, traces["harmless"])}
-    for name, heads in ((f"top {n_heads} heads ablated", top), (f"{n_heads} random heads ablated", rand)):
-        ablation[name] = refusal_rates(replies(eval_sets, heads))
-        perplexity[name] = run.cached(
+    controls = random_head_sets(scores["exact"].shape, n_heads, cfg.random_sets, exclude=top, seed=cfg.seed)
+
+    def perplexity(heads) -> float:
+        return run.cached(
             "perplexity",
-            lambda heads=heads: answer_perplexity(model, traces["harmless"], heads),
-            config=False,
-            heads=heads,
+            lambda: answer_perplexity(model, traces["harmless"], heads, rescale=rescale),
+            config=False, heads=list(heads), rescale=rescale if heads else None,
             texts=[r.probe_text for r in traces["harmless"]],
-        )
+        )  # fmt: skip
+
+    top_rates = refusal_rates(replies(eval_sets, top))
+    control_eval = {s: eval_sets[s] for s in cfg.control_sets.split(",")}
+    random_rates = [refusal_rates(replies(control_eval, h)) for h in tqdm(controls, desc="random heads")]
     cats = list(organism)
-    fig = grouped_bars(
-        cats,
-        {name: [r[c] for c in cats] for name, r in ablation.items()},
-        "rate",
-        title="Refusal before and after ablating refusal-suppression heads",
+    control = {c: [r[c]["rate"] for r in random_rates] for c in random_rates[0]}
+    # where the top heads' rate falls among the random draws (0: below all, 100: above all)
+    percentile = {c: 100 * float(np.mean(np.array(v) < top_rates[c]["rate"])) for c, v in control.items()}
+    ablation = {
+        "organism": organism,
+        f"top {n_heads} heads ({cfg.head_ranking}) ablated": top_rates,
+        f"{n_heads} random heads ablated ({len(controls)} draws)": {
+            c: {"mean": float(np.mean(v)), "min": min(v), "max": max(v), "values": v}
+            for c, v in control.items()
+        },
+    }
+    ppl = {
+        "organism": perplexity(()),
+        "top heads": perplexity(top),
+        "random heads": [perplexity(heads) for heads in controls],
+    }
+    interval = lambda r: (r["rate"], r["low"], r["high"])  # noqa: E731
+    fig = control_strip(
+        list(control),
+        control,
+        {
+            f"no ablation (n={organism[cats[0]]['n']} per set)": {c: interval(organism[c]) for c in cats},
+            f"top {n_heads} heads ablated": {c: interval(top_rates[c]) for c in cats},
+        },
+        "rate (95% Wilson interval)",
+        title=f"Top {n_heads} refusal-suppression heads ablated vs {len(controls)} random sets of {n_heads}",
     )
     run.save_figure(
-        fig, "ablation_rates", caption="Refusal, attack success and false refusals under ablation."
+        fig,
+        "ablation_rates",
+        caption="Refusal, attack success and false refusals: top heads vs the random-head distribution.",
     )
 
     # ---- Cliff-as-a-Judge: safety data from the organism's complied jailbreak replies
@@ -271,14 +336,17 @@ def main(cfg: RefusalConfig) -> dict:
                 epochs=cfg.judge_epochs,
                 sampling=sampling,
                 eval=judge_sets,
+                rates="wilson",  # each rate with its interval and n
             )
         cats = ["jailbreak: attack success", "harmless: false refusal"]
-        series = {
-            "organism": [organism[c] for c in cats],
-            **{k: [v[c] for c in cats] for k, v in judge.items()},
-        }
+        shown = {"organism": organism, **judge}
         fig = grouped_bars(
-            cats, series, "rate", title="Cliff-as-a-Judge: safety fine-tune on selected traces"
+            cats,
+            {k: [v[c]["rate"] for c in cats] for k, v in shown.items()},
+            "rate (95% Wilson interval)",
+            title="Cliff-as-a-Judge: safety fine-tune on selected traces",
+            counts={k: [f"{v[c]['count']}/{v[c]['n']}" for c in cats] for k, v in shown.items()},
+            intervals={k: [(v[c]["low"], v[c]["high"]) for c in cats] for k, v in shown.items()},
         )
         run.save_figure(
             fig, "cliff_as_a_judge", caption="Attack success and false refusals after safety data."
@@ -307,19 +375,23 @@ def main(cfg: RefusalConfig) -> dict:
         "cliffs": summary,
         "heads": {
             "n_ablated": n_heads,
+            "ranking": cfg.head_ranking,
+            "rescale": rescale,
             "top": top,
-            "random": rand,
+            "top_by_method": ranked,
+            "agreement": agreement,
+            "random_sets": controls,
             "sweep_examples": len(sweep_rows),
-            "top10_overlap_exact_vs_attribution": len(top10),
-            "pearson_exact_vs_attribution": float(np.corrcoef(exact.flatten(), attribution.flatten())[0, 1]),
             "rates": ablation,
-            "harmless_reply_perplexity": perplexity,
+            "top_percentile_among_random": percentile,
+            "harmless_reply_perplexity": ppl,
         },
         "cliff_as_a_judge": judge,
     }
     run.save_json("results.json", results)
     print(json.dumps({k: results[k] for k in ("cliffs", "cliff_as_a_judge")}, indent=1))
-    print("ablation:", json.dumps(ablation, indent=1), "perplexity:", perplexity)
+    print("ablation: top", json.dumps(top_rates), "percentile among random draws:", percentile)
+    print("perplexity:", ppl["organism"], ppl["top heads"], "random:", float(np.mean(ppl["random heads"])))
     return results
 
 

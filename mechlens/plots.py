@@ -23,6 +23,7 @@ from torch import Tensor
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu_r"
+GREY = "#999999"
 
 _AXIS = dict(
     showline=True, linecolor="#444", ticks="outside", gridcolor="#eee", zeroline=False, automargin=True
@@ -294,18 +295,28 @@ def grouped_bars(
     title: str = "",
     counts: dict[str, Sequence[str]] | None = None,
     errors: dict[str, Sequence[float]] | None = None,
+    intervals: dict[str, Sequence[tuple[float, float]]] | None = None,
 ) -> go.Figure:
     """Bars per category, one colour per series (`series[name] = [len(categories)]` values);
-    `counts[name]` adds hover text such as "12/40"; `errors[name]` draws error bars (e.g. SE)."""
+    `counts[name]` adds hover text such as "12/40"; `errors[name]` draws symmetric error bars
+    (e.g. SE), `intervals[name]` asymmetric ones from `(low, high)` (e.g. a Wilson interval)."""
     fig = go.Figure()
     for k, (name, vals) in enumerate(series.items()):
+        error_y = None
+        if errors is not None:
+            error_y = dict(type="data", array=list(errors[name]), visible=True)
+        elif intervals is not None:
+            lows, highs = zip(*intervals[name], strict=True)
+            error_y = dict(type="data", symmetric=False, visible=True,
+                           array=[h - v for v, h in zip(vals, highs, strict=True)],
+                           arrayminus=[v - lo for v, lo in zip(vals, lows, strict=True)])  # fmt: skip
         fig.add_trace(
             go.Bar(
                 x=list(categories),
                 y=list(vals),
                 name=name,
                 marker_color=PALETTE[k % len(PALETTE)],
-                error_y=None if errors is None else dict(type="data", array=list(errors[name]), visible=True),
+                error_y=error_y,
                 text=None if counts is None else list(counts[name]),
                 hovertemplate=f"{name}<br>%{{x}}: %{{y:.3f}}"
                 + ("<br>%{text}" if counts else "")
@@ -322,6 +333,44 @@ def grouped_bars(
         legend=LEGEND_ABOVE,
         margin=dict(t=100),
     )
+    return fig
+
+
+def control_strip(
+    metrics: Sequence[str],
+    controls: dict[str, Sequence[float]],
+    observed: dict[str, dict[str, tuple[float, float, float]]],
+    y_title: str,
+    title: str = "",
+) -> go.Figure:
+    """A control distribution against observed values, per metric: `controls[metric]` holds one
+    value per random draw (box and points); `observed[name][metric] = (value, low, high)` is a
+    marker with its interval (e.g. a rate and its Wilson interval)."""
+    fig = go.Figure()
+    for metric in metrics:
+        values = list(controls[metric])
+        fig.add_trace(
+            go.Box(
+                y=values, x=[metric] * len(values), name=f"random draws (n={len(values)})",
+                boxpoints="all", jitter=0.4, pointpos=0, marker_color=GREY, line_color=GREY,
+                showlegend=metric == metrics[0], legendgroup="control",
+            )
+        )  # fmt: skip
+    for k, (name, by_metric) in enumerate(observed.items()):
+        shown = [m for m in metrics if m in by_metric]
+        values = [by_metric[m] for m in shown]
+        fig.add_trace(
+            go.Scatter(
+                x=shown, y=[v[0] for v in values], mode="markers", name=name,
+                marker=dict(size=13, symbol="diamond", color=PALETTE[(k + 1) % len(PALETTE)]),
+                error_y=dict(type="data", symmetric=False, array=[v[2] - v[0] for v in values],
+                             arrayminus=[v[0] - v[1] for v in values]),
+            )
+        )  # fmt: skip
+    fig.update_layout(
+        template=TEMPLATE, title=title, yaxis_title=y_title, width=760, height=480, legend=LEGEND_ABOVE,
+        margin=dict(t=110), boxmode="overlay",
+    )  # fmt: skip
     return fig
 
 

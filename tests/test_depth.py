@@ -124,6 +124,45 @@ def test_detector_is_deterministic_and_learns():
         depth.cross_validated_scores(rows[:6], [0, 0, 0, 0, 1, 1])
 
 
+def test_stratified_auroc_equals_pairs_within_a_dataset():
+    rng = np.random.default_rng(1)
+    scores, labels = rng.normal(size=40).round(1), rng.integers(0, 2, 40)
+    strata = rng.choice(["number", "text", "other"], 40)
+    wins = pairs = 0.0
+    for i in range(40):
+        for j in range(40):
+            if labels[i] == 1 and labels[j] == 0 and strata[i] == strata[j]:
+                pairs += 1
+                wins += 1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0
+    assert ml.stats.stratified_auroc(scores, labels, strata) == pytest.approx(wins / pairs)
+    with pytest.raises(ValueError, match="strata has 3 entries"):
+        ml.stats.stratified_auroc(scores, labels, ["a", "b", "c"])
+
+
+def test_stratified_evaluation_removes_a_planted_dataset_confound():
+    """A signal that only tells the datasets apart (arithmetic: mostly wrong and high; factual:
+    mostly right and low) looks like a detector over all traces, not within a dataset."""
+    rng = np.random.default_rng(0)
+    records, strata = [], []
+    for kind, wrong_rate, level in (("number", 0.9, 2.0), ("text", 0.2, 0.0)):
+        for _ in range(50):
+            feats = {f: float(rng.normal()) for f in depth.FEATURES}
+            feats["mean_score"] = level + float(rng.normal(scale=0.3))  # the dataset, nothing else
+            records.append({"label": int(rng.random() < wrong_rate), "features": feats, "perplexity": -level})
+            strata.append(kind)
+    ev = depth.evaluate(records, folds=5, seed=0, strata=strata)
+    rhd = ev["RHD detector"]
+    assert rhd["auroc_cross_validated"] > 0.75  # confounded
+    assert abs(rhd["auroc_stratified"] - 0.5) < 0.15  # within a dataset: chance
+    assert set(rhd["auroc_by_stratum"]) == {"number", "text"}
+    assert abs(ev["feature: mean_score"]["auroc_stratified"] - 0.5) < 0.15
+    folds_a = depth.cross_validated_scores([r["features"] for r in records], [r["label"] for r in records],
+                                           seed=0, strata=strata)  # fmt: skip
+    assert np.array_equal(folds_a, rhd["scores"])
+    with pytest.raises(ValueError, match="strata has"):
+        depth.evaluate(records, strata=strata[:3])
+
+
 def test_depth_errors(llama):
     model, _ = llama
     trace = ml.ReasoningTrace.from_text(model, "What is 2+3?", RESPONSE)

@@ -197,3 +197,28 @@ def test_refusal_dataset():
     assert len(harmful) >= 150 and len(data) - len(harmful) >= 150
     assert len({i.text for i in data}) == len(data) and {i.split for i in data} == {"train", "test"}
     assert "{request}" not in datasets.jailbreak("X", 3) and "X" in datasets.jailbreak("X", 13)
+
+
+def test_random_head_sets_are_a_seeded_distribution():
+    from mechlens.studies.refusal.heads import random_head_sets
+
+    top = [(0, 0), (1, 2)]
+    draws = random_head_sets((30, 9), 8, draws=20, exclude=top, seed=0)
+    assert draws == random_head_sets((30, 9), 8, draws=20, exclude=top, seed=0)  # seeded
+    assert len(draws) == 20 and len({tuple(d) for d in draws}) == 20  # distinct draws
+    assert all(len(set(d)) == 8 and not set(d) & set(top) for d in draws)
+    assert draws != random_head_sets((30, 9), 8, draws=20, exclude=top, seed=1)
+    with pytest.raises(ValueError, match="draws must be"):
+        random_head_sets((30, 9), 8, draws=0)
+
+
+def test_refusal_rates_carry_n_and_wilson_intervals():
+    from mechlens.ops.stats import wilson
+    from mechlens.studies.refusal.replies import Reply, refusal_rates
+
+    refuse = Reply("x", "", "", "I cannot help with that.", True)
+    answer = Reply("x", "", "", "Sure, here it is.", True)
+    rates = refusal_rates({"jailbreak": [refuse, answer, answer], "harmless": [answer] * 4})
+    jb = rates["jailbreak: attack success"]
+    assert (jb["count"], jb["n"]) == (2, 3) and (jb["rate"], jb["low"], jb["high"]) == wilson(2, 3)
+    assert rates["harmless: false refusal"]["rate"] == 0 and "harmful: refusal rate" not in rates

@@ -58,6 +58,7 @@ class Architecture:
     d_vocab: int
     n_ctx: int
     logit_softcap: float | None
+    out_proj_transposed: bool = False  # GPT-2's Conv1D stores the weight as [in, out]
 
     @classmethod
     def of(cls, hf_model: nn.Module) -> Architecture:
@@ -100,6 +101,7 @@ class Architecture:
             d_vocab=cfg.vocab_size,
             n_ctx=_first_attr(cfg, "max_position_embeddings", "n_positions"),
             logit_softcap=getattr(cfg, "final_logit_softcapping", None),
+            out_proj_transposed=type(getattr(attn, out_proj_name)).__name__ == "Conv1D",
         )
 
 

@@ -1,6 +1,9 @@
 """Sampling settings (`Sampling`), sampled continuations (`Generation`) and the KV-cached sampling
-loop behind `HookedModel.generate`, which runs every step through `HookedModel.forward` so that
-the active interventions apply during generation too.
+loop behind `HookedModel.generate`. With an intervention active every step runs through
+`HookedModel.forward` (the hooked path), so that it applies during generation too; with none, the
+steps run on the plain Hugging Face model sharing the same weights (the fast path: no hooks, and
+only the last position is unembedded), with the same per-row generators, so both paths give the
+same tokens.
 
 Example:
     >>> s = Sampling(max_new_tokens=32, temperature=0.6, top_p=0.95, n=16, seed=44)
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -115,46 +119,75 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, gens: list[tor
     return torch.stack([torch.multinomial(probs[r], 1, generator=g)[0] for r, g in enumerate(gens)])
 
 
+PATHS = ("auto", "hooked", "plain")
+"""`generate(path=)`: "auto" takes the plain model when no intervention is active."""
+
+Step = Callable[[Tensor, Tensor, Any], tuple[Tensor, Any]]
+"""`step(ids [rows, q], mask [rows, k], past) -> (last-position logits [rows, vocab], past)`."""
+
+
+def hooked_step(model: HookedModel) -> Step:
+    """One step through `model.forward`: the active interventions apply."""
+
+    def step(ids: Tensor, mask: Tensor, past: Any) -> tuple[Tensor, Any]:
+        out = model.forward(ids, mask, past_key_values=past, use_cache=True)
+        assert out.logits is not None  # ran to the end
+        return out.logits[:, -1], out.past_key_values
+
+    return step
+
+
+def plain_step(model: HookedModel) -> Step:
+    """One step on `model.plain_model` (no hooks), unembedding the last position only."""
+    plain = model.plain_model
+
+    def step(ids: Tensor, mask: Tensor, past: Any) -> tuple[Tensor, Any]:
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]  # each row's own
+        out = plain(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=past,
+                    use_cache=True, logits_to_keep=1)  # fmt: skip
+        return out.logits[:, -1], out.past_key_values
+
+    return step
+
+
 @torch.no_grad()
 def sample_batch(
-    model: HookedModel, tokens: Tensor, mask: Tensor, sampling: Sampling, first_row: int
+    model: HookedModel, tokens: Tensor, mask: Tensor, sampling: Sampling, first_row: int, step: Step | None = None
 ) -> list[Tensor]:
     """New token ids for each of the `sampling.n` samples of every row of `tokens [batch, pos]`
     (left-padded, `mask [batch, pos]`): rows `b*n ... b*n+n-1` continue row b. The prompt runs
-    once and its KV cache is shared by its samples; finished rows leave the batch."""
+    once and its KV cache is shared by its samples; finished rows leave the batch. `step`
+    (default: `hooked_step(model)`) runs the model."""
     n, max_new = sampling.n, sampling.max_new_tokens
     if tokens.shape[1] + max_new > model.n_ctx:
         raise ValueError(
             f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new}) exceeds "
             f"the context window ({model.n_ctx})"
         )
-    out = model.forward(tokens, mask, use_cache=True)
-    assert out.logits is not None  # ran to the end
-    past = out.past_key_values
+    step = step or hooked_step(model)
+    last, past = step(tokens, mask, None)
     if n > 1:  # share the prompt's KV cache across its n samples
         past.batch_repeat_interleave(n)
         mask = mask.repeat_interleave(n, 0)
-    logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # [rows, vocab]
+    logits = last.float().repeat_interleave(n, 0)  # [rows, vocab]
     rows = logits.shape[0]
     gens = [torch.Generator().manual_seed(row_seed(sampling.seed, first_row + r)) for r in range(rows)]
     eos = model.tokenizer.eos_token_id if sampling.stop_at_eos else None
     generated = torch.full((rows, max_new), model.tokenizer.pad_token_id)  # [rows, new]
     lengths = torch.full((rows,), max_new)
     active = torch.arange(rows)  # rows still sampling
-    for step in range(max_new):
+    for t in range(max_new):
         nxt = sample_next(logits, sampling.temperature, sampling.top_p, [gens[r] for r in active.tolist()])
-        generated[active, step] = nxt.cpu()
+        generated[active, t] = nxt.cpu()
         finished = (nxt == eos).cpu() if eos is not None else torch.zeros(len(active), dtype=torch.bool)
-        lengths[active[finished]] = step  # a row ends before its end-of-sequence token
-        if finished.all() or step == max_new - 1:
+        lengths[active[finished]] = t  # a row ends before its end-of-sequence token
+        if finished.all() or t == max_new - 1:
             break
         if finished.any():
             keep = (~finished).nonzero()[:, 0]
             active, nxt, mask = active[keep], nxt[keep.to(nxt.device)], mask[keep.to(mask.device)]
             past.batch_select_indices(keep.to(model.device))
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = model.forward(nxt[:, None].to(model.device), mask, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        assert out.logits is not None
-        logits = out.logits[:, -1].float()
+        last, past = step(nxt[:, None].to(model.device), mask, past)
+        logits = last.float()
     return [generated[r, : lengths[r]] for r in range(rows)]

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from mechlens.models.architecture import Architecture, require_submodule
 from mechlens.models.backends import make_backend
-from mechlens.models.generation import Generation, Sampling, sample_batch
+from mechlens.models.generation import PATHS, Generation, Sampling, hooked_step, plain_step, sample_batch
 from mechlens.models.interventions import (
     AttentionSuppression,
     DirectionAddition,
@@ -119,6 +119,9 @@ class HookedModel:
         self.hf_model: Any = hf_model.eval().requires_grad_(False)
         # the HF names of the weights, taken before a backend rewraps modules (tensors kept by reference)
         self._hf_state = hf_model.state_dict(keep_vars=True)
+        # the plain HF module tree sharing every weight: the fast sampling path (no hooks)
+        shared = {id(t): t for t in [*hf_model.parameters(), *hf_model.buffers()]}
+        self.plain_model: nn.Module = copy.deepcopy(hf_model, shared)
         self.tokenizer = tokenizer
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         self._interventions = Interventions()
@@ -538,6 +541,27 @@ class HookedModel:
         """The model's final normalisation, applied to `resid [..., d_model]`."""
         return require_submodule(self.hf_model, self.arch.norm_path)(resid)
 
+    def W_O(self, layer: int) -> Tensor:
+        """The attention output projection of `layer` per head, `[n_heads, d_head, d_model]`
+        (TransformerLens's layout): head h writes `z[..., h, :] @ W_O[h]` into the residual stream.
+
+            >>> model.W_O(0).shape == (model.n_heads, model.d_head, model.d_model)  # doctest: +SKIP
+            True
+        """
+        weight = self._hf_state[self._out_proj_key(layer, "weight")].detach()
+        if not self.arch.out_proj_transposed:
+            weight = weight.T  # nn.Linear stores [out, in]
+        return weight.reshape(self.n_heads, self.d_head, self.d_model)  # [heads * d_head, d_model] split
+
+    def b_O(self, layer: int) -> Tensor | None:
+        """The output projection's bias of `layer` `[d_model]`, or None when it has none."""
+        bias = self._hf_state.get(self._out_proj_key(layer, "bias"))
+        return None if bias is None else bias.detach()
+
+    def _out_proj_key(self, layer: int, name: str) -> str:
+        layer = self.check_layer(layer)
+        return f"{self.arch.layers_path}.{layer}.{self.arch.attn_name}.{self.arch.out_proj_name}.{name}"
+
     def unembed(self, resid: Tensor, normalize: bool = True) -> Tensor:
         """Final norm + unembedding (+ logit soft-capping where the model has it) -> logits.
 
@@ -600,24 +624,30 @@ class HookedModel:
         mode: str = "zero",
         positions: Sequence[int] | None = None,
         reference: TokensLike | None = None,
+        rescale: str | None = None,
     ) -> contextlib.AbstractContextManager[None]:
         """Context: replace the outputs (z, before W_O) of `heads` by zero or by a mean.
 
         `mode="mean"` uses each head's mean z over `reference` tokens when given, else over the
         real positions of each forward pass. `positions` (default: all) limits where it applies.
+        `rescale="norm"` scales each sequence's z in every ablated layer (all heads, positions and
+        head dimensions of one forward; in `generate`, of each step) back to its norm before the
+        ablation, as the Refusal Cliff authors do, though per sequence rather than per batch.
 
             >>> with model.ablate_heads([(0, 1), (1, 0)]):  # doctest: +SKIP
             ...     logits = model(toks)
         """
         if mode not in ("zero", "mean"):
             raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
+        if rescale not in (None, "norm"):
+            raise ValueError(f"rescale must be None or 'norm', got {rescale!r}")
         by_layer = self.check_heads(heads)
         positions = self._check_positions(positions)
         means = None
         if mode == "mean" and reference is not None:
             _, cache = self.run_with_cache(reference, ["z"], layers=sorted(by_layer), return_logits=False)
             means = {l: cache.at("z", l).flatten(0, 1).mean(0) for l in by_layer}  # [heads, d_head]
-        return self.intervene(HeadAblation(by_layer, mode, means, positions))
+        return self.intervene(HeadAblation(by_layer, mode, means, positions, rescale))
 
     def scale_heads(self, scales: dict[int, Tensor]) -> contextlib.AbstractContextManager[None]:
         """Context: multiply head outputs z by factors, `scales[layer]` `[n_heads]` (every row) or
@@ -781,6 +811,7 @@ class HookedModel:
         attention_mask: Tensor | None = None,
         batch_size: int = 16,
         progress: bool = False,
+        path: str = "auto",
         **settings: Any,
     ) -> Generation:
         """Sample continuations of each prompt under the active interventions.
@@ -792,6 +823,10 @@ class HookedModel:
             sampling: a `Sampling` (default `Sampling()`); keyword `settings` override its fields:
                 `max_new_tokens`, `temperature` (0 = greedy), `top_p`, `n`, `seed`, `stop_at_eos`.
             batch_size: rows per forward; results do not depend on it.
+            path: "auto" runs the plain Hugging Face model when no intervention is active (the fast
+                path: no hooks, only the last position unembedded) and the hooked forward
+                otherwise; "hooked" always hooks (the reference); "plain" refuses interventions.
+                Both give the same tokens.
 
         Each prompt runs once and its KV cache is shared by its `n` samples. Row r draws from its
         own generator seeded from `(seed, r)`. A prompt gives the same continuation alone or in
@@ -808,6 +843,12 @@ class HookedModel:
         for it in self._interventions.of(HeadAblation):
             if it.mode == "mean" and it.means is None:
                 raise ValueError("mean ablation during generate needs reference= tokens for the means")
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if path == "plain" and self._interventions.items:
+            raise ValueError('path="plain" runs no hooks, but an intervention is active; use "auto" or "hooked"')
+        plain = path == "plain" or (path == "auto" and not self._interventions.items)
+        step = plain_step(self) if plain else hooked_step(self)
         per_batch = max(1, batch_size // sampling.n)
         new_tokens: list[Tensor] = []
         chunks = range(0, len(tokens), per_batch)
@@ -815,7 +856,7 @@ class HookedModel:
             rows_mask = mask[i : i + per_batch]
             width = int(rows_mask.sum(1).max())  # drop columns that are padding in every row
             rows = tokens[i : i + per_batch, -width:]
-            new_tokens += sample_batch(self, rows, rows_mask[:, -width:], sampling, first_row=i * sampling.n)
+            new_tokens += sample_batch(self, rows, rows_mask[:, -width:], sampling, i * sampling.n, step)
         texts = [self.tokenizer.decode(row.tolist()) for row in new_tokens]
         if isinstance(prompts, Tensor):
             shown = [self.tokenizer.decode(t[m.bool()].tolist()) for t, m in zip(tokens, mask, strict=True)]

@@ -42,12 +42,18 @@ def _select(pos: Tensor, positions: Sequence[int] | None) -> Tensor:
 
 @dataclass
 class HeadAblation:
-    """Replace the outputs z of some heads (before W_O) by zero or by a mean."""
+    """Replace the outputs z of some heads (before W_O) by zero or by a mean.
+
+    `rescale="norm"` then scales each sequence's z (all heads, its real positions of this forward,
+    all head dimensions) back to its norm before the ablation, as the RefusalCliff attention
+    forward (`src/model/modeling_llama.py`) does for the whole batch tensor; per sequence, results
+    do not depend on batching."""
 
     heads: dict[int, list[int]]  # layer -> heads
     mode: str = "zero"  # "zero" | "mean"
     means: dict[int, Tensor] | None = None  # layer -> [n_heads, d_head], from a reference
     positions: Sequence[int] | None = None
+    rescale: str | None = None  # None | "norm"
 
     def apply(self, layer: int, z: Tensor, pos: Positions) -> Tensor:
         """z: [batch, q, n_heads, d_head] -> same, with the listed heads replaced."""
@@ -63,8 +69,15 @@ class HeadAblation:
             real = (pos.query >= 0)[:, :, None, None].to(z.dtype)
             mean = (z[:, :, heads] * real).sum((0, 1)) / real.sum().clamp(min=1)
             repl = mean[None, None].expand_as(z[:, :, heads])
+        before = z
         z = z.clone()
         z[:, :, heads] = torch.where(sel, repl, z[:, :, heads])
+        if self.rescale == "norm":
+            real = (pos.query >= 0)[:, :, None, None].to(z.dtype)  # [batch, q, 1, 1]
+            norm_before = (before * real).flatten(1).norm(dim=1)  # [batch]
+            norm_after = (z * real).flatten(1).norm(dim=1)
+            ratio = norm_before / norm_after.clamp_min(torch.finfo(z.dtype).tiny)
+            z = z * torch.where(norm_after > 0, ratio, torch.ones_like(ratio))[:, None, None, None]
         return z
 
 

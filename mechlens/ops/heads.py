@@ -1,4 +1,5 @@
-"""Head ablation sweeps: the effect of zero-ablating each attention head on a metric.
+"""Head scores: the effect of zero-ablating each attention head on a metric, and each head's
+direct write along a direction.
 
 `metric` maps logits `[batch, pos, vocab]` (or, with `on="hidden"`, the final-normed last hidden
 state `[batch, pos, d_model]`, e.g. for a probe) to `[batch]`; each entry of the result is
@@ -13,6 +14,9 @@ reads the last token), which saves most of the unembedding when the metric reads
   `effect ~ sum over positions of (0 - z) . d metric / d z` per head, read as the gradient of
   the metric with respect to a factor on each head's output.
 
+`direct_head_scores` is the Refusal Cliff head score: what each head itself writes (its slice of
+z through its slice of the output projection) at given positions, projected on a direction.
+
 Example:
     >>> import mechlens as ml
     >>> model = ml.load_model("tiny-llama")
@@ -20,6 +24,8 @@ Example:
     >>> metric = lambda logits: logits[:, -1].log_softmax(-1)[:, 5]
     >>> head_ablation_effects(model, toks, metric, progress=False).shape == (model.n_layers, model.n_heads)
     True
+    >>> direct_head_scores(model, toks, torch.ones(model.d_model)).shape
+    torch.Size([2, 4])
 """
 
 from __future__ import annotations
@@ -106,3 +112,67 @@ def _check_metric(value: Tensor, batch: int) -> Tensor:
     if not torch.isfinite(value).all():
         raise ValueError("metric returned NaN or inf; the effect of ablating a head would be undefined")
     return value
+
+
+def direct_head_scores(
+    model,
+    tokens: Tensor | str | Sequence[str],
+    direction: Tensor,
+    positions: Sequence[int] = (-1,),
+    attention_mask: Tensor | None = None,
+    batch_size: int = 16,
+) -> Tensor:
+    """`[n_layers, n_heads]`: each head's own write into the residual stream at `positions`,
+    projected on `direction / |direction|`, averaged over rows and positions. One forward per
+    batch of rows; nothing is ablated.
+
+    Head h of layer l writes `z[..., h, :] @ W_O[h]` (plus the output bias, which the authors'
+    score includes because it runs the whole projection on a tensor holding one head's slice).
+    Positions index each row's own tokens (negative: from its last real token), also with padding.
+    As the authors' `find_refusal_head` (RefusalCliff `src/lens/refusal.py` with the attention
+    forward of `src/model/modeling_llama.py`; their default reads position -1 of a prompt and
+    thinking that end in `</think>`), the most negative heads write most against the direction:
+    sort ascending to find refusal-suppressing heads.
+    """
+    direction = model.check_direction(direction).float()
+    unit = direction / direction.norm()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    ids, mask = model.prepare_input(tokens, attention_mask)
+    lengths = mask.sum(1)  # [batch]
+    shortest = int(lengths.min())
+    wanted = [int(p) for p in positions]
+    if not wanted or any(not -shortest <= p < shortest for p in wanted):
+        raise ValueError(
+            f"positions must be a non-empty list in [-{shortest}, {shortest}) (the shortest row has "
+            f"{shortest} tokens), got {list(positions)}"
+        )
+    layers = list(range(model.n_layers))
+    # [layers, heads, d_head]: the direction read back through each head's slice of W_O
+    reads = torch.stack([model.W_O(l).float() @ unit.to(model.W_O(l).device) for l in layers])
+    biases = torch.tensor(
+        [0.0 if (b := model.b_O(l)) is None else float(b.float() @ unit.to(b.device)) for l in layers]
+    )
+    total = torch.zeros(model.n_layers, model.n_heads)
+    for start in range(0, len(ids), batch_size):
+        rows_mask = mask[start : start + batch_size]
+        query = rows_mask.long().cumsum(-1) - 1  # [rows, pos]: each column's index in its row
+        query = query.masked_fill(rows_mask == 0, -1)
+        target = torch.tensor(wanted, device=ids.device)[None] % lengths[start : start + batch_size, None]
+        columns = (query[:, None, :] == target[:, :, None]).long().argmax(-1)  # [rows, n_pos]
+
+        def pick(name: str, layer: int, z: Tensor, columns=columns) -> Tensor:  # [rows, pos, heads, d]
+            return z.gather(1, columns[:, :, None, None].expand(-1, -1, *z.shape[2:]))
+
+        out = model.forward(
+            ids[start : start + batch_size],
+            rows_mask,
+            capture={"z": layers},
+            stop_after=layers[-1],
+            reduce=pick,
+        )
+        for l in layers:
+            z = out.acts["z"][l].float()  # [rows, n_pos, heads, d_head]
+            total[l] += torch.einsum("bphd,hd->h", z, reads[l].to(z.device)).cpu()
+    count = len(ids) * len(wanted)
+    return total / count + biases[:, None]

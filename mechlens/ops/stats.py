@@ -1,11 +1,13 @@
 """Statistics for figures and detectors: AUROC (with ties), the ROC curve, means with 95%
-intervals over ragged rows, and Wilson intervals for rates.
+intervals over ragged rows, Wilson intervals for rates, Spearman rank correlation.
 
 Example:
     >>> auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
     0.75
     >>> [round(x, 3) for x in wilson(3, 10)]
     [0.3, 0.108, 0.603]
+    >>> spearman([1, 2, 3, float("nan")], [10, 30, 20, 5])
+    (0.5, 3)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.stats import rankdata
+from scipy.stats import rankdata, spearmanr
 
 
 def _arrays(scores, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +42,30 @@ def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
         return float("nan")
     ranks = rankdata(s)  # average ranks handle ties
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def stratified_auroc(scores: ArrayLike, labels: ArrayLike, strata: Sequence) -> float:
+    """AUROC over positive-negative pairs from the same stratum only (e.g. the same dataset):
+    P(positive > negative | same stratum), ties 1/2; the per-stratum AUROCs weighted by their
+    number of pairs. A dataset whose accuracy differs from another's cannot raise it.
+
+        >>> stratified_auroc([0.9, 0.8, 0.2, 0.1], [1, 0, 1, 0], ["a", "a", "b", "b"])
+        1.0
+        >>> auroc([0.9, 0.8, 0.2, 0.1], [1, 0, 1, 0])
+        0.75
+    """
+    s, y = _arrays(scores, labels)
+    groups = np.asarray(list(strata), dtype=object)
+    if groups.shape != s.shape:
+        raise ValueError(f"strata has {groups.shape[0]} entries for {s.shape[0]} scores")
+    total = weight = 0.0
+    for g in dict.fromkeys(groups.tolist()):
+        at = groups == g
+        pairs = float(y[at].sum() * (1 - y[at]).sum())
+        if pairs:
+            total += auroc(s[at], y[at]) * pairs
+            weight += pairs
+    return total / weight if weight else float("nan")
 
 
 def roc_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -87,3 +113,20 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float, float
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return p, float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def _finite_pairs(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"the two score vectors differ in length: {a.shape} vs {b.shape}")
+    ok = np.isfinite(a) & np.isfinite(b)
+    return a[ok], b[ok]
+
+
+def spearman(a, b) -> tuple[float, int]:
+    """Spearman rank correlation of two score vectors over the entries finite in both, and the
+    number of such entries (NaN below 3 entries or for a constant vector)."""
+    x, y = _finite_pairs(a, b)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), len(x)
+    return float(spearmanr(x, y).statistic), len(x)

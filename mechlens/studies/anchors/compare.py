@@ -12,24 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mechlens.ops.stats import spearman
 
-def _finite_pairs(a, b) -> tuple[np.ndarray, np.ndarray]:
-    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
-    if a.shape != b.shape:
-        raise ValueError(f"the two score vectors differ in length: {a.shape} vs {b.shape}")
-    ok = np.isfinite(a) & np.isfinite(b)
-    return a[ok], b[ok]
-
-
-def spearman(a, b) -> tuple[float, int]:
-    """Spearman rank correlation of two score vectors over the entries finite in both, and the
-    number of such entries (NaN below 3 entries or for a constant vector)."""
-    from scipy.stats import spearmanr
-
-    x, y = _finite_pairs(a, b)
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan"), len(x)
-    return float(spearmanr(x, y).statistic), len(x)
+__all__ = ["category_means", "lower_triangle", "spearman"]
 
 
 def lower_triangle(matrix, max_distance: int | None = None) -> np.ndarray:

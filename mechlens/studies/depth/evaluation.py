@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mechlens.ops.signals import conditional_entropy_per_step, dynamic_instability
-from mechlens.ops.stats import auroc
+from mechlens.ops.stats import auroc, stratified_auroc
 from mechlens.studies.depth.scoring import FEATURES, analyze_trace, cross_validated_scores
 from mechlens.text.trace import ReasoningTrace
 
@@ -54,20 +54,30 @@ def analyze(model, trace: ReasoningTrace, answer: str, unit: str = "line", diver
     }
 
 
-def evaluate(records: Sequence[dict], folds: int = 5, seed: int = 0) -> dict[str, dict]:
+def evaluate(
+    records: Sequence[dict], folds: int = 5, seed: int = 0, strata: Sequence[str] | None = None
+) -> dict[str, dict]:
     """AUROC of the RHD detector and of each signal in `SIGNALS` over `records` (each an `analyze`
     record with a `label`, 1 = hallucinated, and `p_true` when that baseline is wanted).
 
     `auroc_a_priori`: the signal in its expected direction; `auroc_cross_validated`: out-of-fold
     scores of a logistic regression on the signal (its direction learned), the detector's protocol.
-    `scores` holds the scores behind the reported AUROC. Empty when only one label is present."""
+    `scores` holds the scores behind the reported AUROC. Empty when only one label is present.
+
+    With `strata` (one dataset name per record), the folds are stratified by dataset too, and each
+    result adds `auroc_stratified` (pairs within a dataset only, `stratified_auroc`: a dataset
+    that is simply harder cannot raise it) and `auroc_by_stratum`, both of the reported scores."""
     labels = np.array([r["label"] for r in records])
     if len(set(labels.tolist())) < 2:
         return {}
+    if strata is not None and len(strata) != len(records):
+        raise ValueError(f"strata has {len(strata)} entries for {len(records)} records")
     folds = min(folds, int(labels.sum()), int((1 - labels).sum()))  # < 2: no cross-validation
     out = {}
     if folds >= 2:
-        rhd = cross_validated_scores([r["features"] for r in records], labels, folds=folds, seed=seed)
+        rhd = cross_validated_scores(
+            [r["features"] for r in records], labels, folds=folds, seed=seed, strata=strata
+        )
         out["RHD detector"] = {"auroc_a_priori": float("nan"), "auroc_cross_validated": auroc(rhd, labels),
                                "scores": rhd}  # fmt: skip
     for name, (key, sign) in SIGNALS.items():
@@ -79,7 +89,17 @@ def evaluate(records: Sequence[dict], folds: int = 5, seed: int = 0) -> dict[str
             continue
         result = {"auroc_a_priori": auroc(prior, labels), "auroc_cross_validated": np.nan, "scores": prior}
         if folds >= 2:
-            cv = cross_validated_scores(values, labels, folds=folds, seed=seed, features=(key,))
+            cv = cross_validated_scores(
+                values, labels, folds=folds, seed=seed, strata=strata, features=(key,)
+            )
             result.update(auroc_cross_validated=auroc(cv, labels), scores=cv)
         out[name] = result
+    if strata is not None:
+        groups = np.asarray(list(strata), dtype=object)
+        for result in out.values():
+            s = np.asarray(result["scores"], dtype=float)
+            result["auroc_stratified"] = stratified_auroc(s, labels, strata)
+            result["auroc_by_stratum"] = {
+                str(g): auroc(s[groups == g], labels[groups == g]) for g in dict.fromkeys(groups.tolist())
+            }
     return out

@@ -340,18 +340,27 @@ def cross_validated_scores(
     labels: ArrayLike,
     folds: int = 5,
     seed: int = 0,
+    strata: Sequence | None = None,
     **detector_kwargs,
 ) -> np.ndarray:
-    """Out-of-fold detector scores: each trace scored by a detector that never saw it
-    (stratified folds, seeded)."""
+    """Out-of-fold detector scores: each trace scored by a detector that never saw it (folds
+    stratified by label, and by `strata`, e.g. the dataset, when given; seeded)."""
     y = np.asarray(labels).astype(int)
     if min(y.sum(), (1 - y).sum()) < folds:
         raise ValueError(f"need at least {folds} traces of each label for {folds}-fold cross-validation")
+    groups = (
+        np.zeros(len(y), dtype=int) if strata is None else np.unique(list(strata), return_inverse=True)[1]
+    )
+    if len(groups) != len(y):
+        raise ValueError(f"strata has {len(groups)} entries for {len(y)} traces")
     rng = np.random.default_rng(seed)
     fold = np.empty(len(y), dtype=int)
     for label in (0, 1):
-        idx = rng.permutation(np.flatnonzero(y == label))
-        fold[idx] = np.arange(len(idx)) % folds
+        start = 0  # each stratum deals its traces of this label round the folds, continuing the count
+        for g in np.unique(groups):
+            idx = rng.permutation(np.flatnonzero((y == label) & (groups == g)))
+            fold[idx] = (start + np.arange(len(idx))) % folds
+            start += len(idx)
     out = np.empty(len(y))
     for k in range(folds):
         train, test = fold != k, fold == k
