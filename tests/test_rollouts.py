@@ -9,8 +9,13 @@ from conftest import wrap_with_reference
 from mechlens import Sampling
 
 
-@pytest.mark.parametrize("sampling", [Sampling(max_new_tokens=8, temperature=0, stop_at_eos=False),
-                                      Sampling(max_new_tokens=8, temperature=0.8, top_p=0.9, n=3, seed=5)])  # fmt: skip
+SAMPLINGS = [
+    Sampling(max_new_tokens=8, temperature=0, stop_at_eos=False),
+    Sampling(max_new_tokens=8, temperature=0.8, top_p=0.9, n=3, seed=5),
+]
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
 def test_plain_path_gives_the_hooked_tokens(backend, sampling):
     model, _ = wrap_with_reference("llama", backend)
     prompts = ["Hi", "A longer prompt to pad against", "Third one here"]

@@ -152,7 +152,12 @@ def plain_step(model: HookedModel) -> Step:
 
 @torch.no_grad()
 def sample_batch(
-    model: HookedModel, tokens: Tensor, mask: Tensor, sampling: Sampling, first_row: int, step: Step | None = None
+    model: HookedModel,
+    tokens: Tensor,
+    mask: Tensor,
+    sampling: Sampling,
+    first_row: int,
+    step: Step | None = None,
 ) -> list[Tensor]:
     """New token ids for each of the `sampling.n` samples of every row of `tokens [batch, pos]`
     (left-padded, `mask [batch, pos]`): rows `b*n ... b*n+n-1` continue row b. The prompt runs

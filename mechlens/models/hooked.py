@@ -846,7 +846,7 @@ class HookedModel:
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if path == "plain" and self._interventions.items:
-            raise ValueError('path="plain" runs no hooks, but an intervention is active; use "auto" or "hooked"')
+            raise ValueError('path="plain" runs no hooks, but an intervention is active: use "auto"')
         plain = path == "plain" or (path == "auto" and not self._interventions.items)
         step = plain_step(self) if plain else hooked_step(self)
         per_batch = max(1, batch_size // sampling.n)
