@@ -8,7 +8,6 @@ from conftest import wrap_with_reference
 
 from mechlens import Sampling
 
-
 SAMPLINGS = [
     Sampling(max_new_tokens=8, temperature=0, stop_at_eos=False),
     Sampling(max_new_tokens=8, temperature=0.8, top_p=0.9, n=3, seed=5),
