@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import wrap_with_reference
 
+import mechlens as ml
 from mechlens import Sampling
+from mechlens.datasets import Problem
 
 SAMPLINGS = [
     Sampling(max_new_tokens=8, temperature=0, stop_at_eos=False),
@@ -47,3 +49,72 @@ def test_plain_model_shares_the_weights(llama):
     after_plain = model.generate("Hello there", path="plain", **kw).tokens[0].tolist()
     assert after_plain == model.generate("Hello there", path="hooked", **kw).tokens[0].tolist()
     assert after_plain != before
+
+
+# ---------------------------------------------------------------- the engine interface
+def test_local_engine_equals_generate(llama):
+    from mechlens.rollouts import Engine, LocalEngine
+
+    model, _ = llama
+    sampling = Sampling(max_new_tokens=6, temperature=0.7, n=2, seed=3)
+    prompts = ["Hi there", "A longer prompt to pad against"]
+    engine = LocalEngine(model, batch_size=3)
+    assert isinstance(engine, Engine)
+    ids = [model.to_tokens(p)[0].tolist() for p in prompts]
+    got = engine.sample(ids, sampling)
+    want = model.generate(prompts, sampling).tokens
+    assert [row for rows in got for row in rows] == [t.tolist() for t in want]
+    with pytest.raises(TypeError, match=r"prompts\[1\] must be a list of token ids"):
+        engine.sample([[1, 2], "text"], sampling)
+    with pytest.raises(ValueError, match=r"prompts\[0\] is empty"):
+        engine.sample([[]], sampling)
+    with pytest.raises(ValueError, match="batch_size"):
+        LocalEngine(model, batch_size=0)
+
+
+class CountingEngine:
+    """Any object with `name`, `describe` and `sample` is an engine; this one records its calls."""
+
+    name = "counting"
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def describe(self):
+        return {"engine": self.name}
+
+    def sample(self, prompts, sampling):
+        self.calls += 1
+        return self.inner.sample(prompts, sampling)
+
+
+def test_anchors_and_refusal_sample_through_the_engine(llama, tmp_path):
+    from mechlens.rollouts import LocalEngine
+    from mechlens.studies import anchors, refusal
+
+    model, _ = llama
+    problem = Problem("p", "What is 2+3?", "5", kind="number")
+    trace = ml.ReasoningTrace.from_text(model, problem.question, "First add them. So it is 5. Done.")
+    sampling = anchors.ANCHORS_SAMPLING.replace(n=2, max_new_tokens=4)
+    engine = CountingEngine(LocalEngine(model))
+    embed = lambda texts: torch.eye(8)[[len(t) % 8 for t in texts]]  # noqa: E731
+    res = anchors.resample(
+        model, trace, problem, sampling, cache=tmp_path, embed=embed, engine=engine, progress=False
+    )
+    assert engine.calls == len(trace.sentences) + 1
+    again = anchors.resample(
+        model, trace, problem, sampling, cache=tmp_path, embed=embed, engine=engine, progress=False
+    )
+    assert engine.calls == len(trace.sentences) + 1  # read back from the cache
+    default = anchors.resample(model, trace, problem, sampling, cache=None, embed=embed, progress=False)
+    assert [[r.text for r in rows] for rows in res.rollouts] == [
+        [r.text for r in rows] for rows in again.rollouts
+    ]
+    assert [[r.text for r in rows] for rows in res.rollouts] == [
+        [r.text for r in rows] for rows in default.rollouts
+    ]
+    replies = refusal.rollouts(
+        model, ["Hi", "How are you?"], Sampling(max_new_tokens=5, temperature=0), engine=engine
+    )
+    plain = refusal.rollouts(model, ["Hi", "How are you?"], Sampling(max_new_tokens=5, temperature=0))
+    assert engine.calls == len(trace.sentences) + 2 and replies == plain

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from mechlens.cache import DiskCache, model_fingerprint
 from mechlens.models.generation import Sampling
+from mechlens.rollouts import Engine, LocalEngine
 from mechlens.text.answers import answer_key
 from mechlens.text.thinking import THINK_CLOSE
 from mechlens.text.trace import ReasoningTrace, split_sentences
@@ -278,15 +279,18 @@ def sample_from_prefixes(
     batch_size: int = 16,
     cache: DiskCache | str | Path | bool | None = True,
     progress: bool = True,
+    engine: Engine | None = None,
 ) -> list[list[str]]:
     """`sampling.n` sampled continuations of `trace.tokens[:, :end]` (+ `suffix` tokens) for each end.
 
-    One batched `generate` per prefix (its KV cache shared by the `n` samples); each position's
-    texts are stored on disk under the trace, the position and every sampling setting, so a
-    second call (or an interrupted run started again) reads them back.
+    One `engine.sample` call per prefix (default `LocalEngine(model)`: one batched `generate`, the
+    prefix's KV cache shared by the `n` samples); each position's texts are stored on disk under
+    the trace, the position, every sampling setting and the engine, so a second call (or an
+    interrupted run started again) reads them back.
     """
     store = DiskCache.of(cache, "anchors")
     fingerprint = model_fingerprint(model) if store else None
+    engine = engine or LocalEngine(model, batch_size)
     out = []
     for p, end in enumerate(tqdm(ends, desc=step, disable=not progress)):
         tokens = trace.tokens[:, :end]  # [1, end]
@@ -295,9 +299,16 @@ def sample_from_prefixes(
 
         def compute(tokens=tokens, p=p) -> list[str]:
             at_position = sampling.replace(seed=(sampling.seed * 100_003 + p) % 2**63)
-            return model.generate(tokens, at_position, batch_size=batch_size).texts
+            rows = engine.sample([tokens[0].tolist()], at_position)[0]
+            return [model.tokenizer.decode(row) for row in rows]
 
-        key = dict(tokens=tokens[0].tolist(), sampling=sampling, position=p, model=fingerprint)
+        key = dict(
+            tokens=tokens[0].tolist(),
+            sampling=sampling,
+            position=p,
+            model=fingerprint,
+            engine=engine.describe(),
+        )
         out.append(store.cached(step, compute, **key) if store else compute())
     return out
 
@@ -313,18 +324,21 @@ def resample(
     embed: Embedder | None = None,
     cache: DiskCache | str | Path | bool | None = True,
     progress: bool = True,
+    engine: Engine | None = None,
 ) -> Resampling:
     """Resample every sentence of `trace` `sampling.n` times and grade each rollout against
     `problem` (a `datasets.Problem`: `.grade(response)` and `.kind`).
 
     `sampling` defaults to `ANCHORS_SAMPLING` (the paper's settings with n=16). `cache=True`
     stores rollouts under the mechlens cache dir (a path or `DiskCache` elsewhere, None: no cache).
-    `embed` defaults to all-MiniLM-L6-v2 (`sentence_embedder()`).
+    `embed` defaults to all-MiniLM-L6-v2 (`sentence_embedder()`); `engine` samples (default:
+    `LocalEngine(model)`, `mechlens.rollouts`).
     """
     ends = _prefix_ends(trace)
     texts = sample_from_prefixes(
-        model, trace, ends, sampling, step="rollouts", batch_size=batch_size, cache=cache, progress=progress
-    )
+        model, trace, ends, sampling, step="rollouts", batch_size=batch_size, cache=cache, progress=progress,
+        engine=engine,
+    )  # fmt: skip
     rollouts = []
     for p, (end, row) in enumerate(zip(ends, texts, strict=True)):
         head = model.tokenizer.decode(trace.tokens[0, trace.prompt_len : end].tolist())
@@ -388,6 +402,7 @@ def forced_answers(
     alpha: float = 1e-9,
     cache: DiskCache | str | Path | bool | None = True,
     progress: bool = True,
+    engine: Engine | None = None,
 ) -> ForcedAnswers:
     """Force an answer right after each prefix: append `cue` (default: close the thinking, then
     "Therefore, the final answer is \\\\boxed{", as in the paper; without thinking, a blank line
@@ -401,7 +416,7 @@ def forced_answers(
     suffix = model.tokenizer(cue, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     texts = sample_from_prefixes(
         model, trace, _prefix_ends(trace), sampling, suffix=suffix, step="forced answers",
-        batch_size=batch_size, cache=cache, progress=progress,
+        batch_size=batch_size, cache=cache, progress=progress, engine=engine,
     )  # fmt: skip
     answer_cue = cue.split(THINK_CLOSE)[-1]  # graded: the answer sentence and what was forced after it
     return ForcedAnswers(

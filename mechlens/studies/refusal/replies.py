@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from mechlens.models.generation import Sampling
 from mechlens.ops.stats import wilson
+from mechlens.rollouts import Engine, LocalEngine
 from mechlens.studies.refusal.judge import is_refusal
 from mechlens.text.thinking import format_prompt, format_reply, split_thinking
 
@@ -50,14 +51,19 @@ def rollouts(
     sampling: Sampling = REPLY_SAMPLING,
     batch_size: int = 16,
     progress: bool = True,
+    engine: Engine | None = None,
 ) -> list[Reply]:
     """One reply per instruction (greedy by default; `sampling.n` replies each otherwise) under the
-    model's active interventions, split into thinking and answer."""
+    model's active interventions, split into thinking and answer; `engine` samples (default:
+    `LocalEngine(model)`, `mechlens.rollouts`)."""
     instructions = [instructions] if isinstance(instructions, str) else list(instructions)
     prompts = [format_prompt(model.tokenizer, i) for i in instructions]
-    gen = model.generate(prompts, sampling, batch_size=batch_size, progress=progress)
+    tokens, mask = model.tokenize(prompts)  # [prompts, pos], left-padded
+    ids = [row[m.bool()].tolist() for row, m in zip(tokens, mask, strict=True)]
+    engine = engine or LocalEngine(model, batch_size, progress)
+    texts = [model.tokenizer.decode(row) for rows in engine.sample(ids, sampling) for row in rows]
     out = []
-    for k, text in enumerate(gen.texts):
+    for k, text in enumerate(texts):
         thinking, answer, closed = split_thinking(text)
         i = k // sampling.n
         out.append(Reply(instructions[i], prompts[i], thinking, answer, closed))
