@@ -59,7 +59,9 @@ class RefusalConfig:
     head_ranking: Literal["direct", "exact", "attribution"] = "direct"  # the authors': direct score
     rescale: Literal["norm", "none"] = "norm"  # the authors' ablation keeps the attention output's norm
     random_sets: int = 20  # random head sets of the same size: the control distribution
-    control_sets: str = "jailbreak,harmless"  # the sets (comma-separated) each random head set runs on
+    # the sets (comma-separated) each random head set runs on: attack success, the paper's headline
+    # (adding harmless measures false refusals too, for another 20 x 40 replies)
+    control_sets: str = "jailbreak"
     judge_fraction: float = 0.25
     judge_epochs: int = 3
     organism_examples: int | None = None  # per class; None = the organism recipe's whole train split
@@ -74,7 +76,6 @@ class RefusalConfig:
             # ones measured here either did not refuse (40 per class, 2 epochs: 0/8 harmful refused) or
             # refused everything (40 per class, lr 3e-4, 3 epochs: 10/16 harmless refused)
             self.n_probe, self.n_test, self.n_candidates, self.sweep_examples = 16, 8, 16, 1
-            self.control_sets = "jailbreak"  # 20 random sets x 8 prompts: attack success only
         unknown = set(self.control_sets.split(",")) - {"harmful", "jailbreak", "harmless"}
         if unknown:
             raise ValueError(f"control_sets must name harmful, jailbreak or harmless; got {sorted(unknown)}")
