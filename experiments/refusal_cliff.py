@@ -292,7 +292,7 @@ def main(cfg: RefusalConfig) -> dict:
     }
     interval = lambda r: (r["rate"], r["low"], r["high"])  # noqa: E731
     fig = control_strip(
-        list(control),
+        cats,
         control,
         {
             f"no ablation (n={organism[cats[0]]['n']} per set)": {c: interval(organism[c]) for c in cats},

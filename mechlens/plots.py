@@ -344,16 +344,18 @@ def control_strip(
     title: str = "",
 ) -> go.Figure:
     """A control distribution against observed values, per metric: `controls[metric]` holds one
-    value per random draw (box and points); `observed[name][metric] = (value, low, high)` is a
-    marker with its interval (e.g. a rate and its Wilson interval)."""
+    value per random draw (box and points; a metric without controls shows the markers only);
+    `observed[name][metric] = (value, low, high)` is a marker with its interval (e.g. a rate and
+    its Wilson interval)."""
     fig = go.Figure()
-    for metric in metrics:
+    with_controls = [m for m in metrics if m in controls]
+    for metric in with_controls:
         values = list(controls[metric])
         fig.add_trace(
             go.Box(
                 y=values, x=[metric] * len(values), name=f"random draws (n={len(values)})",
                 boxpoints="all", jitter=0.4, pointpos=0, marker_color=GREY, line_color=GREY,
-                showlegend=metric == metrics[0], legendgroup="control",
+                showlegend=metric == with_controls[0], legendgroup="control",
             )
         )  # fmt: skip
     for k, (name, by_metric) in enumerate(observed.items()):

@@ -119,3 +119,20 @@ def test_gallery_from_fake_outputs(tmp_path):
     assert "`python experiments/depth.py --quick`, commit 0123456789" in text
     with pytest.raises(ValueError, match="no figures"):
         write_gallery(tmp_path / "empty")
+
+
+def test_control_strip_shows_draws_and_intervals():
+    from mechlens.plots import control_strip
+
+    fig = control_strip(
+        ["attack success", "false refusal"],
+        {"attack success": [0.1, 0.2, 0.3]},
+        {"top heads": {"attack success": (0.05, 0.0, 0.2), "false refusal": (0.5, 0.3, 0.7)}},
+        "rate",
+    )
+    box, marker = fig.data
+    assert list(box.y) == [0.1, 0.2, 0.3] and "n=3" in box.name
+    assert list(marker.x) == ["attack success", "false refusal"]
+    assert list(marker.error_y.array) == pytest.approx([0.15, 0.2]) and list(
+        marker.error_y.arrayminus
+    ) == pytest.approx([0.05, 0.2])
