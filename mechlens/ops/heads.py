@@ -149,7 +149,7 @@ def direct_head_scores(
         )
     layers = list(range(model.n_layers))
     # [layers, heads, d_head]: the direction read back through each head's slice of W_O
-    reads = torch.stack([model.W_O(l).float() @ unit.to(model.W_O(l).device) for l in layers])
+    reads = torch.stack([w.float() @ unit.to(w.device) for w in map(model.W_O, layers)])
     biases = torch.tensor(
         [0.0 if (b := model.b_O(l)) is None else float(b.float() @ unit.to(b.device)) for l in layers]
     )
