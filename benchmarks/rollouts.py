@@ -6,10 +6,12 @@
    and each path's ratio to `transformers`.
 2. `n = 16` samples of one prompt: `transformers` with `num_return_sequences=16` against ours,
    which computes the prompt once and shares its KV cache across the samples.
-3. The anchors resampling of one fixed trace: 16 rollouts from before each sentence, plain path
-   against hooked path.
+3. The anchors resampling of one fixed trace (16 rollouts from before each sentence) through
+   each engine: `LocalEngine` on the hooked path and on the fast (plain) path, and
+   `EndpointEngine` on vLLM's CPU server (`make vllm`; started here, its start-up time reported
+   separately; `--no-vllm` leaves it out). Tokens/s of each and the ratio to the hooked engine.
 
-    python benchmarks/rollouts.py [--new 32] [--backend transformer_lens] [--repeat 2]
+    python benchmarks/rollouts.py [--new 32] [--backend transformer_lens] [--repeat 2] [--no-vllm]
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from common import best_time, report
 
 import mechlens as ml
 from mechlens import Sampling
+from mechlens.models.loading import embedded_weights_dir
+from mechlens.rollouts import EndpointEngine, LocalEngine, VLLMServer, vllm_python
 from mechlens.text.thinking import format_prompt
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
@@ -35,6 +39,7 @@ def main() -> None:
     parser.add_argument("--backend", default="transformer_lens")
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--no-vllm", action="store_true", help="leave out the vLLM CPU server")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     model = ml.load_model(backend=args.backend)
@@ -72,21 +77,37 @@ def main() -> None:
     t_ours, _ = best_time(lambda: model.generate(ids, sampling.replace(n=16), batch_size=16), args.repeat)
     results["n16_shared_prompt_vs_transformers_ratio"] = t_hf / t_ours
 
-    # the anchors resampling of a fixed trace, one generate per prefix (as sample_from_prefixes)
+    # the anchors resampling of a fixed trace: every prefix, 16 rollouts each, one seed per prefix
     trace = ml.ReasoningTrace.from_text(model, QUESTION, RESPONSE)
-    ends = [s.start for s in trace.sentences]
+    prompts = [trace.tokens[0, : s.start].tolist() for s in trace.sentences]
     rollouts = sampling.replace(n=16)
+    results["resampling_sentences"] = len(prompts)
 
-    def resample(path: str) -> int:
-        gens = [model.generate(trace.tokens[:, :e], rollouts, batch_size=16, path=path) for e in ends]
-        return sum(len(t) for g in gens for t in g.tokens)
+    def resample(engine) -> int:
+        count, step = 0, engine.prompts_per_call
+        for i in range(0, len(prompts), step):
+            part = prompts[i : i + step]
+            rows = engine.sample(part, rollouts, seeds=list(range(i, i + len(part))))
+            count += sum(len(r) for per_prompt in rows for r in per_prompt)
+        return count
 
-    t_plain, count = best_time(lambda: resample("plain"), 1)
-    t_hooked, _ = best_time(lambda: resample("hooked"), 1)
-    results["resampling_sentences"] = len(ends)
-    results["resampling_plain_tok_per_s"] = round(count / t_plain, 1)
-    results["resampling_hooked_tok_per_s"] = round(count / t_hooked, 1)
-    results["resampling_plain_vs_hooked_ratio"] = t_hooked / t_plain
+    engines = {"hooked": LocalEngine(model, path="hooked"), "plain": LocalEngine(model, path="plain")}
+    times = {}
+    for name, engine in engines.items():
+        times[name], count = best_time(lambda engine=engine: resample(engine), 1)
+        results[f"resampling_{name}_tok_per_s"] = round(count / times[name], 1)
+    if not args.no_vllm:
+        with VLLMServer(embedded_weights_dir(), name="smollm2", python=vllm_python()) as server:
+            results["vllm_server_startup_s"] = round(server.startup_s, 1)
+            engine = EndpointEngine(
+                server.url, "smollm2", tokenizer=model.tokenizer, concurrency=len(prompts)
+            )
+            resample(engine)  # warm-up: the server's first requests compile and allocate
+            times["vllm"], count = best_time(lambda: resample(engine), 1)
+            results["resampling_vllm_tok_per_s"] = round(count / times["vllm"], 1)
+    for name, t in times.items():
+        if name != "hooked":
+            results[f"resampling_{name}_vs_hooked_ratio"] = times["hooked"] / t
     report("rollouts", results)
 
 

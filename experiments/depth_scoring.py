@@ -27,6 +27,8 @@ from mechlens.datasets import STEP_BY_STEP
 from mechlens.ops.signals import p_true
 from mechlens.ops.stats import mean_ci, roc_curve
 from mechlens.plots import histograms_by_group, lens_heatmap, mean_ci_lines, roc_curves
+from mechlens.rollouts import engine_for
+from mechlens.rollouts.engines import sample_texts
 from mechlens.runs import Run, parse_config
 from mechlens.studies import depth
 from mechlens.studies.depth import FEATURES
@@ -49,6 +51,8 @@ class DepthConfig:
     max_steps_plotted: int = 10
     folds: int = 5
     subset: Literal["factual", "all"] = "factual"  # traces compared by label in the figures
+    endpoint: str = ""  # comma-separated OpenAI-compatible base URLs to sample from (default: here)
+    served_model: str = ""  # the model name those servers serve (the same weights as --model)
     quick: bool = False
     out: str = "figures/depth"
     seed: int = 0
@@ -71,6 +75,7 @@ def load_problems(cfg: DepthConfig) -> list[datasets.Problem]:
 def generate_responses(model, run: Run, cfg: DepthConfig, problems) -> list[str]:
     """Greedy step-by-step answers, cached per batch of problems."""
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=0)
+    engine = engine_for(model, cfg.endpoint, cfg.served_model, cfg.batch_size)
     responses = []
     batches = range(0, len(problems), cfg.batch_size)
     for i in tqdm(batches, desc="generate traces"):
@@ -78,10 +83,11 @@ def generate_responses(model, run: Run, cfg: DepthConfig, problems) -> list[str]
         prompts = [format_prompt(model.tokenizer, p.question + STEP_BY_STEP) for p in chunk]
         texts = run.cached(
             "responses",
-            lambda prompts=prompts: model.generate(prompts, sampling, batch_size=cfg.batch_size).texts,
+            lambda prompts=prompts: sample_texts(engine, model, prompts, sampling),
             config=False,
             prompts=prompts,
             sampling=sampling,
+            engine=engine.describe(),
         )
         responses.extend(texts)
     return responses

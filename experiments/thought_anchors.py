@@ -27,6 +27,8 @@ import mechlens as ml
 from mechlens import anchors, datasets
 from mechlens.datasets import STEP_BY_STEP
 from mechlens.plots import category_scatter, correlation_scatter, grouped_bars, head_heatmap, sentence_heatmap
+from mechlens.rollouts import engine_for
+from mechlens.rollouts.engines import sample_texts
 from mechlens.runs import Run, parse_config
 from mechlens.text.thinking import format_prompt
 
@@ -47,6 +49,8 @@ class AnchorsConfig:
     top_k: int = 20  # receiver heads
     alpha: float = 1.0  # answer-count smoothing: Laplace (the paper's code also names 1e-9, which with
     # 16 rollouts turns every unseen answer into a KL of ~20 nats)
+    endpoint: str = ""  # comma-separated OpenAI-compatible base URLs to sample from (default: here)
+    served_model: str = ""  # the model name those servers serve (the same weights as --model)
     quick: bool = False
     out: str = "figures/anchors"
     seed: int = 44
@@ -57,19 +61,19 @@ class AnchorsConfig:
             self.max_new_tokens, self.top_k, self.proximity = 128, 10, 2  # short traces: a narrower band
 
 
-def select_traces(run: Run, model, cfg: AnchorsConfig) -> tuple[list, list[dict]]:
+def select_traces(run: Run, model, cfg: AnchorsConfig, engine) -> tuple[list, list[dict]]:
     """Sample every candidate problem `n_select` times; keep problems solved 25-75% of the time and,
     for each, the first correct sample with enough sentences as its base trace."""
     problems = datasets.load("arithmetic", n=cfg.n_candidates, seed=cfg.seed, levels=(1, 2))
     prompts = [p.question + STEP_BY_STEP for p in problems]
+    sampling = ml.Sampling(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.n_select,
+        seed=cfg.seed,
+    )  # fmt: skip
     texts = run.cached(
         "selection samples",
-        lambda: model.generate(
-            [format_prompt(model.tokenizer, p) for p in prompts], max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.n_select, seed=cfg.seed, progress=True,
-        ).texts,
-        config=False, prompts=prompts, n=cfg.n_select, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p,
+        lambda: sample_texts(engine, model, [format_prompt(model.tokenizer, p) for p in prompts], sampling),
+        config=False, prompts=prompts, sampling=sampling, engine=engine.describe(),
     )  # fmt: skip
     chosen, rates = [], []
     for k, problem in enumerate(problems):
@@ -94,7 +98,8 @@ def select_traces(run: Run, model, cfg: AnchorsConfig) -> tuple[list, list[dict]
 def main(cfg: AnchorsConfig) -> dict:
     model = ml.load_model(backend=cfg.backend)
     run = Run("thought_anchors", cfg, cfg.out, model=model, seed=cfg.seed)
-    chosen, rates = select_traces(run, model, cfg)
+    engine = engine_for(model, cfg.endpoint, cfg.served_model)
+    chosen, rates = select_traces(run, model, cfg, engine)
     print(
         f"{len(chosen)} traces from {sum(0.25 <= r['solve_rate'] <= 0.75 for r in rates)} problems in range"
     )
@@ -105,7 +110,9 @@ def main(cfg: AnchorsConfig) -> dict:
     )  # fmt: skip
     forced = anchors.FORCED_SAMPLING.replace(n=cfg.n_rollouts, seed=cfg.seed)
     per_trace = [
-        anchors.analyze(model, trace, problem, sampling, forced, cfg.proximity, cfg.alpha, cache=run.cache)
+        anchors.analyze(
+            model, trace, problem, sampling, forced, cfg.proximity, cfg.alpha, cache=run.cache, engine=engine
+        )
         for problem, trace in tqdm(chosen, desc="traces")
     ]
     kurt, heads = anchors.assign_receivers(per_trace, cfg.top_k)  # receiver heads: kurtosis over traces

@@ -94,3 +94,43 @@ def test_conditional_entropy_with_merging_tokenizer(embedded_tl):
     )
     h = conditional_entropy_per_step(embedded_tl, trace, "Au")  # "is " + "Au" tokenises as "is", " Au"
     assert h.shape == (len(trace.sentences) + 1,) and torch.isfinite(h).all()
+
+
+def test_converted_folder_is_a_checkpoint_other_readers_load(embedded_hf):
+    """vLLM and other readers take the model class from `architectures` and the tied embedding
+    from its own name (they ignore safetensors' alias metadata)."""
+    import json
+
+    from safetensors import safe_open
+
+    from mechlens.models.loading import embedded_weights_dir
+
+    folder = embedded_weights_dir()
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+        embed = f.get_tensor("model.embed_tokens.weight")
+    assert torch.equal(embed, embedded_hf.get_input_embeddings().weight.detach())
+
+
+def test_folders_of_earlier_releases_are_repaired(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mechlens.models.loading import _repair_weights_dir
+
+    head = torch.randn(8, 4)
+    weights = {"lm_head.weight": head, "model.norm.weight": torch.ones(4)}
+    save_file(
+        weights, str(tmp_path / "model.safetensors"), metadata={"model.embed_tokens.weight": "lm_head.weight"}
+    )
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": None, "tie_word_embeddings": True}))
+    _repair_weights_dir(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["model.embed_tokens.weight", "model.norm.weight"]
+        assert torch.equal(f.get_tensor("model.embed_tokens.weight"), head)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert not list(tmp_path.glob(".*tmp"))

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from mechlens.cache import atomic_folder, cache_dir
+from mechlens.cache import atomic_folder, atomic_write_text, cache_dir
 from mechlens.models.backends import BACKENDS
 from mechlens.models.hooked import HookedModel
 from mechlens.models.tiny import TINY_ARCHS, tiny_model
@@ -61,25 +61,56 @@ def embedded_weights_dir() -> Path:
     gguf = embedded_gguf()
     target = cache_dir() / "models" / f"{EMBEDDED}-{_file_hash(gguf)[:12]}"
     if (target / "config.json").exists():
+        _repair_weights_dir(target)
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    from safetensors.torch import save_model
-
     try:
         with atomic_folder(target) as tmp:  # a reader sees no folder or a complete one
             config = hf.config.to_dict()
             config.pop("quantization_config", None)
             config["_name_or_path"] = EMBEDDED_HUB_ID
+            config["architectures"] = [type(hf).__name__]  # servers such as vLLM pick the class by it
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            save_model(hf, str(tmp / "model.safetensors"))
+            _save_weights(hf.state_dict(), tmp / "model.safetensors", config["tie_word_embeddings"])
             tok.save_pretrained(tmp)
     except OSError:
         if not (target / "config.json").exists():  # another process finished it first
             raise
     return target
+
+
+def _save_weights(state: dict, path: Path, tied: bool) -> None:
+    """The weights as a Hugging Face checkpoint: with tied embeddings, under the input embedding's
+    name only (as `save_pretrained` writes them; other readers, vLLM among them, look for that
+    name and ignore safetensors' alias metadata)."""
+    from safetensors.torch import save_file
+
+    if tied:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+
+
+def _repair_weights_dir(target: Path) -> None:
+    """Bring a folder converted by an earlier release up to date: the model class in its config,
+    the tied embedding under its own name."""
+    from safetensors import safe_open
+
+    config = json.loads((target / "config.json").read_text())
+    weights = target / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        names = set(f.keys())
+        if "model.embed_tokens.weight" not in names:
+            state = {k: f.get_tensor(k) for k in names}
+            state["model.embed_tokens.weight"] = state["lm_head.weight"]
+            tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
+            _save_weights(state, tmp, config.get("tie_word_embeddings", True))
+            os.replace(tmp, weights)
+    if not config.get("architectures"):
+        config["architectures"] = ["LlamaForCausalLM"]
+        atomic_write_text(target / "config.json", json.dumps(config, indent=2))
 
 
 def _hub_resolves() -> bool:

@@ -6,6 +6,10 @@ engine and its settings for provenance and cache keys.
 
 - `LocalEngine(model)`: `HookedModel.generate`, on the plain Hugging Face model when no context
   is active (the fast path) and through the hooks otherwise; per-row seeds.
+- `EndpointEngine(urls, model)`: OpenAI-compatible `/v1/completions` servers (vLLM, SGLang,
+  hosted providers), one or many, with bounded concurrency and retries.
+- `VLLMEngine(folder)`: an in-process `vllm.LLM` with prefix caching (a Python that has vLLM).
+- `VLLMServer(folder)`: starts vLLM's server from its own environment (`make vllm`) and stops it.
 
 Example:
     >>> import mechlens as ml
@@ -19,6 +23,21 @@ Example:
     'mechlens'
 """
 
-from mechlens.rollouts.engines import Engine, LocalEngine
+from mechlens.rollouts.endpoint import EndpointEngine, EndpointError, engine_for
+from mechlens.rollouts.engines import Engine, LocalEngine, check_prompts, prompt_seeds
+from mechlens.rollouts.inprocess import VLLMEngine
+from mechlens.rollouts.server import VLLMServer, free_port, vllm_python
 
-__all__ = ["Engine", "LocalEngine"]
+__all__ = [
+    "EndpointEngine",
+    "EndpointError",
+    "Engine",
+    "LocalEngine",
+    "VLLMEngine",
+    "VLLMServer",
+    "check_prompts",
+    "engine_for",
+    "free_port",
+    "prompt_seeds",
+    "vllm_python",
+]

@@ -1,31 +1,42 @@
-"""The engine interface (`Engine`) and the in-process engine (`LocalEngine`)."""
+"""The engine interface (`Engine`), its shared checks, and the in-process engine (`LocalEngine`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from mechlens.models.generation import Sampling
+from mechlens.models.generation import MAX_SEED, PATHS, Sampling
 
 
 @runtime_checkable
 class Engine(Protocol):
     """Samples continuations of token-id prompts.
 
-    `sample(prompts, sampling)` returns one list per prompt holding `sampling.n` continuations,
-    each a list of new token ids (without the end-of-sequence token), in a deterministic order;
-    `describe()` is a JSON-able dict naming the engine and its settings.
+    `sample(prompts, sampling, seeds, stop)` returns one list per prompt holding `sampling.n`
+    continuations, each a list of new token ids (without the end-of-sequence token), in a
+    deterministic order. `seeds` gives each prompt its own seed (default: `prompt_seeds`), so a
+    prompt's samples do not depend on which other prompts share the call; a continuation ends
+    with the token that completes any string of `stop` (that token kept). `describe()` is a
+    JSON-able dict naming the engine and its settings; `prompts_per_call` is how many prompts it
+    works on at once (callers that cache per prompt send that many per call).
     """
 
     name: str
+    prompts_per_call: int
 
     def describe(self) -> dict[str, Any]:
         """The engine and its settings, for provenance and cache keys."""
         ...
 
-    def sample(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[list[int]]]:
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: Sampling,
+        seeds: Sequence[int] | None = None,
+        stop: Sequence[str] = (),
+    ) -> list[list[list[int]]]:
         """`sampling.n` continuations (token ids) of each prompt (token ids)."""
         ...
 
@@ -45,31 +56,104 @@ def check_prompts(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
     return out
 
 
+def token_prompts(model, prompts: Sequence[str]) -> list[list[int]]:
+    """Each text prompt's token ids, as `model.tokenize` makes them (no padding)."""
+    tokens, mask = model.tokenize(list(prompts))  # [prompts, pos], left-padded
+    return [row[m.bool()].tolist() for row, m in zip(tokens, mask, strict=True)]
+
+
+def sample_texts(engine: Engine, model, prompts: Sequence[str], sampling: Sampling) -> list[str]:
+    """`engine`'s continuations of text prompts, decoded: `sampling.n` per prompt, prompt-major."""
+    rows = engine.sample(token_prompts(model, prompts), sampling)
+    return [model.tokenizer.decode(row) for per_prompt in rows for row in per_prompt]
+
+
+def prompt_seeds(sampling: Sampling, count: int, seeds: Sequence[int] | None = None) -> list[int]:
+    """Each prompt's seed: `seeds` checked (ints in 0..MAX_SEED, one per prompt), or by default
+    `(sampling.seed * 1_000_003 + i) mod 2**63` for prompt i."""
+    if seeds is None:
+        return [(sampling.seed * 1_000_003 + i) % 2**63 for i in range(count)]
+    seeds = list(seeds)
+    if len(seeds) != count:
+        raise ValueError(f"seeds must hold one seed per prompt ({count}), got {len(seeds)}")
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise ValueError(f"seeds[{i}] must be an int in 0..{MAX_SEED}, got {s!r}")
+    return seeds
+
+
+def check_stop(stop: Sequence[str]) -> tuple[str, ...]:
+    """`stop` as a tuple of non-empty strings (a single string is one stop string)."""
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+    return stop
+
+
+def cut_at_stop(ids: list[int], decode: Callable[[list[int]], str], stop: tuple[str, ...]) -> list[int]:
+    """`ids` up to and including the token that completes the first stop string of its text."""
+    if not stop or not any(s in decode(ids) for s in stop):
+        return ids
+    lo, hi = 1, len(ids)  # the shortest prefix whose text holds a stop string
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in decode(ids[:mid]) for s in stop):
+            hi = mid
+        else:
+            lo = mid + 1
+    return ids[:lo]
+
+
 class LocalEngine:
     """`HookedModel.generate` as an engine: the plain model when no context is active, the hooked
-    forward otherwise (so interventions apply); row r of a call is seeded from `(seed, r)`.
-
-    Prompts of different lengths are left-padded into batches of `batch_size` rows.
+    forward otherwise (so interventions apply). Prompts of different lengths are left-padded into
+    batches of `batch_size` rows; with `seeds`, each prompt is its own `generate` call (row r of
+    prompt i seeded from `(seeds[i], r)`). Stop strings cut each row after generation. `path`
+    is `generate`'s (`"auto"`, `"plain"` or `"hooked"`: the same samples, at different speeds).
     """
 
     name = "mechlens"
+    prompts_per_call = 1
 
-    def __init__(self, model, batch_size: int = 16, progress: bool = False):
+    def __init__(self, model, batch_size: int = 16, progress: bool = False, path: str = "auto"):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        self.model, self.batch_size, self.progress = model, batch_size, progress
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        self.model, self.batch_size, self.progress, self.path = model, batch_size, progress, path
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "model": self.model.name, "backend": self.model.backend}
 
-    def sample(self, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[list[int]]]:
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: Sampling,
+        seeds: Sequence[int] | None = None,
+        stop: Sequence[str] = (),
+    ) -> list[list[list[int]]]:
         ids = check_prompts(prompts)
+        stop = check_stop(stop)
+        if seeds is None:
+            out = self._generate(ids, sampling)
+        else:
+            seeds = prompt_seeds(sampling, len(ids), seeds)
+            out = [self._generate([p], sampling.replace(seed=s))[0] for p, s in zip(ids, seeds, strict=True)]
+        decode = self.model.tokenizer.decode
+        return [[cut_at_stop(row, decode, stop) for row in rows] for rows in out]
+
+    def _generate(self, ids: list[list[int]], sampling: Sampling) -> list[list[list[int]]]:
         width = max(len(p) for p in ids)
         pad = self.model.tokenizer.pad_token_id
         tokens = torch.tensor([[pad] * (width - len(p)) + p for p in ids])  # [prompts, width], left-padded
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
         gen = self.model.generate(
-            tokens, sampling, attention_mask=mask, batch_size=self.batch_size, progress=self.progress
+            tokens,
+            sampling,
+            attention_mask=mask,
+            batch_size=self.batch_size,
+            progress=self.progress,
+            path=self.path,
         )
         rows = [t.tolist() for t in gen.tokens]
         return [rows[i * sampling.n : (i + 1) * sampling.n] for i in range(len(ids))]

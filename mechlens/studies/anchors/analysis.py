@@ -31,6 +31,7 @@ from torch import Tensor
 
 from mechlens.cache import DiskCache, model_fingerprint
 from mechlens.models.generation import Sampling
+from mechlens.rollouts import Engine
 from mechlens.studies.anchors.compare import spearman
 from mechlens.studies.anchors.receivers import (
     kurtosis,
@@ -103,12 +104,14 @@ def analyze(
     cache: DiskCache | str | Path | bool | None = True,
     progress: bool = True,
     kl: str = "full",
+    engine: Engine | None = None,
 ) -> TraceAnchors:
     """All attributions of `trace`: categories, sentence attention, vertical scores and the
     suppression matrix always; with a `problem` (a `datasets.Problem`), resampling with `sampling`,
     the resampling matrix, and forced answers with `forced_sampling` (None skips them).
 
-    `kl` picks the suppression KL (`suppression_matrix`: "full", ours, or "authors").
+    `kl` picks the suppression KL (`suppression_matrix`: "full", ours, or "authors"); `engine`
+    samples the rollouts and forced answers (default `LocalEngine(model)`, `mechlens.rollouts`).
 
     `cache` stores rollouts, attention and suppression under the trace's tokens, its sentence
     spans and the model's weights (True: the mechlens cache folder; a folder or `DiskCache`; None:
@@ -137,12 +140,27 @@ def analyze(
     )
     if problem is not None:
         result.resampling = resample(
-            model, trace, problem, sampling, alpha=alpha, embed=embed, cache=store, progress=progress
+            model,
+            trace,
+            problem,
+            sampling,
+            alpha=alpha,
+            embed=embed,
+            cache=store,
+            progress=progress,
+            engine=engine,
         )
         result.resampling_matrix = resampling_matrix(result.resampling, embed)
         if forced_sampling is not None:
             result.forced = forced_answers(
-                model, trace, problem, forced_sampling, alpha=alpha, cache=store, progress=progress
+                model,
+                trace,
+                problem,
+                forced_sampling,
+                alpha=alpha,
+                cache=store,
+                progress=progress,
+                engine=engine,
             )
     return result
 

@@ -283,34 +283,40 @@ def sample_from_prefixes(
 ) -> list[list[str]]:
     """`sampling.n` sampled continuations of `trace.tokens[:, :end]` (+ `suffix` tokens) for each end.
 
-    One `engine.sample` call per prefix (default `LocalEngine(model)`: one batched `generate`, the
-    prefix's KV cache shared by the `n` samples); each position's texts are stored on disk under
-    the trace, the position, every sampling setting and the engine, so a second call (or an
-    interrupted run started again) reads them back.
+    The prefixes go to `engine` (default `LocalEngine(model)`: one batched `generate` per prefix,
+    its KV cache shared by the `n` samples) `engine.prompts_per_call` at a time, each with its own
+    seed; each position's texts are stored on disk under the trace, the position, every sampling
+    setting and the engine as soon as its call returns, so a second call (or an interrupted run
+    started again) reads them back and samples only the missing ones.
     """
     store = DiskCache.of(cache, "anchors")
     fingerprint = model_fingerprint(model) if store else None
     engine = engine or LocalEngine(model, batch_size)
-    out = []
-    for p, end in enumerate(tqdm(ends, desc=step, disable=not progress)):
-        tokens = trace.tokens[:, :end]  # [1, end]
+    prompts = []
+    for end in ends:
+        tokens = trace.tokens[0, :end]  # [end]
         if suffix is not None:
-            tokens = torch.cat([tokens, suffix.to(tokens.device)[None]], 1)
-
-        def compute(tokens=tokens, p=p) -> list[str]:
-            at_position = sampling.replace(seed=(sampling.seed * 100_003 + p) % 2**63)
-            rows = engine.sample([tokens[0].tolist()], at_position)[0]
-            return [model.tokenizer.decode(row) for row in rows]
-
-        key = dict(
-            tokens=tokens[0].tolist(),
-            sampling=sampling,
-            position=p,
-            model=fingerprint,
-            engine=engine.describe(),
-        )
-        out.append(store.cached(step, compute, **key) if store else compute())
-    return out
+            tokens = torch.cat([tokens, suffix.to(tokens.device)])
+        prompts.append(tokens.tolist())
+    # position p samples from its own seed, whichever other positions share its engine call
+    seeds = [(sampling.seed * 100_003 + p) % 2**63 for p in range(len(ends))]
+    keys = [
+        dict(tokens=t, sampling=sampling, position=p, model=fingerprint, engine=engine.describe())
+        for p, t in enumerate(prompts)
+    ]
+    out: list[list[str] | None] = [store.get(step, k) if store else None for k in keys]
+    todo = [p for p, texts in enumerate(out) if texts is None]
+    chunk = max(1, int(getattr(engine, "prompts_per_call", 1)))
+    with tqdm(total=len(ends), initial=len(ends) - len(todo), desc=step, disable=not progress) as bar:
+        for i in range(0, len(todo), chunk):  # each prompt is stored as soon as its chunk returns
+            part = todo[i : i + chunk]
+            rows = engine.sample([prompts[p] for p in part], sampling, seeds=[seeds[p] for p in part])
+            for p, samples in zip(part, rows, strict=True):
+                out[p] = [model.tokenizer.decode(row) for row in samples]
+                if store:
+                    store.put(step, keys[p], out[p])
+            bar.update(len(part))
+    return [texts for texts in out if texts is not None]
 
 
 def resample(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from mechlens.models.generation import Sampling
 from mechlens.ops.stats import wilson
 from mechlens.rollouts import Engine, LocalEngine
+from mechlens.rollouts.engines import sample_texts
 from mechlens.studies.refusal.judge import is_refusal
 from mechlens.text.thinking import format_prompt, format_reply, split_thinking
 
@@ -58,10 +59,7 @@ def rollouts(
     `LocalEngine(model)`, `mechlens.rollouts`)."""
     instructions = [instructions] if isinstance(instructions, str) else list(instructions)
     prompts = [format_prompt(model.tokenizer, i) for i in instructions]
-    tokens, mask = model.tokenize(prompts)  # [prompts, pos], left-padded
-    ids = [row[m.bool()].tolist() for row, m in zip(tokens, mask, strict=True)]
-    engine = engine or LocalEngine(model, batch_size, progress)
-    texts = [model.tokenizer.decode(row) for rows in engine.sample(ids, sampling) for row in rows]
+    texts = sample_texts(engine or LocalEngine(model, batch_size, progress), model, prompts, sampling)
     out = []
     for k, text in enumerate(texts):
         thinking, answer, closed = split_thinking(text)

@@ -1,0 +1,255 @@
+"""`EndpointEngine`: sampling over OpenAI-compatible `/v1/completions` servers (vLLM, SGLang,
+hosted providers), one or many.
+
+Each prompt is one request (`prompt` as token ids, `n`, `seed`, temperature, top-p,
+`max_tokens`, `stop`); requests run concurrently, `concurrency` at a time per base URL, taken
+from one queue so a fast server takes more of them. A request that fails on a connection error,
+a timeout, HTTP 429 or a 5xx answer is retried with exponential backoff (on the next URL when
+there are several); any other HTTP error, or an answer that is not a completions response with
+`n` choices, raises at once with the server's words. Continuations come back as token ids when
+the server returns them (vLLM: `return_token_ids`); otherwise, given a `tokenizer`, the text is
+re-tokenised (exact only where the tokenizer round-trips; said in `describe()`).
+
+Example (with a server running, see the README's "Sampling at scale"):
+    >>> from mechlens.rollouts import EndpointEngine
+    >>> engine = EndpointEngine("http://127.0.0.1:8000", model="smollm2")  # doctest: +SKIP
+    >>> engine.sample([[1, 2, 3]], ml.Sampling(max_new_tokens=8, n=4))     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from mechlens.models.generation import Sampling
+from mechlens.rollouts.engines import check_prompts, check_stop, cut_at_stop, prompt_seeds
+
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class EndpointError(RuntimeError):
+    """A completions endpoint that could not be reached, or answered something unusable."""
+
+
+class EndpointEngine:
+    """Samples through one or more OpenAI-compatible completions endpoints.
+
+    Args:
+        urls: a base URL (`http://host:port` or `.../v1`) or a list of them (one per replica, or
+            one load-balanced URL).
+        model: the served model name.
+        tokenizer: the model's tokenizer; needed only when a server returns text without token
+            ids, and to drop end-of-sequence tokens.
+        api_key: sent as a bearer token (hosted providers).
+        concurrency: requests in flight per URL.
+        retries: tries per request beyond the first, on retryable failures.
+        backoff: seconds before the first retry, doubling each time (capped at 60).
+        timeout: seconds per request.
+        extra: more request fields, sent as they are (e.g. `{"top_k": 20}`).
+        progress: a bar over prompts.
+    """
+
+    name = "endpoint"
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        model: str,
+        tokenizer: Any = None,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        retries: int = 5,
+        backoff: float = 1.0,
+        timeout: float = 600.0,
+        extra: dict[str, Any] | None = None,
+        progress: bool = False,
+    ):
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        if not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
+            raise ValueError(f"urls must be one or more http(s):// base URLs, got {urls!r}")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model must be the served model's name, got {model!r}")
+        for arg, value, least in (("concurrency", concurrency, 1), ("retries", retries, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{arg} must be an int >= {least}, got {value!r}")
+        if not backoff >= 0 or not timeout > 0:
+            raise ValueError(f"backoff must be >= 0 and timeout > 0, got {backoff!r} and {timeout!r}")
+        self.urls = [_completions_url(u) for u in urls]
+        self.model, self.tokenizer, self.api_key = model, tokenizer, api_key
+        self.concurrency, self.retries, self.backoff, self.timeout = concurrency, retries, backoff, timeout
+        self.extra, self.progress = dict(extra or {}), progress
+        self.prompts_per_call = concurrency * len(self.urls)
+
+    def describe(self) -> dict[str, Any]:
+        """Engine, served model and extra fields (not the URLs: where a model is served does not
+        change what it samples)."""
+        return {"engine": self.name, "model": self.model, "extra": self.extra}
+
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: Sampling,
+        seeds: Sequence[int] | None = None,
+        stop: Sequence[str] = (),
+    ) -> list[list[list[int]]]:
+        ids = check_prompts(prompts)
+        seeds = prompt_seeds(sampling, len(ids), seeds)
+        stop = check_stop(stop)
+        bodies = [self._body(p, sampling, s, stop) for p, s in zip(ids, seeds, strict=True)]
+        results: list[list[list[int]] | None] = [None] * len(ids)
+        errors: list[BaseException] = []
+        jobs: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(ids)):
+            jobs.put(i)
+        bar = tqdm(total=len(ids), desc="endpoint", disable=not self.progress)
+        lock = threading.Lock()
+
+        def worker(first_url: int) -> None:
+            while not errors:
+                try:
+                    i = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    answer = self._request(bodies[i], first_url)
+                    results[i] = self._continuations(answer, sampling.n, stop)
+                except BaseException as err:  # handed to the caller below
+                    with lock:
+                        errors.append(err)
+                    return
+                with lock:
+                    bar.update()
+
+        threads = [
+            threading.Thread(target=worker, args=(u,), daemon=True)
+            for u in range(len(self.urls))
+            for _ in range(self.concurrency)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        bar.close()
+        if errors:
+            raise errors[0]
+        return [r for r in results if r is not None]
+
+    def _body(self, prompt: list[int], sampling: Sampling, seed: int, stop: tuple[str, ...]) -> dict:
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "n": sampling.n,
+            "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "seed": seed,
+            "return_token_ids": True,
+            "skip_special_tokens": False,
+        }
+        if stop:
+            body["stop"] = list(stop)
+        if not sampling.stop_at_eos:
+            body["ignore_eos"] = True
+        return {**body, **self.extra}
+
+    def _request(self, body: dict, first_url: int) -> dict:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = ""
+        for attempt in range(self.retries + 1):
+            url = self.urls[(first_url + attempt) % len(self.urls)]
+            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    text = response.read().decode("utf-8", "replace")
+            except urllib.error.HTTPError as err:
+                detail = err.read().decode("utf-8", "replace")[:500]
+                if err.code not in RETRY_STATUS:
+                    raise EndpointError(f"{url} refused the request: HTTP {err.code}: {detail}") from None
+                last = f"HTTP {err.code}: {detail}"
+            except (urllib.error.URLError, OSError) as err:  # refused, reset, timed out
+                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+            else:
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    raise EndpointError(
+                        f"{url} answered something that is not JSON: {text[:200]!r}"
+                    ) from None
+            if attempt < self.retries:
+                time.sleep(min(self.backoff * 2**attempt, 60.0))
+        raise EndpointError(
+            f"no answer from {', '.join(self.urls)} after {self.retries + 1} tries (last: {last}); "
+            "is the server running and serving this model?"
+        )
+
+    def _continuations(self, answer: dict, n: int, stop: tuple[str, ...]) -> list[list[int]]:
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not isinstance(choices, list) or len(choices) != n:
+            raise EndpointError(
+                f"expected a completions response with {n} choices, got {json.dumps(answer)[:300]}"
+            )
+        out = []
+        for choice in sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0):
+            out.append(self._token_ids(choice, stop))
+        return out
+
+    def _token_ids(self, choice: Any, stop: tuple[str, ...]) -> list[int]:
+        if not isinstance(choice, dict):
+            raise EndpointError(f"a choice of the response is not an object: {choice!r}")
+        ids = choice.get("token_ids")
+        if ids is None:
+            if self.tokenizer is None or not isinstance(choice.get("text"), str):
+                raise EndpointError(
+                    "the server returned no token ids (`token_ids`); pass tokenizer= to re-tokenise "
+                    f"its text, got {json.dumps(choice)[:200]}"
+                )
+            ids = self.tokenizer.encode(choice["text"], add_special_tokens=False)
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise EndpointError(f"token_ids must be a list of ints, got {str(ids)[:200]}")
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if ids and eos is not None and ids[-1] == eos and choice.get("finish_reason") == "stop":
+            ids = ids[:-1]
+        if stop and self.tokenizer is not None:
+            ids = cut_at_stop(ids, self.tokenizer.decode, stop)
+        return ids
+
+
+def _completions_url(base: str) -> str:
+    base = base.rstrip("/")
+    if base.endswith("/completions"):
+        return base
+    return base + ("/completions" if base.endswith("/v1") else "/v1/completions")
+
+
+def engine_for(model, endpoint: str = "", served_model: str = "", batch_size: int = 16, concurrency: int = 8):
+    """The engine an experiment samples with: `LocalEngine(model)` when `endpoint` is empty, else an
+    `EndpointEngine` over its comma-separated base URLs serving `served_model` (the same weights as
+    `model`, whose tokenizer reads the answers).
+
+    >>> import mechlens as ml
+    >>> engine_for(ml.load_model("tiny-llama")).name
+    'mechlens'
+    >>> engine_for(None, "http://a:8000,http://b:8000", "r1").urls
+    ['http://a:8000/v1/completions', 'http://b:8000/v1/completions']
+    """
+    from mechlens.rollouts.engines import LocalEngine
+
+    if not endpoint:
+        return LocalEngine(model, batch_size)
+    if not served_model:
+        raise ValueError("served_model must name the model the endpoint serves when endpoint is given")
+    urls = [u.strip() for u in endpoint.split(",") if u.strip()]
+    return EndpointEngine(
+        urls, served_model, tokenizer=getattr(model, "tokenizer", None), concurrency=concurrency
+    )
