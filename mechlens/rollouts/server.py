@@ -63,6 +63,9 @@ class VLLMServer:
         port: default a free one.
         max_model_len, dtype: passed to vLLM.
         kv_cache_gib: `VLLM_CPU_KVCACHE_SPACE` (CPU build only).
+        reserved_cpus: `VLLM_CPU_NUM_OF_RESERVED_CPU` (CPU build only): cores kept from the engine for
+            vLLM's front end. vLLM reserves one by default, which on 2 cores halves the engine's
+            threads (measured: 78.6 -> 117 tokens/s with 0); None leaves vLLM's choice.
         startup_timeout: seconds to wait for the server to answer.
         chunked_prefill: vLLM's chunked prefill. Off by default: vLLM's CPU build (0.32) crashes on
             a seeded request whose prompt is prefilled in chunks (it rewinds the sampler's
@@ -80,6 +83,7 @@ class VLLMServer:
         max_model_len: int = 2048,
         dtype: str = "float32",
         kv_cache_gib: int = 2,
+        reserved_cpus: int | None = 0,
         startup_timeout: float = 900.0,
         chunked_prefill: bool = False,
         args: tuple[str, ...] = (),
@@ -106,6 +110,8 @@ class VLLMServer:
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
         }
+        if reserved_cpus is not None:
+            self.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved_cpus)
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
         self.log_path: Path | None = None
