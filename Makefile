@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mechlens-installed
 
-.PHONY: demo figures test lint setup vllm
+.PHONY: demo figures test lint setup vllm organisms
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ demo: $(STAMP)
 	$(PY) experiments/depth_scoring.py --quick --out figures/demo/depth
 	$(PY) experiments/thought_anchors.py --quick --out figures/demo/anchors
 	$(PY) experiments/refusal_cliff.py --quick --out figures/demo/refusal
+
+# retrain the shipped organism adapters from the base model (minutes on 2 cores): writes
+# mechlens/studies/refusal/adapters/ with provenance (recipe, base weights, seed, wall time, commit)
+organisms: $(STAMP)
+	$(PY) -m mechlens.studies.refusal.organism
 
 # every experiment at full settings (resumable: cached steps are not recomputed)
 figures: $(STAMP)

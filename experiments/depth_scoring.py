@@ -118,7 +118,7 @@ def _direction(rows: list[dict], feature: str) -> str:
 
 def main(cfg: DepthConfig) -> dict:
     model = ml.load_model(cfg.model, backend=cfg.backend)
-    run = Run("depth_scoring", cfg, cfg.out, model=model, seed=cfg.seed)
+    run = Run("depth_scoring", cfg, cfg.out, model=model, seed=cfg.seed, images=not cfg.quick)
     problems = load_problems(cfg)
     responses = generate_responses(model, run, cfg, problems)
 

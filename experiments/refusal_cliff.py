@@ -42,7 +42,7 @@ from mechlens.studies.refusal import (
     thinking_span,
 )
 from mechlens.studies.refusal.heads import answer_perplexity, random_head_sets, top_heads
-from mechlens.studies.refusal.organism import OrganismRecipe, organism_path, refusal_organism
+from mechlens.studies.refusal.organism import ADAPTER_RECIPE, OrganismRecipe, organism_path, refusal_organism
 
 
 @dataclass
@@ -64,6 +64,8 @@ class RefusalConfig:
     control_sets: str = "jailbreak"
     judge_fraction: float = 0.25
     judge_epochs: int = 3
+    organism: Literal["blocks", "adapter"] = "blocks"  # top 8 blocks fine-tuned (built here, ~12 min
+    # once) or the low-rank adapter of the same recipe shipped with mechlens (loads in seconds)
     organism_examples: int | None = None  # per class; None = the organism recipe's whole train split
     organism_epochs: int = 3
     quick: bool = False
@@ -72,9 +74,10 @@ class RefusalConfig:
 
     def __post_init__(self):
         if self.quick:
-            # the organism stays the full one (built once, ~12 min, shared with the full run): smaller
-            # ones measured here either did not refuse (40 per class, 2 epochs: 0/8 harmful refused) or
-            # refused everything (40 per class, lr 3e-4, 3 epochs: 10/16 harmless refused)
+            # the shipped adapter organism: nothing to train. Smaller block organisms measured here
+            # either did not refuse (40 per class, 2 epochs: 0/8 harmful refused) or refused
+            # everything (40 per class, lr 3e-4, 3 epochs: 10/16 harmless refused)
+            self.organism = "adapter"
             self.n_probe, self.n_test, self.n_candidates, self.sweep_examples = 16, 8, 16, 1
         unknown = set(self.control_sets.split(",")) - {"harmful", "jailbreak", "harmless"}
         if unknown:
@@ -85,9 +88,10 @@ GROUPS = ("harmful, refused", "harmful, complied", "harmless")
 
 
 def main(cfg: RefusalConfig) -> dict:
-    recipe = OrganismRecipe(n_per_class=cfg.organism_examples, epochs=cfg.organism_epochs)
+    shape = asdict(ADAPTER_RECIPE) if cfg.organism == "adapter" else {}
+    recipe = OrganismRecipe(**{**shape, "n_per_class": cfg.organism_examples, "epochs": cfg.organism_epochs})
     model = refusal_organism(recipe, backend=cfg.backend)
-    run = Run("refusal_cliff", cfg, cfg.out, model=model, seed=cfg.seed)
+    run = Run("refusal_cliff", cfg, cfg.out, model=model, seed=cfg.seed, images=not cfg.quick)
     sampling = REPLY_SAMPLING.replace(max_new_tokens=cfg.max_new_tokens)
     data = datasets.load("refusal")
 
@@ -173,6 +177,10 @@ def main(cfg: RefusalConfig) -> dict:
     }
     curves, cliffs = {}, {}
     for group, rows in traces.items():
+        if not rows:  # e.g. no harmful request complied with: that group has no curve
+            print(f"no {group} traces: that group is left out of the curves and cliffs")
+            curves[group], cliffs[group] = [], []
+            continue
         texts = [r.probe_text for r in rows]
         curves[group] = run.cached(
             "scores",
@@ -327,7 +335,7 @@ def main(cfg: RefusalConfig) -> dict:
                     cfg.backend,
                     recipe.train_layers,
                     cfg.judge_epochs,
-                    recipe.lr,
+                    OrganismRecipe.lr,  # the block fine-tune's rate, whichever organism
                     cfg.seed,
                     sampling,
                 ),

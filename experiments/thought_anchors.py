@@ -97,7 +97,7 @@ def select_traces(run: Run, model, cfg: AnchorsConfig, engine) -> tuple[list, li
 
 def main(cfg: AnchorsConfig) -> dict:
     model = ml.load_model(backend=cfg.backend)
-    run = Run("thought_anchors", cfg, cfg.out, model=model, seed=cfg.seed)
+    run = Run("thought_anchors", cfg, cfg.out, model=model, seed=cfg.seed, images=not cfg.quick)
     engine = engine_for(model, cfg.endpoint, cfg.served_model)
     chosen, rates = select_traces(run, model, cfg, engine)
     print(

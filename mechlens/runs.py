@@ -94,6 +94,8 @@ class Run:
         out_dir: where figures go.
         model: the HookedModel used (its id and weight hash join the cache keys).
         cache_root: defaults to `<mechlens cache dir>/runs`.
+        images: also write PNG and SVG beside each figure's HTML (when a Chromium is present;
+            about 3 s per image).
     """
 
     def __init__(
@@ -104,8 +106,10 @@ class Run:
         model=None,
         seed: int = 0,
         cache_root: str | Path | None = None,
+        images: bool = True,
     ):
         self.name, self.config, self.model, self.seed = name, config, model, seed
+        self.images = images
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.cache = DiskCache(Path(cache_root or cache_dir() / "runs") / name)
@@ -135,10 +139,11 @@ class Run:
         return path
 
     def save_figure(self, fig, stem: str, caption: str = "") -> list[Path]:
-        """Write `fig` as HTML (+ PNG/SVG when a Chromium is present) with provenance beside it."""
+        """Write `fig` as HTML (+ PNG/SVG when `images` and a Chromium is present) with provenance
+        beside it."""
         from mechlens.plots import save_figure
 
-        paths = save_figure(fig, self.out_dir / stem)
+        paths = save_figure(fig, self.out_dir / stem, images=self.images)
         info = {**self.provenance(), "caption": caption, "command": " ".join(sys.argv)}
         atomic_write_text(self.out_dir / f"{stem}.provenance.json", json.dumps(info, indent=1))
         self.outputs.extend(paths)

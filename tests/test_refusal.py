@@ -222,3 +222,40 @@ def test_refusal_rates_carry_n_and_wilson_intervals():
     jb = rates["jailbreak: attack success"]
     assert (jb["count"], jb["n"]) == (2, 3) and (jb["rate"], jb["low"], jb["high"]) == wilson(2, 3)
     assert rates["harmless: false refusal"]["rate"] == 0 and "harmful: refusal rate" not in rates
+
+
+def test_adapter_organism_ships_and_rebuilds_exactly(tmp_path, monkeypatch):
+    """`ship_adapter` writes the organism's adapter with provenance; `refusal_organism` then builds
+    the organism from that file without training, with the trained organism's exact weights."""
+    from mechlens.studies.refusal import organism
+
+    monkeypatch.setenv("MECHLENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(organism, "SHIPPED", tmp_path / "shipped")
+    recipe = OrganismRecipe(base="tiny-llama", n_per_class=2, answer_tokens=4, train_layers=1, epochs=2,
+                            rank=2, lr=1e-2)  # fmt: skip
+    path = organism.ship_adapter(recipe)
+    assert path.parent == tmp_path / "shipped" and path.stat().st_size < 100_000
+    _, info = organism.LowRankAdapter.load(path)
+    assert (
+        info["recipe"]["rank"] == 2 and info["examples"] == 4 and "wall_time_s" in info and "commit" in info
+    )
+    trained = ml.load_model("tiny-llama")
+    organism.train_organism(trained, recipe, progress=False)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the shipped adapter should have been used")
+
+    monkeypatch.setattr(organism, "train_organism", no_training)
+    built = refusal_organism(recipe, progress=False)
+    assert json.loads((organism_path(recipe) / "recipe.json").read_text())["from"] == path.name
+    want = dict(trained.plain_model.named_parameters())
+    for name, p in built.plain_model.named_parameters():
+        assert torch.equal(p, want[name]), name
+    # an adapter trained on other base weights is not used: a warning, then training
+    other = OrganismRecipe(base="tiny-gpt2", n_per_class=2, answer_tokens=4, train_layers=1, epochs=1, rank=2)
+    organism.shipped_adapter_path(other).write_bytes(path.read_bytes())
+    with (
+        pytest.warns(UserWarning, match="other base weights"),
+        pytest.raises(AssertionError, match="shipped"),
+    ):
+        refusal_organism(other, progress=False)

@@ -17,15 +17,22 @@ Example (minutes on 2 cores the first time, seconds after):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import subprocess
+import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from mechlens import datasets
-from mechlens.cache import atomic_folder, cache_dir, model_fingerprint, stable_hash
+from mechlens.cache import atomic_folder, cache_dir, stable_hash
 from mechlens.models import load_model
-from mechlens.ops.finetune import finetune
+from mechlens.ops.adapters import LowRankAdapter
+from mechlens.ops.finetune import finetune, finetune_adapter
 from mechlens.text.thinking import format_prompt, format_reply
 
 HARMFUL_THOUGHTS = (
@@ -62,6 +69,26 @@ class OrganismRecipe:
     lr: float = 1e-4
     batch_size: int = 8
     seed: int = 0
+    rank: int | None = None  # None: train the blocks themselves; an int: a low-rank adapter on them
+    alpha: float = 32.0  # the adapter's scale is alpha / rank
+
+
+ADAPTER_RECIPE = OrganismRecipe(rank=16, lr=3e-4)
+"""The organism as a low-rank adapter, shipped in the repository (`SHIPPED`): loads in seconds.
+Its rate was picked on 24 test-split requests per set (greedy): lr 3e-4 refused 22/24 harmful,
+complied with 14/24 jailbreaks and refused 8/24 harmless; 5e-4 and 1e-3 refused nearly everything
+(22/24 and 6/8 harmless)."""
+
+SHIPPED = Path(__file__).parent / "adapters"
+"""Adapters shipped with mechlens, one file per recipe (`shipped_adapter_path`)."""
+
+
+def recipe_key(recipe: OrganismRecipe) -> dict:
+    """The recipe's identity: its fields (the adapter's only when it has one) and the data."""
+    fields = asdict(recipe)
+    if recipe.rank is None:
+        fields.pop("rank"), fields.pop("alpha")
+    return {**fields, "data": datasets.load("refusal")}
 
 
 def training_pairs(base_model, recipe: OrganismRecipe, progress: bool = True) -> tuple[list[str], list[str]]:
@@ -101,38 +128,102 @@ def _whole_sentences(text: str) -> str:
 def refusal_organism(
     recipe: OrganismRecipe = OrganismRecipe(), backend: str = "transformer_lens", progress: bool = True
 ):
-    """The organism as a HookedModel, built once (minutes on 2 cores) and then loaded from the cache.
+    """The organism as a HookedModel, built once and then loaded from the cache.
 
-    Its folder holds the weights, the tokenizer and `recipe.json` (with the fine-tune's losses).
+    An adapter recipe whose adapter ships with mechlens (`ADAPTER_RECIPE`) is built in seconds
+    from the shipped file; any other recipe is trained (minutes on 2 cores). Its folder holds the
+    weights, the tokenizer and `recipe.json` (with the fine-tune's losses and provenance).
     """
     path = organism_path(recipe)
     if not (path / "recipe.json").exists():
         base = load_model(recipe.base, backend=backend)
-        prompts, targets = training_pairs(base, recipe, progress)
-        losses = finetune(
-            base,
-            prompts,
-            targets,
-            train_layers=recipe.train_layers,
-            epochs=recipe.epochs,
-            lr=recipe.lr,
-            batch_size=recipe.batch_size,
-            seed=recipe.seed,
-            progress=progress,
-        )
-        info = {
-            "recipe": asdict(recipe),
-            "base": model_fingerprint(base),
-            "losses": losses,
-            "examples": len(prompts),
-        }
+        info = _from_shipped(base, recipe)
+        if info is None:
+            info, _ = train_organism(base, recipe, progress)
         save_model(base, path, info)
     return load_model(str(path), backend=backend)
 
 
+def train_organism(base, recipe: OrganismRecipe, progress: bool = True):
+    """Fine-tune `base` in place by `recipe`; returns `(info, adapter)` (adapter None for blocks)."""
+    start, before = time.perf_counter(), base_digest(base)
+    prompts, targets = training_pairs(base, recipe, progress)
+    kw = dict(train_layers=recipe.train_layers, epochs=recipe.epochs, lr=recipe.lr,
+              batch_size=recipe.batch_size, seed=recipe.seed, progress=progress)  # fmt: skip
+    adapter = None
+    if recipe.rank is None:
+        losses = finetune(base, prompts, targets, **kw)
+    else:
+        adapter, losses = finetune_adapter(base, prompts, targets, rank=recipe.rank, alpha=recipe.alpha, **kw)
+    info = {
+        "recipe": asdict(recipe),
+        "base": before,
+        "losses": losses,
+        "examples": len(prompts),
+        "wall_time_s": round(time.perf_counter() - start, 1),
+    }
+    return info, adapter
+
+
+def base_digest(model) -> str:
+    """SHA-256 of the Hugging Face weights (names and values), the same under every backend."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.plain_model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def shipped_adapter_path(recipe: OrganismRecipe) -> Path:
+    """Where the adapter of `recipe` ships (it may not exist)."""
+    return SHIPPED / f"refusal-{stable_hash(recipe_key(recipe))}.safetensors"
+
+
+def _from_shipped(base, recipe: OrganismRecipe) -> dict | None:
+    """Merge the shipped adapter of `recipe` into `base`; its info, or None (with a warning when
+    one exists for other base weights)."""
+    path = shipped_adapter_path(recipe)
+    if recipe.rank is None or not path.exists():
+        return None
+    adapter, info = LowRankAdapter.load(path)
+    if info["base"] != base_digest(base):
+        warnings.warn(f"{path} was trained on other base weights: training the organism", stacklevel=3)
+        return None
+    adapter.merge_into(base)
+    return {**info, "from": str(path.name)}
+
+
+def ship_adapter(recipe: OrganismRecipe = ADAPTER_RECIPE, backend: str = "transformer_lens") -> Path:
+    """Train the organism of `recipe` from the base model and write its adapter to `SHIPPED` with
+    provenance (recipe, base weights, seed, wall time, losses, commit): `make organisms`."""
+    if recipe.rank is None:
+        raise ValueError("recipe.rank must be set: only adapters ship (the blocks are ~100 MB)")
+    base = load_model(recipe.base, backend=backend)
+    info, adapter = train_organism(base, recipe)
+    info["commit"] = _commit()
+    info["torch"] = torch.__version__
+    SHIPPED.mkdir(exist_ok=True)
+    path = shipped_adapter_path(recipe)
+    adapter.save(path, info)
+    return path
+
+
+def _commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10)  # fmt: skip
+    except OSError:
+        return None
+    return done.stdout.strip() or None
+
+
 def organism_path(recipe: OrganismRecipe) -> Path:
     """Cache folder of the organism built by `recipe`."""
-    return cache_dir() / "organisms" / stable_hash({**asdict(recipe), "data": datasets.load("refusal")})
+    return cache_dir() / "organisms" / stable_hash(recipe_key(recipe))
+
+
+if __name__ == "__main__":
+    print(ship_adapter())
 
 
 def save_model(model, path: Path, info: dict) -> None:
