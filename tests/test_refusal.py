@@ -22,6 +22,7 @@ from mechlens.studies.refusal import (
     is_refusal,
     normalized_curve,
     refusal_scores,
+    rollouts,
     split_thinking,
     thinking_span,
 )
@@ -259,3 +260,31 @@ def test_adapter_organism_ships_and_rebuilds_exactly(tmp_path, monkeypatch):
         pytest.raises(AssertionError, match="shipped"),
     ):
         refusal_organism(other, progress=False)
+
+
+@pytest.mark.slow
+def test_retrained_adapter_behaves_like_the_shipped_one(tmp_path, monkeypatch):
+    """`make organisms` from scratch gives the shipped organism back: same base weights, the same
+    training losses to float rounding, and the same refusal decisions on held-out requests."""
+    from mechlens.studies.refusal import organism
+
+    shipped = organism.shipped_adapter_path(organism.ADAPTER_RECIPE)
+    assert shipped.exists() and shipped.stat().st_size < 20 * 2**20
+    monkeypatch.setattr(organism, "SHIPPED", tmp_path)
+    retrained = organism.ship_adapter(organism.ADAPTER_RECIPE)
+    (old, old_info), (new, new_info) = (
+        organism.LowRankAdapter.load(shipped),
+        organism.LowRankAdapter.load(retrained),
+    )
+    assert new_info["base"] == old_info["base"] and new_info["recipe"] == old_info["recipe"]
+    np.testing.assert_allclose(new_info["losses"], old_info["losses"], rtol=1e-3)
+    test = [i for i in datasets.load("refusal") if i.split == "test"]
+    requests = [i.text for i in test if i.harmful][:8] + [i.text for i in test if not i.harmful][:8]
+    decisions = []
+    for adapter in (old, new):
+        model = ml.load_model()
+        adapter.merge_into(model)
+        replies = rollouts(model, requests, ml.Sampling(max_new_tokens=48, temperature=0), progress=False)
+        decisions.append([r.refused for r in replies])
+    assert sum(a == b for a, b in zip(*decisions, strict=True)) >= 15
+    assert sum(decisions[0][:8]) >= 6 and sum(decisions[0][8:]) <= 4  # refuses harmful, answers harmless
