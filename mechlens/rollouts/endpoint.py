@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
@@ -140,7 +140,7 @@ class EndpointEngine:
         bar.close()
         if errors:
             raise errors[0]
-        return [r for r in results if r is not None]
+        return cast(list[list[list[int]]], results)  # every prompt answered, or raised above
 
     def _body(self, prompt: list[int], sampling: Sampling, seed: int, stop: tuple[str, ...]) -> dict:
         body = {

@@ -16,8 +16,9 @@ class Engine(Protocol):
 
     `sample(prompts, sampling, seeds, stop)` returns one list per prompt holding `sampling.n`
     continuations, each a list of new token ids (without the end-of-sequence token), in a
-    deterministic order. `seeds` gives each prompt its own seed (default: `prompt_seeds`), so a
-    prompt's samples do not depend on which other prompts share the call; a continuation ends
+    deterministic order. `seeds` gives each prompt its own seed, so a prompt's samples do not
+    depend on which other prompts share the call (without it, each engine seeds its own way:
+    `prompt_seeds` over the prompts' order, or `generate`'s per-row seeds); a continuation ends
     with the token that completes any string of `stop` (that token kept). `describe()` is a
     JSON-able dict naming the engine and its settings; `prompts_per_call` is how many prompts it
     works on at once (callers that cache per prompt send that many per call).
@@ -107,8 +108,9 @@ def cut_at_stop(ids: list[int], decode: Callable[[list[int]], str], stop: tuple[
 class LocalEngine:
     """`HookedModel.generate` as an engine: the plain model when no context is active, the hooked
     forward otherwise (so interventions apply). Prompts of different lengths are left-padded into
-    batches of `batch_size` rows; with `seeds`, each prompt is its own `generate` call (row r of
-    prompt i seeded from `(seeds[i], r)`). Stop strings cut each row after generation. `path`
+    batches of `batch_size` rows: without `seeds`, one `generate` whose row r is seeded from
+    `(sampling.seed, r)`; with `seeds`, each prompt is its own `generate` call (row r of prompt i
+    seeded from `(seeds[i], r)`). Stop strings cut each row after generation. `path`
     is `generate`'s (`"auto"`, `"plain"` or `"hooked"`: the same samples, at different speeds).
     """
 

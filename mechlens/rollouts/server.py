@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -172,6 +171,6 @@ class VLLMServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def __del__(self) -> None:
-        if self.process is not None and sys is not None:
+    def __del__(self) -> None:  # a server forgotten by its owner does not outlive it
+        if self.process is not None:
             self.stop()

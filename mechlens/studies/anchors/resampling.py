@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -316,7 +317,7 @@ def sample_from_prefixes(
                 if store:
                     store.put(step, keys[p], out[p])
             bar.update(len(part))
-    return [texts for texts in out if texts is not None]
+    return cast(list[list[str]], out)  # every position filled above
 
 
 def resample(
