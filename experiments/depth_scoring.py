@@ -72,10 +72,9 @@ def load_problems(cfg: DepthConfig) -> list[datasets.Problem]:
     return arithmetic + factual[: cfg.n_factual]
 
 
-def generate_responses(model, run: Run, cfg: DepthConfig, problems) -> list[str]:
+def generate_responses(model, run: Run, cfg: DepthConfig, problems, engine) -> list[str]:
     """Greedy step-by-step answers, cached per batch of problems."""
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=0)
-    engine = engine_for(model, cfg.endpoint, cfg.served_model, cfg.batch_size)
     responses = []
     batches = range(0, len(problems), cfg.batch_size)
     for i in tqdm(batches, desc="generate traces"):
@@ -120,7 +119,8 @@ def main(cfg: DepthConfig) -> dict:
     model = ml.load_model(cfg.model, backend=cfg.backend)
     run = Run("depth_scoring", cfg, cfg.out, model=model, seed=cfg.seed, images=not cfg.quick)
     problems = load_problems(cfg)
-    responses = generate_responses(model, run, cfg, problems)
+    engine = engine_for(model, cfg.endpoint, cfg.served_model, cfg.batch_size)
+    responses = generate_responses(model, run, cfg, problems, engine)
 
     records = []
     for problem, response in tqdm(list(zip(problems, responses, strict=True)), desc="analyse traces"):
@@ -260,6 +260,7 @@ def main(cfg: DepthConfig) -> dict:
     )
 
     results = {
+        "sampling_engine": engine.describe(),
         "traces": len(records),
         "analysed": len(kept),
         "subset_shown": cfg.subset,

@@ -194,6 +194,7 @@ def main(cfg: AnchorsConfig) -> dict:
     run.save_figure(fig, "method_correlations", caption="Per-sentence agreement of the three methods.")
 
     results = {
+        "sampling_engine": engine.describe(),
         "selection": {"candidates": rates, "traces": [t.problem.id for t in per_trace]},
         "receiver_heads": heads,
         "spearman_pooled": {k: v[0] for k, v in rho.items()},
