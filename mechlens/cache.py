@@ -217,6 +217,15 @@ def _weights_state(model) -> tuple:
     return tuple((n, p.data_ptr(), p._version, p.dtype) for n, p in model.hf_model.state_dict().items())
 
 
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (16 hex digits) of a state dict's names and raw values, in name order."""
+    digest = hashlib.sha256()
+    for name, p in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def model_fingerprint(model) -> dict:
     """Model id, backend, dtype and a hash of its weights as they are now.
 
@@ -226,15 +235,11 @@ def model_fingerprint(model) -> dict:
     state = _weights_state(model)
     memo = model.__dict__.get("_mechlens_fingerprint")
     if memo is None or memo[0] != state:
-        digest = hashlib.sha256()
-        for name, p in sorted(model.hf_model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         info = {
             "model": model.name,
             "backend": model.backend,
             "dtype": str(model.dtype),
-            "weights_sha256": digest.hexdigest()[:16],
+            "weights_sha256": weights_digest(model.hf_model.state_dict()),
         }
         memo = (state, info)
         model.__dict__["_mechlens_fingerprint"] = memo

@@ -30,7 +30,7 @@ from typing import Any, cast
 from tqdm.auto import tqdm
 
 from mechlens.models.generation import Sampling
-from mechlens.rollouts.engines import check_prompts, check_stop, cut_at_stop, prompt_seeds
+from mechlens.rollouts.engines import LocalEngine, check_request, cut_at_stop
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -100,9 +100,7 @@ class EndpointEngine:
         seeds: Sequence[int] | None = None,
         stop: Sequence[str] = (),
     ) -> list[list[list[int]]]:
-        ids = check_prompts(prompts)
-        seeds = prompt_seeds(sampling, len(ids), seeds)
-        stop = check_stop(stop)
+        ids, seeds, stop = check_request(prompts, sampling, seeds, stop)
         bodies = [self._body(p, sampling, s, stop) for p, s in zip(ids, seeds, strict=True)]
         results: list[list[list[int]] | None] = [None] * len(ids)
         errors: list[BaseException] = []
@@ -243,8 +241,6 @@ def engine_for(model, endpoint: str = "", served_model: str = "", batch_size: in
     >>> engine_for(None, "http://a:8000,http://b:8000", "r1").urls
     ['http://a:8000/v1/completions', 'http://b:8000/v1/completions']
     """
-    from mechlens.rollouts.engines import LocalEngine
-
     if not endpoint:
         return LocalEngine(model, batch_size)
     if not served_model:

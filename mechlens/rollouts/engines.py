@@ -91,6 +91,15 @@ def check_stop(stop: Sequence[str]) -> tuple[str, ...]:
     return stop
 
 
+def check_request(
+    prompts: Sequence[Sequence[int]], sampling: Sampling, seeds: Sequence[int] | None, stop: Sequence[str]
+) -> tuple[list[list[int]], list[int], tuple[str, ...]]:
+    """A `sample` call's arguments checked: prompt ids, one seed per prompt (`prompt_seeds`), stop
+    strings."""
+    ids = check_prompts(prompts)
+    return ids, prompt_seeds(sampling, len(ids), seeds), check_stop(stop)
+
+
 def cut_at_stop(ids: list[int], decode: Callable[[list[int]], str], stop: tuple[str, ...]) -> list[int]:
     """`ids` up to and including the token that completes the first stop string of its text."""
     if not stop or not any(s in decode(ids) for s in stop):

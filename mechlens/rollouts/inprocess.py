@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mechlens.models.generation import Sampling
-from mechlens.rollouts.engines import check_prompts, check_stop, prompt_seeds
+from mechlens.rollouts.engines import check_request
 
 
 class VLLMEngine:
@@ -65,9 +65,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        ids = check_prompts(prompts)
-        seeds = prompt_seeds(sampling, len(ids), seeds)
-        stop = check_stop(stop)
+        ids, seeds, stop = check_request(prompts, sampling, seeds, stop)
         params = [
             SamplingParams(
                 n=sampling.n,

@@ -17,7 +17,6 @@ Example (minutes on 2 cores the first time, seconds after):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from mechlens import datasets
-from mechlens.cache import atomic_folder, cache_dir, stable_hash
+from mechlens.cache import atomic_folder, cache_dir, stable_hash, weights_digest
 from mechlens.models import load_model
 from mechlens.ops.adapters import LowRankAdapter
 from mechlens.ops.finetune import finetune, finetune_adapter
@@ -167,11 +166,7 @@ def train_organism(base, recipe: OrganismRecipe, progress: bool = True):
 
 def base_digest(model) -> str:
     """SHA-256 of the Hugging Face weights (names and values), the same under every backend."""
-    digest = hashlib.sha256()
-    for name, p in sorted(model.plain_model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return weights_digest(model.plain_model.state_dict())
 
 
 def shipped_adapter_path(recipe: OrganismRecipe) -> Path:
