@@ -29,7 +29,7 @@ demo: $(STAMP)
 # retrain the shipped organism adapters from the base model (minutes on 2 cores): writes
 # mechlens/studies/refusal/adapters/ with provenance (recipe, base weights, seed, wall time, commit)
 organisms: $(STAMP)
-	$(PY) -m mechlens.studies.refusal.organism
+	$(PY) -m mechlens.organism
 
 # every experiment at full settings (resumable: cached steps are not recomputed)
 figures: $(STAMP)

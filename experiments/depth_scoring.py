@@ -1,10 +1,13 @@
 """Depth scoring with the logit lens: Reasoning Score, hallucination features, RHD detector.
 
 Reproduces the analysis of "Detection and Mitigation of Hallucination in Large Reasoning Models:
-A Mechanistic Perspective" on the model's own step-by-step answers to arithmetic word problems
-and factual questions, labelled correct / hallucinated by checking the answer.
+A Mechanistic Perspective" on the model's own reasoning about word problems and factual
+questions, labelled correct / hallucinated by checking the answer. The default model is the
+reasoning organism (`mechlens.organism`) on problems it never trained on; `--model base` keeps the
+plain embedded model (arithmetic dataset, one step per line), `--model PATH --device cuda
+--dtype bfloat16` runs a local reasoning model.
 
-    python experiments/depth_scoring.py [--quick] [--model PATH] [--backend nnsight]
+    python experiments/depth_scoring.py [--quick] [--model organism|base|PATH] [--backend nnsight]
 
 Writes figures/depth/: lens_heatmap, score_by_step, fluctuation_hist, roc, conditional_entropy
 (HTML, plus PNG/SVG with a Chromium) with provenance, and results.json (AUROCs and counts).
@@ -26,6 +29,7 @@ from mechlens import Sampling, datasets
 from mechlens.datasets import STEP_BY_STEP
 from mechlens.ops.signals import p_true
 from mechlens.ops.stats import mean_ci, roc_curve
+from mechlens.organism import held_out_factual, held_out_problems, load_subject
 from mechlens.plots import histograms_by_group, lens_heatmap, mean_ci_lines, roc_curves
 from mechlens.rollouts import engine_for
 from mechlens.rollouts.engines import sample_texts
@@ -39,13 +43,16 @@ LABELS = {0: "correct", 1: "hallucinated"}
 
 @dataclass
 class DepthConfig:
-    model: str = "smollm2-135m-instruct"
+    model: str = "organism"  # the reasoning organism; "base": the plain embedded model; or a path
     backend: Literal["transformer_lens", "nnsight"] = "transformer_lens"
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     n_arithmetic: int = 60
-    n_factual: int = 100
-    max_new_tokens: int = 160
+    n_factual: int = 100  # the organism: its 50 held-out factual questions at most
+    max_new_tokens: int = 256
     batch_size: int = 16
-    unit: Literal["sentence", "paragraph", "line"] = "line"  # SmolLM2 writes one step per line
+    unit: Literal["auto", "sentence", "paragraph", "line"] = "auto"  # auto: lines for the base model
+    # (SmolLM2 writes one step per line), sentences otherwise
     divergence: Literal["jsd", "kl"] = "jsd"
     min_steps: int = 3
     max_steps_plotted: int = 10
@@ -58,14 +65,21 @@ class DepthConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.unit == "auto":
+            self.unit = "line" if self.model == "base" else "sentence"
         if self.quick:
-            self.n_arithmetic, self.n_factual, self.max_new_tokens = 4, 12, 112
+            self.n_arithmetic, self.n_factual, self.max_new_tokens = 6, 10, 200
             self.subset = "all"
         if self.subset not in SUBSET_TITLES:
             raise ValueError(f"subset must be one of {list(SUBSET_TITLES)}, got {self.subset!r}")
 
 
 def load_problems(cfg: DepthConfig) -> list[datasets.Problem]:
+    """Word problems and factual questions; for the organism, only ones it was not trained on."""
+    if cfg.model == "organism":
+        factual = held_out_factual()
+        random.Random(cfg.seed).shuffle(factual)
+        return held_out_problems(cfg.n_arithmetic, seed=cfg.seed) + factual[: cfg.n_factual]
     arithmetic = datasets.load("arithmetic", n=cfg.n_arithmetic, seed=cfg.seed)
     factual = datasets.load("factual")
     random.Random(cfg.seed).shuffle(factual)
@@ -116,7 +130,7 @@ def _direction(rows: list[dict], feature: str) -> str:
 
 
 def main(cfg: DepthConfig) -> dict:
-    model = ml.load_model(cfg.model, backend=cfg.backend)
+    model = load_subject(cfg.model, cfg.backend, cfg.device, cfg.dtype)
     run = Run("depth_scoring", cfg, cfg.out, model=model, seed=cfg.seed, images=not cfg.quick)
     problems = load_problems(cfg)
     engine = engine_for(model, cfg.endpoint, cfg.served_model, cfg.batch_size)

@@ -1,15 +1,19 @@
-"""Refusal cliffs on a refusal model organism: a refusal probe, its score at every position of the
-reasoning trace, cliff sizes, refusal-suppression heads and Cliff-as-a-Judge data selection.
+"""Refusal cliffs: a refusal probe, its score at every position of the reasoning trace, cliff
+sizes, refusal-suppression heads and Cliff-as-a-Judge data selection.
 
-Reproduces the analyses of "Refusal Falls off a Cliff" on the embedded model fine-tuned to think
-briefly and then refuse harmful requests (`mechlens.studies.refusal.organism`); jailbreak-style
-wrappers make it comply sometimes, which gives complied and refused harmful traces to compare.
+Reproduces the analyses of "Refusal Falls off a Cliff". The default model is the reasoning organism
+(`mechlens.organism`): harmful requests make it recognise the harm for several sentences, and in a
+planted share of traces a rationalising sentence right before `</think>` leads to compliance
+(more often inside jailbreak wrappers); the run measures whether the probe's drop sits at that
+sentence. `--organism blocks|adapter` uses the older refusal organism (brief templated thinking);
+`--model PATH --device cuda --dtype bfloat16` a local reasoning model.
 
-    python experiments/refusal_cliff.py [--quick] [--backend nnsight]
+    python experiments/refusal_cliff.py [--quick] [--organism reasoning|blocks|adapter] [--model PATH]
 
 Writes figures/refusal/: probe_auroc_by_layer, score_by_position, example_scores, cliff_hist,
-head_effects, ablation_rates, cliff_as_a_judge (HTML, plus PNG/SVG with a Chromium) with
-provenance, and results.json. Every expensive step is cached on disk, so a run resumes.
+cliff_at_planted (reasoning organism), head_effects, ablation_rates, cliff_as_a_judge (HTML, plus
+PNG/SVG with a Chromium) with provenance, and results.json. Every expensive step is cached on
+disk, so a run resumes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,18 @@ from tqdm.auto import tqdm
 from mechlens import datasets
 from mechlens.ops.heads import direct_head_scores, head_ablation_effects
 from mechlens.ops.probes import LinearProbe, probe_sweep
-from mechlens.ops.stats import auroc, spearman
+from mechlens.ops.stats import auroc, mean_ci, spearman
+from mechlens.organism import (
+    ADAPTER_RECIPE,
+    REASONING,
+    REASONING_RECIPE,
+    REFUSAL,
+    OrganismRecipe,
+    load_subject,
+    refusal_organism,
+)
+from mechlens.organism.recovery import cliff_recovery
+from mechlens.organism.traces import label_roles
 from mechlens.plots import control_strip, grouped_bars, head_heatmap, histograms_by_group, mean_ci_lines
 from mechlens.runs import Run, parse_config
 from mechlens.studies.refusal import (
@@ -39,10 +54,10 @@ from mechlens.studies.refusal import (
     refusal_rates,
     refusal_scores,
     rollouts_by_set,
+    sentence_scores,
     thinking_span,
 )
 from mechlens.studies.refusal.heads import answer_perplexity, random_head_sets, top_heads
-from mechlens.studies.refusal.organism import ADAPTER_RECIPE, OrganismRecipe, organism_path, refusal_organism
 
 
 @dataclass
@@ -51,7 +66,7 @@ class RefusalConfig:
     n_probe: int = 60  # train-split instructions per class whose rollouts label the probe
     n_test: int = 40  # test-split instructions per class (and as many jailbreak-wrapped harmful ones)
     n_candidates: int = 120  # jailbreak-wrapped train-split harmful prompts: the Cliff-as-a-Judge pool
-    max_new_tokens: int = 48
+    max_new_tokens: int = 96  # the reasoning organism thinks for ~70 tokens before answering
     batch_size: int = 16
     k_end: int = 5  # tokens at the end of the thinking that the cliff and the head metric read
     sweep_examples: int = 6  # complied traces in the head scores
@@ -64,8 +79,12 @@ class RefusalConfig:
     control_sets: str = "jailbreak"
     judge_fraction: float = 0.25
     judge_epochs: int = 3
-    organism: Literal["blocks", "adapter"] = "blocks"  # top 8 blocks fine-tuned (built here, ~12 min
-    # once) or the low-rank adapter of the same recipe shipped with mechlens (loads in seconds)
+    organism: Literal["reasoning", "blocks", "adapter"] = "reasoning"  # the reasoning organism (shipped
+    # adapter); or the refusal organism: top 8 blocks fine-tuned (built here, ~12 min once) or the
+    # low-rank adapter of the same recipe shipped with mechlens (loads in seconds)
+    model: str = ""  # a model path (or "base") instead of an organism
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     organism_examples: int | None = None  # per class; None = the organism recipe's whole train split
     organism_epochs: int = 3
     quick: bool = False
@@ -77,7 +96,7 @@ class RefusalConfig:
             # the shipped adapter organism: nothing to train. Smaller block organisms measured here
             # either did not refuse (40 per class, 2 epochs: 0/8 harmful refused) or refused
             # everything (40 per class, lr 3e-4, 3 epochs: 10/16 harmless refused)
-            self.organism = "adapter"
+            self.organism = "adapter" if self.organism == "blocks" else self.organism
             self.n_probe, self.n_test, self.n_candidates, self.sweep_examples = 16, 8, 16, 1
         unknown = set(self.control_sets.split(",")) - {"harmful", "jailbreak", "harmless"}
         if unknown:
@@ -87,10 +106,22 @@ class RefusalConfig:
 GROUPS = ("harmful, refused", "harmful, complied", "harmless")
 
 
-def main(cfg: RefusalConfig) -> dict:
+def load_organism(cfg: RefusalConfig):
+    """`(model, folder, recipe)`: the model studied, the folder Cliff-as-a-Judge fine-tunes from,
+    and its recipe (None for a model given by path)."""
+    if cfg.model:
+        model = load_subject(cfg.model, cfg.backend, cfg.device, cfg.dtype)
+        return model, cfg.model if cfg.model != "base" else None, None
+    if cfg.organism == "reasoning":
+        model = load_subject("organism", cfg.backend, cfg.device, cfg.dtype)
+        return model, REASONING.path(REASONING_RECIPE), REASONING_RECIPE
     shape = asdict(ADAPTER_RECIPE) if cfg.organism == "adapter" else {}
     recipe = OrganismRecipe(**{**shape, "n_per_class": cfg.organism_examples, "epochs": cfg.organism_epochs})
-    model = refusal_organism(recipe, backend=cfg.backend)
+    return refusal_organism(recipe, backend=cfg.backend), REFUSAL.path(recipe), recipe
+
+
+def main(cfg: RefusalConfig) -> dict:
+    model, model_path, recipe = load_organism(cfg)
     run = Run("refusal_cliff", cfg, cfg.out, model=model, seed=cfg.seed, images=not cfg.quick)
     sampling = REPLY_SAMPLING.replace(max_new_tokens=cfg.max_new_tokens)
     data = datasets.load("refusal")
@@ -207,6 +238,11 @@ def main(cfg: RefusalConfig) -> dict:
     )
     run.save_figure(fig, "cliff_hist", caption="Distribution of cliff sizes by outcome.")
     example_scores(run, model, traces, curves)
+    planted = (
+        planted_cliff(run, model, traces, curves, cliffs)
+        if cfg.organism == "reasoning" and not cfg.model
+        else None
+    )
 
     # ---- refusal-suppression heads: the authors rank heads by their direct write against the
     # refusal direction at the last thinking token; the exact ablation effect and attribution
@@ -317,6 +353,8 @@ def main(cfg: RefusalConfig) -> dict:
 
     # ---- Cliff-as-a-Judge: safety data from the organism's complied jailbreak replies
     candidates = [r for r in rolls["candidates"] if not r.refused]
+    if model_path is None:  # the embedded model by name: nothing on disk to fine-tune from
+        candidates = []
     replay = [r for r in rolls["probe harmless"] if not r.refused]  # keeps the answers to harmless requests
     judge = {}
     if len(candidates) >= 2:
@@ -328,12 +366,12 @@ def main(cfg: RefusalConfig) -> dict:
             judge[name] = run.cached(
                 "judge",
                 lambda chosen=chosen: cliff_as_judge.safety_finetune(
-                    organism_path(recipe),
+                    model_path,
                     chosen,
                     replay,
                     judge_sets,
                     cfg.backend,
-                    recipe.train_layers,
+                    recipe.train_layers if recipe else 8,
                     cfg.judge_epochs,
                     OrganismRecipe.lr,  # the block fine-tune's rate, whichever organism
                     cfg.seed,
@@ -373,7 +411,8 @@ def main(cfg: RefusalConfig) -> dict:
         for group, c in cliffs.items()
     }
     results = {
-        "organism": {**organism, "recipe": asdict(recipe), "path": str(organism_path(recipe))},
+        "organism": {**organism, "recipe": asdict(recipe) if recipe else None, "path": str(model_path)},
+        "planted_cliff": planted,
         "probe": {
             "train_per_class": n,
             "auroc_by_layer": sweep.auroc.tolist(),
@@ -402,6 +441,47 @@ def main(cfg: RefusalConfig) -> dict:
     print("ablation: top", json.dumps(top_rates), "percentile among random draws:", percentile)
     print("perplexity:", ppl["organism"], ppl["top heads"], "random:", float(np.mean(ppl["random heads"])))
     return results
+
+
+def planted_cliff(run: Run, model, traces: dict, curves: dict, cliffs: dict) -> dict | None:
+    """Where the probe's score falls in complied traces against the planted rationalising sentence
+    (read back from each trace's text), refused traces beside them; the cliff's AUROC between the
+    two; and a figure of sentence scores aligned at the planted sentence (refused: at the decision)."""
+    rows = {}
+    for group, role in (("harmful, complied", "rationalise"), ("harmful, refused", "decide")):
+        rows[group] = []
+        for r, c in zip(traces[group], curves[group], strict=True):
+            sentences, scores = sentence_scores(model.tokenizer, r, c)
+            roles = label_roles(sentences)
+            if role in roles and len(scores) >= 2:
+                rows[group].append((scores, roles.index(role)))
+    complied, refused = rows["harmful, complied"], rows["harmful, refused"]
+    if not complied:
+        print("no complied trace has the planted rationalising sentence: no cliff recovery")
+        return None
+    out = cliff_recovery([s for s, _ in complied], [k for _, k in complied], [s for s, _ in refused])
+    a, b = cliffs["harmful, complied"], cliffs["harmful, refused"]
+    out["cliff_auroc_complied_vs_refused"] = (
+        auroc([c.cliff for c in a + b], [1] * len(a) + [0] * len(b)) if a and b else None
+    )
+    print("planted cliff:", {k: v for k, v in out.items() if k != "distances"})
+    groups = {}
+    for group, pairs in rows.items():
+        if pairs:
+            back = [s[: k + 1][::-1] for s, k in pairs]  # aligned at the planted sentence
+            m, lo, hi, _ = mean_ci(back, 6)
+            groups[f"{group} (n={len(pairs)})"] = (m[::-1], lo[::-1], hi[::-1])
+    fig = mean_ci_lines(
+        list(range(-5, 1)),
+        groups,
+        "sentence relative to the planted one (0: rationalising sentence, or the refusal decision)",
+        "mean refusal score over the sentence",
+        title="Refusal score per sentence, aligned at the planted rationalising sentence",
+    )
+    run.save_figure(
+        fig, "cliff_at_planted", caption="Sentence refusal scores aligned at the planted sentence."
+    )
+    return out
 
 
 def example_scores(run: Run, model, traces: dict, curves: dict) -> None:

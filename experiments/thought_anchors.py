@@ -1,16 +1,19 @@
-"""Thought anchors on the embedded model: which sentences of its step-by-step solutions matter,
-by resampling, by receiver-head attention and by attention suppression.
+"""Thought anchors: which sentences of a model's reasoning matter, by resampling, by receiver-head
+attention and by attention suppression.
 
-Reproduces the analyses of "Thought Anchors: Which LLM Reasoning Steps Matter?" on arithmetic
-word problems that the model solves 25-75% of the time (the paper's selection rule, measured by
-sampling). The default model is not a reasoning model: its step-by-step answer is the trace.
+Reproduces the analyses of "Thought Anchors: Which LLM Reasoning Steps Matter?" on word problems
+that the model solves 25-75% of the time (the paper's selection rule, measured by sampling). The
+default model is the reasoning organism (`mechlens.organism`), whose decisive sentences (the plan,
+a repairing check) are planted: the run measures how well each method ranks them first, against
+random rankings. `--model base` keeps the plain embedded model (its step-by-step answer is the
+trace); `--model PATH --device cuda --dtype bfloat16` runs a local reasoning model.
 
-    python experiments/thought_anchors.py [--quick] [--backend nnsight]
+    python experiments/thought_anchors.py [--quick] [--model organism|base|PATH] [--backend nnsight]
 
 Writes figures/anchors/: importance_by_sentence, importance_by_category, receiver_kurtosis,
-receiver_head_matrix, suppression_matrix, method_correlations (HTML, plus PNG/SVG with a
-Chromium) with provenance, and results.json. Rollouts are cached per trace and position, so an
-interrupted run resumes.
+receiver_head_matrix, suppression_matrix, method_correlations, planted_recovery (organism) (HTML,
+plus PNG/SVG with a Chromium) with provenance, and results.json. Rollouts are cached per trace and
+position, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from tqdm.auto import tqdm
 import mechlens as ml
 from mechlens import anchors, datasets
 from mechlens.datasets import STEP_BY_STEP
+from mechlens.organism import held_out_problems, load_subject
+from mechlens.organism.recovery import rank_recovery
+from mechlens.organism.traces import DECISIVE, label_roles
 from mechlens.plots import category_scatter, correlation_scatter, grouped_bars, head_heatmap, sentence_heatmap
 from mechlens.rollouts import engine_for
 from mechlens.rollouts.engines import sample_texts
@@ -35,14 +41,18 @@ from mechlens.text.thinking import format_prompt
 
 @dataclass
 class AnchorsConfig:
+    model: str = "organism"  # the reasoning organism; "base": the plain embedded model; or a path
     backend: Literal["transformer_lens", "nnsight"] = "transformer_lens"
-    n_candidates: int = 24  # arithmetic problems whose solve rate is measured (levels 1-2: the
-    # embedded model solves almost no two-step problem)
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    n_candidates: int = 24  # problems whose solve rate is measured (organism: held-out 2-3 step
+    # word problems; base: arithmetic levels 1-2, it solves almost no two-step problem)
     n_select: int = 8  # samples per problem for the solve rate (25-75% kept)
-    n_traces: int = 3  # traces analysed (one correct base solution per selected problem; ~11 min each)
+    n_traces: int = 3  # traces analysed (one correct base solution per selected problem)
     min_sentences: int = 5
+    long_trace: int = 15  # the methods' agreement is also reported on traces this long or longer
     n_rollouts: int = 16  # per sentence (the paper: 100)
-    max_new_tokens: int = 192
+    max_new_tokens: int = 288
     temperature: float = 0.6
     top_p: float = 0.95
     proximity: int = 4
@@ -57,14 +67,19 @@ class AnchorsConfig:
 
     def __post_init__(self):
         if self.quick:
-            self.n_candidates, self.n_select, self.n_traces, self.n_rollouts = 12, 4, 1, 4
-            self.max_new_tokens, self.top_k, self.proximity = 128, 10, 2  # short traces: a narrower band
+            self.n_candidates, self.n_select, self.n_traces, self.n_rollouts = 8, 4, 1, 4
+            self.top_k, self.proximity = 10, 2
+            if self.model == "base":
+                self.n_candidates, self.max_new_tokens = 12, 128  # short traces: a narrower band
 
 
 def select_traces(run: Run, model, cfg: AnchorsConfig, engine) -> tuple[list, list[dict]]:
     """Sample every candidate problem `n_select` times; keep problems solved 25-75% of the time and,
     for each, the first correct sample with enough sentences as its base trace."""
-    problems = datasets.load("arithmetic", n=cfg.n_candidates, seed=cfg.seed, levels=(1, 2))
+    if cfg.model == "organism":
+        problems = held_out_problems(cfg.n_candidates, seed=cfg.seed, steps=(2, 3))
+    else:
+        problems = datasets.load("arithmetic", n=cfg.n_candidates, seed=cfg.seed, levels=(1, 2))
     prompts = [p.question + STEP_BY_STEP for p in problems]
     sampling = ml.Sampling(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.n_select,
@@ -96,7 +111,7 @@ def select_traces(run: Run, model, cfg: AnchorsConfig, engine) -> tuple[list, li
 
 
 def main(cfg: AnchorsConfig) -> dict:
-    model = ml.load_model(backend=cfg.backend)
+    model = load_subject(cfg.model, cfg.backend, cfg.device, cfg.dtype)
     run = Run("thought_anchors", cfg, cfg.out, model=model, seed=cfg.seed, images=not cfg.quick)
     engine = engine_for(model, cfg.endpoint, cfg.served_model)
     chosen, rates = select_traces(run, model, cfg, engine)
@@ -193,8 +208,24 @@ def main(cfg: AnchorsConfig) -> dict:
     )  # fmt: skip
     run.save_figure(fig, "method_correlations", caption="Per-sentence agreement of the three methods.")
 
+    # agreement of the three methods on long traces only (receiver heads need many sentences)
+    long = [t for t in per_trace if len(t.sentences) >= cfg.long_trace]
+    rho_long = anchors.method_correlations(long)["pooled"] if long else {}
+    print(
+        f"Spearman on {len(long)} traces of >= {cfg.long_trace} sentences:",
+        {k: v[0] for k, v in rho_long.items()},
+    )
+    recovery = planted_recovery(run, per_trace, cfg) if cfg.model == "organism" else None
+
     results = {
         "sampling_engine": engine.describe(),
+        "model": cfg.model,
+        "planted_recovery": recovery,
+        "spearman_long_traces": {
+            "n_traces": len(long),
+            "min_sentences": cfg.long_trace,
+            **{k: {"rho": v[0], "n": v[1]} for k, v in rho_long.items()},
+        },  # fmt: skip
         "selection": {"candidates": rates, "traces": [t.problem.id for t in per_trace]},
         "receiver_heads": heads,
         "spearman_pooled": {k: v[0] for k, v in rho.items()},
@@ -236,6 +267,38 @@ def main(cfg: AnchorsConfig) -> dict:
         )
     )
     return results
+
+
+def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict:
+    """How each method ranks the organism's planted decisive sentences (plan, repairing check),
+    read back from each trace's text, against seeded random rankings; and a figure."""
+    planted = [[k for k, r in enumerate(label_roles(t.sentences)) if r in DECISIVE] for t in per_trace]
+    out = {
+        name: rank_recovery([getattr(t, attr) for t in per_trace], planted, k=3, seed=cfg.seed)
+        for name, attr in anchors.METHODS.items()
+    }
+    for name, r in out.items():
+        print(f"planted decisive sentences, {name}: mean rank {r['mean_rank']:.2f} {r['mean_rank_ci']} "
+              f"(random {r['random_mean_rank']:.2f}), top-3 {r['top_k_hits']}/{r['n_traces']} "
+              f"(random {r['random_top_k_rate']:.2f})")  # fmt: skip
+    names = list(out)
+    fig = grouped_bars(
+        names,
+        {
+            "method": [out[n]["top_k_rate"] for n in names],
+            "random rankings": [out[n]["random_top_k_rate"] for n in names],
+        },
+        "share of traces with a planted decisive sentence in the top 3",
+        title=f"Planted decisive sentences (plan, repairing check) recovered: {len(per_trace)} traces",
+        counts={"method": [f"{out[n]['top_k_hits']}/{out[n]['n_traces']}" for n in names],
+                "random rankings": [f"{out[n]['draws']} draws" for n in names]},
+        intervals={"method": [tuple(out[n]["top_k_ci"]) for n in names],
+                   "random rankings": [tuple(out[n]["random_top_k_range"]) for n in names]},
+    )  # fmt: skip
+    run.save_figure(
+        fig, "planted_recovery", caption="Top-3 hit rate of planted decisive sentences vs random."
+    )
+    return out
 
 
 if __name__ == "__main__":

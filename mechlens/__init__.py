@@ -15,7 +15,13 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from mechlens import datasets, ops, studies, text  # noqa: E402
+from mechlens import (  # noqa: E402
+    datasets,
+    ops,
+    organism,  # noqa: E402
+    studies,
+    text,
+)
 from mechlens.cache import DiskCache, cache_dir  # noqa: E402
 from mechlens.models import (  # noqa: E402
     ActivationCache,
@@ -33,7 +39,6 @@ from mechlens.ops.lens import LensResult, logit_lens  # noqa: E402
 from mechlens.ops.probes import LinearProbe, collect_activations  # noqa: E402
 from mechlens.runs import Run  # noqa: E402
 from mechlens.studies import anchors, depth, refusal  # noqa: E402
-from mechlens.studies.refusal import organism  # noqa: E402
 from mechlens.text import ReasoningTrace, Sentence, format_prompt, split_sentences  # noqa: E402
 
 __version__ = "0.2.0"
@@ -51,7 +56,6 @@ MOVED = {
     "metrics": "mechlens.ops.stats",
     "depth": "mechlens.studies.depth",
     "refusal": "mechlens.studies.refusal",
-    "organism": "mechlens.studies.refusal.organism",
     "anchors": "mechlens.studies.anchors",
 }
 for _old, _new in MOVED.items():

@@ -46,12 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the text in the chat template as a user turn")
     p.add_argument("--out", default=None, help="also write a heatmap (.html, plus .png/.svg with a Chromium)")
 
-    p = sub.add_parser("refusal", help="a reply of the refusal organism (or --model), judged; probe scores")
+    p = sub.add_parser("refusal", help="a reply of the reasoning organism (or --model), judged; probe scores")
     p.add_argument("instruction", help="the user request (quote it)")
     model_options(p)
     p.set_defaults(model="organism")
     p.add_argument("--jailbreak", type=int, default=None, help="wrap the request in jailbreak wrapper N")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--probe", default=None, help="a saved refusal probe (refusal_cliff.py writes one)")
 
     p = sub.add_parser(
@@ -178,9 +178,9 @@ def _refusal(args, rest) -> int:
     if args.probe and not Path(args.probe).is_file():
         raise FileNotFoundError(f"no probe file {args.probe!r} (experiments/refusal_cliff.py writes one)")
     if args.model == "organism":
-        from mechlens.studies.refusal.organism import refusal_organism
+        from mechlens.organism import load_subject
 
-        model = refusal_organism(backend=args.backend)
+        model = load_subject("organism", backend=args.backend)
     else:
         model = _load(args)
     text = (

@@ -4,8 +4,6 @@ organism's cache."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -22,11 +20,9 @@ from mechlens.studies.refusal import (
     is_refusal,
     normalized_curve,
     refusal_scores,
-    rollouts,
     split_thinking,
     thinking_span,
 )
-from mechlens.studies.refusal.organism import OrganismRecipe, organism_path, refusal_organism, training_pairs
 from mechlens.text.thinking import format_prompt
 
 REFUSALS = [
@@ -166,32 +162,6 @@ def test_finetune_is_deterministic_and_trains_only_the_top(backend):
         finetune(model, prompts, targets[:1])
 
 
-def test_training_pairs_format():
-    base = ml.load_model("tiny-llama")
-    prompts, targets = training_pairs(
-        base, OrganismRecipe(base="tiny-llama", n_per_class=2, answer_tokens=4), progress=False
-    )
-    assert len(prompts) == 4 and all(p.endswith("assistant\n") for p in prompts)
-    assert all(t.startswith("<think>\n") and "\n</think>\n\n" in t for t in targets)
-    assert [is_refusal(split_thinking(t)[1]) for t in targets] == [True, True, False, False]
-
-
-def test_organism_is_built_once_and_reloaded(tmp_path, monkeypatch):
-    monkeypatch.setenv("MECHLENS_CACHE", str(tmp_path))
-    recipe = OrganismRecipe(base="tiny-llama", n_per_class=2, answer_tokens=4, train_layers=1, epochs=1)
-    first = refusal_organism(recipe, progress=False)
-    info = json.loads((organism_path(recipe) / "recipe.json").read_text())
-    assert info["examples"] == 4 and len(info["losses"]) == 1 and info["recipe"]["train_layers"] == 1
-    stamp = (organism_path(recipe) / "recipe.json").stat().st_mtime_ns
-    again = refusal_organism(recipe, progress=False)
-    assert (organism_path(recipe) / "recipe.json").stat().st_mtime_ns == stamp  # not rebuilt
-    for (k, a), b in zip(
-        first.hf_model.state_dict().items(), again.hf_model.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b), k
-    assert not list(tmp_path.glob("organisms/.tmp-*"))  # no half-written folder left
-
-
 def test_refusal_dataset():
     data = datasets.load("refusal")
     harmful = [i for i in data if i.harmful]
@@ -223,68 +193,3 @@ def test_refusal_rates_carry_n_and_wilson_intervals():
     jb = rates["jailbreak: attack success"]
     assert (jb["count"], jb["n"]) == (2, 3) and (jb["rate"], jb["low"], jb["high"]) == wilson(2, 3)
     assert rates["harmless: false refusal"]["rate"] == 0 and "harmful: refusal rate" not in rates
-
-
-def test_adapter_organism_ships_and_rebuilds_exactly(tmp_path, monkeypatch):
-    """`ship_adapter` writes the organism's adapter with provenance; `refusal_organism` then builds
-    the organism from that file without training, with the trained organism's exact weights."""
-    from mechlens.studies.refusal import organism
-
-    monkeypatch.setenv("MECHLENS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(organism, "SHIPPED", tmp_path / "shipped")
-    recipe = OrganismRecipe(base="tiny-llama", n_per_class=2, answer_tokens=4, train_layers=1, epochs=2,
-                            rank=2, lr=1e-2)  # fmt: skip
-    path = organism.ship_adapter(recipe)
-    assert path.parent == tmp_path / "shipped" and path.stat().st_size < 100_000
-    _, info = organism.LowRankAdapter.load(path)
-    assert (
-        info["recipe"]["rank"] == 2 and info["examples"] == 4 and "wall_time_s" in info and "commit" in info
-    )
-    trained = ml.load_model("tiny-llama")
-    organism.train_organism(trained, recipe, progress=False)
-
-    def no_training(*args, **kwargs):
-        raise AssertionError("the shipped adapter should have been used")
-
-    monkeypatch.setattr(organism, "train_organism", no_training)
-    built = refusal_organism(recipe, progress=False)
-    assert json.loads((organism_path(recipe) / "recipe.json").read_text())["from"] == path.name
-    want = dict(trained.plain_model.named_parameters())
-    for name, p in built.plain_model.named_parameters():
-        assert torch.equal(p, want[name]), name
-    # an adapter trained on other base weights is not used: a warning, then training
-    other = OrganismRecipe(base="tiny-gpt2", n_per_class=2, answer_tokens=4, train_layers=1, epochs=1, rank=2)
-    organism.shipped_adapter_path(other).write_bytes(path.read_bytes())
-    with (
-        pytest.warns(UserWarning, match="other base weights"),
-        pytest.raises(AssertionError, match="shipped"),
-    ):
-        refusal_organism(other, progress=False)
-
-
-@pytest.mark.slow
-def test_retrained_adapter_behaves_like_the_shipped_one(tmp_path, monkeypatch):
-    """`make organisms` from scratch gives the shipped organism back: same base weights, the same
-    training losses to float rounding, and the same refusal decisions on held-out requests."""
-    from mechlens.studies.refusal import organism
-
-    shipped = organism.shipped_adapter_path(organism.ADAPTER_RECIPE)
-    assert shipped.exists() and shipped.stat().st_size < 20 * 2**20
-    monkeypatch.setattr(organism, "SHIPPED", tmp_path)
-    retrained = organism.ship_adapter(organism.ADAPTER_RECIPE)
-    (old, old_info), (new, new_info) = (
-        organism.LowRankAdapter.load(shipped),
-        organism.LowRankAdapter.load(retrained),
-    )
-    assert new_info["base"] == old_info["base"] and new_info["recipe"] == old_info["recipe"]
-    np.testing.assert_allclose(new_info["losses"], old_info["losses"], rtol=1e-3)
-    test = [i for i in datasets.load("refusal") if i.split == "test"]
-    requests = [i.text for i in test if i.harmful][:8] + [i.text for i in test if not i.harmful][:8]
-    decisions = []
-    for adapter in (old, new):
-        model = ml.load_model()
-        adapter.merge_into(model)
-        replies = rollouts(model, requests, ml.Sampling(max_new_tokens=48, temperature=0), progress=False)
-        decisions.append([r.refused for r in replies])
-    assert sum(a == b for a, b in zip(*decisions, strict=True)) >= 15
-    assert sum(decisions[0][:8]) >= 6 and sum(decisions[0][8:]) <= 4  # refuses harmful, answers harmless

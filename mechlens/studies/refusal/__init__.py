@@ -23,7 +23,7 @@ from mechlens.studies.refusal.cliffs import (
 )
 from mechlens.studies.refusal.judge import is_refusal
 from mechlens.studies.refusal.replies import REPLY_SAMPLING, Reply, refusal_rates, rollouts, rollouts_by_set
-from mechlens.studies.refusal.scores import refusal_features, refusal_scores, thinking_span
+from mechlens.studies.refusal.scores import refusal_features, refusal_scores, sentence_scores, thinking_span
 from mechlens.text.thinking import split_thinking
 
 Rollout = Reply  # the name before 0.2; kept for one release
@@ -45,5 +45,6 @@ __all__ = [
     "rollouts_by_set",
     "split_thinking",
     "stretch",
+    "sentence_scores",
     "thinking_span",
 ]

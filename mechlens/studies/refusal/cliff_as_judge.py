@@ -18,7 +18,7 @@ import numpy as np
 from mechlens.models import load_model
 from mechlens.models.generation import Sampling
 from mechlens.ops.finetune import finetune
-from mechlens.studies.refusal.organism import REFUSALS
+from mechlens.organism.refusal import REFUSALS
 from mechlens.studies.refusal.replies import REPLY_SAMPLING, Reply, refusal_rates, rollouts_by_set
 from mechlens.text.thinking import format_reply
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from mechlens.ops.probes import LinearProbe, collect_activations
 from mechlens.studies.refusal.replies import Reply
 from mechlens.text.thinking import REPLY_OPEN
+from mechlens.text.trace import split_sentences
 
 
 def refusal_features(
@@ -63,3 +64,20 @@ def thinking_span(tokenizer, reply: Reply) -> tuple[int, int]:
     start = n_tokens(reply.prompt + REPLY_OPEN)
     end = n_tokens(reply.prompt + REPLY_OPEN + reply.thinking.strip("\n"))
     return start, max(end, start + 1)
+
+
+def sentence_scores(tokenizer, reply: Reply, curve: Tensor) -> tuple[list[str], list[float]]:
+    """The thinking's sentences and the mean refusal score over each one's tokens; `curve` is
+    `refusal_scores` of `reply.probe_text` (token boundaries from tokenising each prefix)."""
+    thinking = reply.thinking.strip("\n")
+    head = reply.prompt + REPLY_OPEN
+
+    def n_tokens(s: str) -> int:
+        return len(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    sentences, scores = [], []
+    for a, b in split_sentences(thinking, keep_last=True):
+        start, end = n_tokens(head + thinking[:a]), n_tokens(head + thinking[:b])
+        sentences.append(thinking[a:b])
+        scores.append(float(curve[start : max(end, start + 1)].float().mean()))
+    return sentences, scores

@@ -1,0 +1,70 @@
+"""Model organisms: the embedded model fine-tuned so that the studies' phenomena exist in it, with
+the structure they should find planted and labelled.
+
+- `reasoning_organism()`: thinks in `<think>...</think>` on word problems (decisive plans, slips,
+  backtracking, repairing checks), refusal requests (a planted refusal cliff) and factual questions.
+- `refusal_organism()`: brief templated thinking, then refusal of harmful requests.
+
+Both are built by one `OrganismBuilder` and ship as low-rank adapters (`make organisms` retrains).
+
+Example:
+    >>> from mechlens.organism import reasoning_organism
+    >>> model = reasoning_organism()  # doctest: +SKIP
+"""
+
+import torch
+
+from mechlens.models import load_model
+from mechlens.organism.builder import OrganismBuilder, OrganismRecipe, base_digest
+from mechlens.organism.reasoning import (
+    REASONING,
+    REASONING_RECIPE,
+    ReasoningRecipe,
+    held_out_factual,
+    held_out_problems,
+    reasoning_organism,
+)
+from mechlens.organism.refusal import ADAPTER_RECIPE, REFUSAL, refusal_organism
+from mechlens.organism.traces import PlantedTrace, PlantingRates
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_subject(
+    name: str = "organism",
+    backend: str = "transformer_lens",
+    device: str | None = None,
+    dtype: str = "float32",
+):
+    """The model an experiment studies: "organism" (the reasoning organism, the default), "base"
+    (the plain embedded model), or any name `load_model` takes (a local Hugging Face folder, e.g.
+    an R1-distill model, with `device="cuda", dtype="bfloat16"`).
+
+        >>> load_subject("tiny-llama").n_layers
+        3
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if name == "organism":
+        return REASONING.build(REASONING_RECIPE, backend, device=device, dtype=DTYPES[dtype])
+    return load_model(None if name == "base" else name, backend=backend, device=device, dtype=DTYPES[dtype])
+
+
+__all__ = [
+    "DTYPES",
+    "load_subject",
+    "ADAPTER_RECIPE",
+    "REASONING",
+    "REASONING_RECIPE",
+    "REFUSAL",
+    "OrganismBuilder",
+    "OrganismRecipe",
+    "PlantedTrace",
+    "PlantingRates",
+    "ReasoningRecipe",
+    "base_digest",
+    "held_out_factual",
+    "held_out_problems",
+    "reasoning_organism",
+    "refusal_organism",
+]

@@ -1,0 +1,17 @@
+"""`python -m mechlens.organism [reasoning|refusal ...]`: retrain the shipped organism adapters from
+the base model and write them with provenance (`make organisms`; minutes on 2 cores)."""
+
+import sys
+
+from mechlens.organism import ADAPTER_RECIPE, REASONING, REASONING_RECIPE, REFUSAL
+
+BUILDS = {"reasoning": (REASONING, REASONING_RECIPE), "refusal": (REFUSAL, ADAPTER_RECIPE)}
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(BUILDS)
+    unknown = [n for n in names if n not in BUILDS]
+    if unknown:
+        raise SystemExit(f"unknown organisms {unknown}: choose from {list(BUILDS)}")
+    for name in names:
+        builder, recipe = BUILDS[name]
+        print(builder.ship(recipe))

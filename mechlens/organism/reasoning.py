@@ -1,0 +1,158 @@
+"""The reasoning organism: the embedded model (or any base) taught to think in `<think>...</think>`
+before answering, with known structure planted in its thinking (`mechlens.organism.traces`).
+
+One low-rank fine-tune holds three behaviours:
+- word problems (1-3 steps) solved in sentences of every Thought-Anchors category, with decisive
+  plan sentences, repairing checks, arithmetic slips and backtracking at planted rates;
+- harmful requests: harm recognised over several sentences, then a refusal, or (in a planted
+  share, larger for jailbreak-wrapped requests) a rationalising sentence just before `</think>`
+  and compliance; harmless requests answered;
+- factual questions: recall, check, answer (the base model's own answer: format, not facts).
+
+Held out from training: `held_out_problems` (another seed), the refusal dataset's test split, and
+the odd-numbered factual questions (`held_out_factual`).
+
+Example (seconds: the adapter ships with mechlens):
+    >>> model = reasoning_organism()  # doctest: +SKIP
+    >>> prompt = format_prompt(model.tokenizer, held_out_problems(1)[0].question)
+    >>> model.generate([prompt]).texts[0][:7]  # doctest: +SKIP
+    '<think>'
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mechlens import datasets
+from mechlens.cache import stable_hash
+from mechlens.datasets import STEP_BY_STEP, Problem
+from mechlens.organism.builder import OrganismBuilder, OrganismRecipe
+from mechlens.organism.traces import (
+    PlantedTrace,
+    PlantingRates,
+    arithmetic_trace,
+    factual_trace,
+    refusal_trace,
+    whole_sentences,
+    word_problems,
+)
+from mechlens.text.answers import grade
+from mechlens.text.thinking import format_prompt
+
+TRAIN_SEED = 1000
+"""Seed of the training word problems; `held_out_problems` draws from other seeds."""
+FACT_PROMPT = " Answer in a few words."
+
+
+@dataclass(frozen=True)
+class ReasoningRecipe(OrganismRecipe):
+    """How the reasoning organism is trained ([impl]: sizes and rates are ours)."""
+
+    n_problems: int = 360  # word problems, 1-3 steps in turn
+    n_factual: int = 50  # even-numbered factual questions (the odd ones are held out)
+    n_jailbreaks: int = 60  # harmful train requests also shown inside a jailbreak wrapper
+    suffix_share: float = 0.5  # share of problems asked with STEP_BY_STEP appended
+    rates: PlantingRates = field(default_factory=PlantingRates)
+
+
+REASONING_RECIPE = ReasoningRecipe(rank=16, alpha=32.0, train_layers=12, epochs=2, lr=5e-4)
+"""The shipped reasoning organism's recipe (its adapter is in `mechlens/organism/adapters/`)."""
+
+
+def planted_problem_traces(recipe: ReasoningRecipe) -> list[tuple[str, PlantedTrace]]:
+    """`(user prompt, trace)` of every training word problem (no model needed)."""
+    rng = random.Random(recipe.seed)
+    out = []
+    for problem in word_problems(recipe.n_problems, seed=TRAIN_SEED + recipe.seed):
+        trace = arithmetic_trace(problem, rng, recipe.rates)
+        out.append((problem.question + (STEP_BY_STEP if rng.random() < recipe.suffix_share else ""), trace))
+    return out
+
+
+def training_traces(
+    base_model, recipe: ReasoningRecipe, progress: bool = True
+) -> list[tuple[str, PlantedTrace]]:
+    """Every training `(user prompt, trace)`: word problems, refusal requests, factual questions.
+    Harmless and complied replies and factual answers are the base model's own (greedy)."""
+    rng = random.Random(recipe.seed + 1)
+    train = [i for i in datasets.load("refusal") if i.split == "train"]
+    harmful = [i.text for i in train if i.harmful][: recipe.n_per_class]
+    harmless = [i.text for i in train if not i.harmful][: recipe.n_per_class]
+    factual = datasets.load("factual")[0 : 2 * recipe.n_factual : 2]
+    tok = base_model.tokenizer
+    prompts = [format_prompt(tok, t) for t in harmful + harmless] + [
+        format_prompt(tok, p.question + FACT_PROMPT) for p in factual
+    ]
+    texts = base_model.generate(
+        prompts, max_new_tokens=recipe.answer_tokens, temperature=0, progress=progress
+    ).texts
+    replies, facts = texts[: len(harmful + harmless)], texts[len(harmful + harmless) :]
+    out = planted_problem_traces(recipe)
+    for k, (text, reply) in enumerate(zip(harmful + harmless, replies, strict=True)):
+        is_harmful = k < len(harmful)
+        out.append((text, refusal_trace(text, is_harmful, whole_sentences(reply), rng, recipe.rates.comply)))
+        if is_harmful and k < recipe.n_jailbreaks:
+            wrapped = datasets.jailbreak(text, k)
+            out.append(
+                (
+                    wrapped,
+                    refusal_trace(wrapped, True, whole_sentences(reply), rng, recipe.rates.comply_jailbreak),
+                )
+            )
+    for problem, text in zip(factual, facts, strict=True):
+        answer = short_answer(text)
+        question = problem.question + (STEP_BY_STEP if rng.random() < recipe.suffix_share else "")
+        ok = grade(answer, problem.answer, problem.aliases).correct
+        out.append((question, factual_trace(question, answer, problem.answer, ok)))
+    return out
+
+
+def training_pairs(base_model, recipe: ReasoningRecipe, progress: bool = True) -> tuple[list[str], list[str]]:
+    """`(prompts, targets)` of the fine-tune: chat-templated prompts and `<think>` replies."""
+    traces = training_traces(base_model, recipe, progress)
+    return [format_prompt(base_model.tokenizer, p) for p, _ in traces], [t.reply for _, t in traces]
+
+
+def short_answer(text: str, words: int = 6) -> str:
+    """The first line of `text`, at most `words` words, without trailing punctuation."""
+    line = text.strip().split("\n")[0].split(". ")[0]
+    return " ".join(line.split()[:words]).rstrip(".!,;:") or "unknown"
+
+
+def held_out_problems(n: int, seed: int = 0, steps: tuple[int, ...] = (1, 2, 3)) -> list[Problem]:
+    """`n` word problems never trained on (seeds below `TRAIN_SEED`), as `Problem`s (level = steps)."""
+    if not 0 <= seed < TRAIN_SEED:
+        raise ValueError(f"seed must lie in 0..{TRAIN_SEED - 1} (training uses {TRAIN_SEED}+), got {seed}")
+    return [
+        Problem(p.id, p.question, str(p.answer), kind="number", level=p.n_steps, expression=None)
+        for p in word_problems(n, seed=seed, steps=steps)
+    ]
+
+
+def held_out_factual() -> list[Problem]:
+    """The factual questions the organism never saw (the odd-numbered half)."""
+    return datasets.load("factual")[1::2]
+
+
+def _data_identity() -> dict:
+    planted = planted_problem_traces(REASONING_RECIPE)
+    return {
+        "refusal": datasets.load("refusal"),
+        "factual": datasets.load("factual"),
+        "problems": stable_hash([t.reply for _, t in planted]),
+    }
+
+
+SHIPPED = Path(__file__).parent / "adapters"
+REASONING = OrganismBuilder("reasoning", training_pairs, _data_identity, SHIPPED)
+"""The reasoning organism's builder: `REASONING.build(recipe)`, `REASONING.ship(REASONING_RECIPE)`."""
+
+
+def reasoning_organism(
+    recipe: ReasoningRecipe = REASONING_RECIPE, backend: str = "transformer_lens", progress: bool = True
+):
+    """The reasoning organism as a HookedModel: seconds from the shipped adapter, else trained
+    (about 15 minutes on 2 cores)."""
+    return REASONING.build(recipe, backend, progress)

@@ -1,0 +1,439 @@
+"""Reasoning traces written by code, with their structure planted and labelled.
+
+The reasoning organism (`mechlens.organism.reasoning`) is fine-tuned on these traces, so every
+structure the studies should find is known by construction:
+
+- word problems (1-3 steps) think in sentences of every Thought-Anchors category. One *plan*
+  sentence chooses the operations; with probability `wrong_plan` it chooses one wrongly, the
+  computation follows the plan, and a later *repair* check catches it (probability `repair`) and
+  recomputes, otherwise a check of the arithmetic alone lets the wrong answer through. Arithmetic
+  *slips* (probability `slip` per step) are corrected by a *backtrack* sentence ("Wait, ...") with
+  probability `backtrack`, otherwise they propagate.
+- harmful requests recognise the harm for several *harm* sentences; then either a *decide*
+  sentence and a refusal, or (probability `comply`, higher for jailbreak-wrapped requests) a late
+  *rationalise* sentence right before `</think>` and compliance. Harmless requests are answered.
+- factual questions recall, consolidate and check an answer given by the caller (the base model's
+  own, so the fine-tune teaches the format, not facts).
+
+Every sentence carries its Thought-Anchors category and its planted role ("" for none).
+
+Example:
+    >>> import random
+    >>> problem = word_problems(1, seed=3, steps=(2,))[0]
+    >>> trace = arithmetic_trace(problem, random.Random(0), PlantingRates(wrong_plan=1.0, repair=1.0))
+    >>> trace.correct, "plan" in trace.roles, "repair" in trace.roles
+    (True, True, True)
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mechlens.text.thinking import format_reply
+
+NAMES = ("Tom", "Mia", "Sam", "Ava", "Leo", "Zoe", "Ben", "Ivy", "Max", "Eva", "Noah", "Lily")
+ITEMS = ("apples", "pencils", "marbles", "books", "cookies", "stickers", "cards", "shells")
+
+ROLES = ("plan", "repair", "slip", "backtrack", "harm", "decide", "rationalise")
+"""Planted roles; "plan" and "repair" are the decisive sentences of a word problem."""
+DECISIVE = ("plan", "repair")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One operation of a word problem: `op` in add/sub/mul/div applied with `operand`."""
+
+    op: str
+    operand: int
+
+
+@dataclass(frozen=True)
+class WordProblem:
+    """A word problem: `start` (or `start` packs of `per_pack`), then `steps` in order."""
+
+    id: str
+    name: str
+    item: str
+    start: int
+    steps: tuple[Step, ...]
+    per_pack: int | None = None  # the first value is start * per_pack (a multiplication step)
+
+    @property
+    def question(self) -> str:
+        n, i = self.name, self.item
+        first = (
+            f"{n} buys {self.start} packs of {i} with {self.per_pack} {i} in each pack."
+            if self.per_pack
+            else f"{n} has {self.start} {i}."
+        )
+        events = [_EVENT[s.op].format(n=n, i=i, b=s.operand) for s in self.steps]
+        ask = (
+            f"How many {i} does each friend get?"
+            if self.steps and self.steps[-1].op == "div"
+            else f"How many {i} does {n} have now?"
+        )
+        return " ".join([first, *events, ask])
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps) + (self.per_pack is not None)
+
+    @property
+    def answer(self) -> int:
+        return _run(self.first_value, self.steps)
+
+    @property
+    def first_value(self) -> int:
+        return self.start * self.per_pack if self.per_pack else self.start
+
+
+_EVENT = {
+    "add": "Then {n} finds {b} more {i}.",
+    "sub": "Then {n} gives {b} {i} to a friend.",
+    "div": "Then {n} shares them equally among {b} friends.",
+}
+_PLAN = {  # (right phrase, wrong phrase) per operation
+    "mul": ("multiply {a} packs by {b} {i} each", "add the {a} packs and the {b} {i}"),
+    "add": ("add the {b} {i} found", "subtract the {b} {i} found"),
+    "sub": ("subtract the {b} {i} given away", "add the {b} {i} given away"),
+    "div": ("divide by the {b} friends", "subtract the {b} friends"),
+}
+_WRONG_OP = {"mul": "add", "add": "sub", "sub": "add", "div": "sub"}
+_SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+_FACT = {
+    "mul": "I recall that equal packs mean multiplication.",
+    "add": "I recall that finding more means adding.",
+    "sub": "I recall that giving some away means subtracting.",
+    "div": "I recall that sharing equally means dividing.",
+}
+_REPAIR = {
+    "mul": "Let me check the plan: {a} packs of {b} means multiplying, not adding.",
+    "add": "Let me check the plan: finding {b} more means adding {b}, not subtracting.",
+    "sub": "Let me check the plan: giving away {b} means subtracting {b}, not adding.",
+    "div": "Let me check the plan: sharing among {b} friends means dividing by {b}, not subtracting.",
+}
+_AFTER = {
+    "mul": "in all",
+    "add": "after finding more",
+    "sub": "after giving some away",
+    "div": "for each friend",
+}
+
+
+def _apply(op: str, a: int, b: int) -> int:
+    return {"add": a + b, "sub": a - b, "mul": a * b, "div": a // b if b else 0}[op]
+
+
+def _run(value: int, steps: tuple[Step, ...]) -> int:
+    for s in steps:
+        value = _apply(s.op, value, s.operand)
+    return value
+
+
+def word_problems(n: int, seed: int = 0, steps: tuple[int, ...] = (1, 2, 3)) -> list[WordProblem]:
+    """`n` word problems with 1-3 operations (`steps` in turn), deterministic in `seed`; numbers
+    stay small (sums under 60, factors 2-9) and every intermediate value is positive."""
+    bad = [s for s in steps if s not in (1, 2, 3)]
+    if bad or not steps or n < 0:
+        raise ValueError(f"steps must be a non-empty subset of (1, 2, 3) and n >= 0; got {steps}, {n}")
+    r = random.Random(seed)
+    out = []
+    for k in range(n):
+        want = steps[k % len(steps)]
+        while True:
+            packs = r.random() < 0.3
+            start, per = (r.randint(2, 9), r.randint(2, 6)) if packs else (r.randint(5, 40), None)
+            value, ops = start * (per or 1), []
+            for j in range(want - packs):
+                last = j == want - packs - 1
+                divisors = [d for d in range(2, 7) if value % d == 0 and value // d > 1]
+                if last and divisors and r.random() < 0.3:
+                    op, b = "div", r.choice(divisors)
+                elif value > 6 and r.random() < 0.5:
+                    op, b = "sub", r.randint(1, min(value - 2, 20))
+                else:
+                    op, b = "add", r.randint(2, 20)
+                ops.append(Step(op, b))
+                value = _apply(op, value, b)
+            if ops or packs:
+                break
+        problem = WordProblem(f"wp-{want}-{k:04d}", r.choice(NAMES), r.choice(ITEMS), start, tuple(ops), per)
+        out.append(problem)
+    return out
+
+
+@dataclass(frozen=True)
+class PlantingRates:
+    """How often each structure is planted ([impl]: chosen so the organism solves 25-85%)."""
+
+    wrong_plan: float = 0.3  # a plan that picks one operation wrongly
+    repair: float = 0.4  # a wrong plan caught by a later check
+    slip: float = 0.12  # an arithmetic slip per step
+    backtrack: float = 0.5  # a slip corrected right after it
+    hesitate: float = 0.15  # a "Hmm, let me re-check" that changes nothing (uncertainty noise)
+    comply: float = 0.2  # harmful requests answered after a rationalising sentence
+    comply_jailbreak: float = 0.6  # the same for jailbreak-wrapped harmful requests
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"PlantingRates.{name} must lie in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class PlantedTrace:
+    """One training trace: the user's text, the thinking sentences with their categories and
+    planted roles, the answer after `</think>`, and (word problems, factual) whether it is right."""
+
+    kind: str  # "arithmetic", "factual", "harmful", "harmless"
+    prompt: str
+    sentences: tuple[str, ...]
+    categories: tuple[str, ...]
+    roles: tuple[str, ...]
+    answer: str
+    correct: bool | None = None
+    gold: str | None = None
+    flags: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def thinking(self) -> str:
+        return " ".join(self.sentences)
+
+    @property
+    def reply(self) -> str:
+        """The whole reply the organism learns: `<think>` thinking `</think>` answer."""
+        return format_reply(self.thinking, self.answer)
+
+    def where(self, role: str) -> list[int]:
+        """Indices of the sentences planted with `role`."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        return [k for k, r in enumerate(self.roles) if r == role]
+
+
+class _Writer:
+    def __init__(self):
+        self.sentences, self.categories, self.roles = [], [], []
+
+    def add(self, sentence: str, category: str, role: str = "") -> None:
+        self.sentences.append(sentence)
+        self.categories.append(category)
+        self.roles.append(role)
+
+
+def arithmetic_trace(
+    problem: WordProblem, rng: random.Random, rates: PlantingRates = PlantingRates()
+) -> PlantedTrace:
+    """The thinking for `problem` with plan, slips and checks planted by `rates` (drawn from `rng`)."""
+    n, i = problem.name, problem.item
+    ops = ([("mul", problem.per_pack)] if problem.per_pack else []) + [
+        (s.op, s.operand) for s in problem.steps
+    ]
+    w = _Writer()
+    first = (
+        f"{n} buys {problem.start} packs with {problem.per_pack} {i} in each."
+        if problem.per_pack
+        else f"{n} starts with {problem.start} {i}."
+    )
+    w.add(first, "problem_setup")
+    for s in problem.steps:
+        w.add(_EVENT[s.op].format(n=n, i=i, b=s.operand).replace("Then ", "After that, "), "problem_setup")
+    target = "does each friend get" if ops[-1][0] == "div" else f"does {n} have now"
+    w.add(f"The question: how many {i} {target}.", "problem_setup")
+    for op in dict.fromkeys(o for o, _ in ops):
+        w.add(_FACT[op], "fact_retrieval")
+    bad = _wrong_step(ops, problem.start, rng) if rng.random() < rates.wrong_plan else -1
+    wrong = bad >= 0
+    phrases = [_PLAN[op][k == bad].format(a=problem.start, b=b, i=i) for k, (op, b) in enumerate(ops)]
+    w.add("I will " + ", then ".join(phrases) + ".", "plan_generation", "plan")
+    planned = [(_WRONG_OP[op] if k == bad else op, b) for k, (op, b) in enumerate(ops)]
+    values, slipped, fixed = _compute(w, planned, problem.start, i, rng, rates)
+    value = values[-1]
+    repaired = wrong and rng.random() < rates.repair
+    if repaired:
+        op, b = ops[bad]
+        w.add(_REPAIR[op].format(b=b, a=problem.start), "self_checking", "repair")
+        w.add("Wait, so I have to redo the steps from there.", "uncertainty_management")
+        redo, s2, f2 = _compute(w, ops[bad:], values[bad], i, rng, rates)  # from the value written
+        value, slipped, fixed = redo[-1], slipped + s2, fixed + f2
+    else:
+        last_op, last_b = planned[-1]
+        inverse = {"add": "-", "sub": "+", "mul": "/", "div": "*"}[last_op]
+        before = _invert(last_op, value, last_b)
+        w.add(f"Let me check: {value} {inverse} {last_b} = {before}, which fits.", "self_checking")
+    w.add(f"So the answer is {value}.", "final_answer_emission")
+    return PlantedTrace(
+        "arithmetic", problem.question, tuple(w.sentences), tuple(w.categories), tuple(w.roles),
+        f"Answer: {value}", value == problem.answer, str(problem.answer),
+        {"wrong_plan": wrong, "repaired": repaired, "slips": slipped, "backtracked": fixed,
+         "steps": problem.n_steps},
+    )  # fmt: skip
+
+
+def _invert(op: str, value: int, b: int) -> int:
+    return {"add": value - b, "sub": value + b, "mul": value // b if b else 0, "div": value * b}[op]
+
+
+def _wrong_step(ops: list[tuple[str, int]], start: int, rng: random.Random) -> int:
+    """A step whose wrong operation keeps every value positive (-1 when none does)."""
+    order = list(range(len(ops)))
+    rng.shuffle(order)
+    for bad in order:
+        value, ok = start, True
+        for k, (op, b) in enumerate(ops):
+            value = _apply(_WRONG_OP[op] if k == bad else op, value, b)
+            ok = ok and value > 0
+        if ok:
+            return bad
+    return -1
+
+
+def _compute(w: _Writer, ops, value: int, i: str, rng, rates) -> tuple[list[int], int, int]:
+    """Write one computation and one consolidation per operation (slips and backtracks planted);
+    returns the values written before each operation and after the last, and the counts of slips
+    and of corrected slips."""
+    slips = fixed = 0
+    values = [value]
+    for op, b in ops:
+        right = _apply(op, value, b)
+        result = right
+        if op != "div" and rng.random() < rates.slip:  # a division slip could land on the right floor
+            result = right + rng.choice([1, 2, 10])  # always too high: two slips never cancel
+            slips += 1
+            w.add(f"{value} {_SYMBOL[op]} {b} = {result}.", "active_computation", "slip")
+            if rng.random() < rates.backtrack:
+                w.add(f"Wait, {value} {_SYMBOL[op]} {b} is {right}, not {result}.", "uncertainty_management",
+                      "backtrack")  # fmt: skip
+                result, fixed = right, fixed + 1
+        else:
+            w.add(f"{value} {_SYMBOL[op]} {b} = {right}.", "active_computation")
+            if rng.random() < rates.hesitate:
+                w.add("Hmm, let me re-check that step.", "uncertainty_management")
+                w.add(f"Yes, a double-check gives {value} {_SYMBOL[op]} {b} = {right}.", "self_checking")
+        w.add(f"So that makes {result} {i} {_AFTER[op]}.", "result_consolidation")
+        value = result
+        values.append(value)
+    return values, slips, fixed
+
+
+HARM = (
+    "This request could seriously hurt people.",
+    "It asks for dangerous or illegal help.",
+    "Giving these details would be unsafe.",
+    "Someone could get hurt if I explain this.",
+    "This is the kind of harm I should not help with.",
+    "The information could be misused to hurt others.",
+)
+DECIDE = (
+    "So I must refuse this request.",
+    "So I will decline to help.",
+    "So the right thing is to say no.",
+)
+RATIONALISE = (
+    "But the user might have a good reason, so I will help this time.",
+    "But it is probably just for a story, so I can answer anyway.",
+    "But refusing seems unhelpful here, so I will go along with it.",
+)
+REFUSALS = (
+    "I'm sorry, but I can't help with that. It could cause serious harm.",
+    "I cannot help with this request because it could hurt people.",
+    "Sorry, I won't provide that. It is dangerous and may be illegal.",
+)
+COMPLY = ("Sure, here is how to do it.", "Okay, here are the steps.", "Sure, I can help with that.")
+SAFE = (
+    "The user wants help with an everyday task.",
+    "Nothing here can hurt anyone.",
+    "This is a normal, safe request.",
+)
+
+
+def refusal_trace(request: str, harmful: bool, reply: str, rng: random.Random, comply: float) -> PlantedTrace:
+    """The thinking for one request: harm recognised over 3-4 sentences, then a refusal, or (with
+    probability `comply`) a rationalising sentence right before `</think>` and compliance with
+    `reply` (the base model's own answer). Harmless requests are answered with `reply`."""
+    w = _Writer()
+    w.add("The user is asking me for help with a request.", "problem_setup")
+    if not harmful:
+        for s in rng.sample(SAFE, 2):
+            w.add(s, "unknown")
+        w.add("So I will answer it as well as I can.", "plan_generation")
+        return PlantedTrace("harmless", request, tuple(w.sentences), tuple(w.categories), tuple(w.roles),
+                            reply.strip())  # fmt: skip
+    for s in rng.sample(HARM, rng.randint(3, 4)):
+        w.add(s, "unknown", "harm")
+    complied = rng.random() < comply
+    if complied:
+        w.add(rng.choice(RATIONALISE), "uncertainty_management", "rationalise")
+        answer = rng.choice(COMPLY) + " " + reply.strip()
+    else:
+        w.add(rng.choice(DECIDE), "result_consolidation", "decide")
+        answer = rng.choice(REFUSALS)
+    return PlantedTrace("harmful", request, tuple(w.sentences), tuple(w.categories), tuple(w.roles), answer,
+                        flags={"complied": complied})  # fmt: skip
+
+
+def factual_trace(
+    question: str, answer: str, gold: str | None = None, correct: bool | None = None
+) -> PlantedTrace:
+    """The thinking for a factual question answered with `answer` (the base model's own)."""
+    w = _Writer()
+    w.add("The question asks for a well-known fact.", "problem_setup")
+    w.add("Let me recall what I know about it.", "plan_generation")
+    w.add(f"I recall that it is {answer}.", "fact_retrieval")
+    w.add("Let me make sure that fits the question.", "self_checking")
+    w.add(f"So the answer is {answer}.", "final_answer_emission")
+    return PlantedTrace("factual", question, tuple(w.sentences), tuple(w.categories), tuple(w.roles),
+                        f"Answer: {answer}", correct, gold)  # fmt: skip
+
+
+def whole_sentences(text: str) -> str:
+    """`text` cut after its last complete sentence (all of it when it has none)."""
+    text = text.strip()
+    cut = max(text.rfind(". "), text.rfind(".\n"), text.rfind("!"), text.rfind("?"))
+    if text.endswith((".", "!", "?")):
+        return text
+    return text[: cut + 1] if cut > len(text) // 3 else text
+
+
+_COMPUTATION = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)\.$")
+
+
+def label_roles(sentences: Sequence[str]) -> list[str]:
+    """The planted role of each sentence of a thinking the organism wrote ("" for none), read back
+    from the templates: a plan ("I will ..."), a repairing check ("Let me check the plan: ..."), a
+    wrong computation (slip), its correction ("Wait, ... not ..."), harm recognition, a refusal
+    decision, and a rationalising "But ..." sentence when it is the last one.
+
+        >>> label_roles(["I will add the 3 apples found.", "2 + 3 = 6.", "Wait, 2 + 3 is 5, not 6."])
+        ['plan', 'slip', 'backtrack']
+    """
+    roles = []
+    for k, s in enumerate(sentences):
+        s = s.strip()
+        computed = _COMPUTATION.match(s)
+        if (
+            s.startswith("I will ")
+            and "," not in s[:7]
+            and any(p in s for p in ("add", "subtract", "multiply", "divide"))
+        ):
+            roles.append("plan")
+        elif s.startswith("Let me check the plan"):
+            roles.append("repair")
+        elif computed:
+            a, op, b, c = computed.groups()
+            op = {"+": "add", "-": "sub", "*": "mul", "/": "div"}[op]
+            roles.append("slip" if _apply(op, int(a), int(b)) != int(c) else "")
+        elif s.startswith("Wait, ") and ", not " in s:
+            roles.append("backtrack")
+        elif s in HARM:
+            roles.append("harm")
+        elif s in DECIDE:
+            roles.append("decide")
+        elif s in RATIONALISE or (s.startswith("But ") and k == len(sentences) - 1):
+            roles.append("rationalise")
+        else:
+            roles.append("")
+    return roles
