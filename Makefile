@@ -26,8 +26,8 @@ demo: $(STAMP)
 	$(PY) experiments/thought_anchors.py --quick --out figures/demo/anchors
 	$(PY) experiments/refusal_cliff.py --quick --out figures/demo/refusal
 
-# retrain the shipped organism adapters from the base model (minutes on 2 cores): writes
-# mechlens/studies/refusal/adapters/ with provenance (recipe, base weights, seed, wall time, commit)
+# retrain the shipped organism adapters from the base model (~20 + 3 minutes on 2 cores): writes
+# mechlens/organism/adapters/ with provenance (recipe, base weights, seed, wall time, commit)
 organisms: $(STAMP)
 	$(PY) -m mechlens.organism
 

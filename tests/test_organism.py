@@ -15,6 +15,7 @@ import torch
 import mechlens as ml
 from mechlens import datasets
 from mechlens.organism import (
+    REASONING,
     REASONING_RECIPE,
     REFUSAL,
     OrganismRecipe,
@@ -321,3 +322,56 @@ def test_gpu_smoke_configures_every_study_with_the_model_given(tmp_path):
     for _, cfg in configs.values():
         assert (cfg.model, cfg.device, cfg.dtype) == ("/models/r1", "cuda", "bfloat16") and not cfg.quick
     assert configs["depth"][1].unit == "sentence" and configs["refusal"][1].random_sets == 3
+
+
+# ---- the shipped reasoning organism
+
+
+def test_reasoning_organism_loads_from_the_shipped_adapter_in_both_backends(monkeypatch):
+    from mechlens.organism import reasoning_organism
+
+    shipped = REASONING.shipped_path(REASONING_RECIPE)
+    assert shipped.exists() and shipped.stat().st_size < 40 * 2**20
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the shipped adapter should have been used")
+
+    monkeypatch.setattr(REASONING, "train", no_training)
+    problem = held_out_problems(1, seed=7)[0]
+    texts = []
+    for backend in ("transformer_lens", "nnsight"):
+        model = reasoning_organism(backend=backend, progress=False)
+        prompt = ml.format_prompt(model.tokenizer, problem.question)
+        texts.append(model.generate([prompt], max_new_tokens=24, temperature=0, progress=False).texts[0])
+    assert texts[0] == texts[1] and texts[0].startswith("<think>")
+    info = json.loads((REASONING.path(REASONING_RECIPE) / "recipe.json").read_text())
+    assert info["from"] == shipped.name and info["organism"] == "reasoning"
+
+
+@pytest.mark.slow
+def test_retrained_reasoning_adapter_behaves_like_the_shipped_one(tmp_path, monkeypatch):
+    """`make organisms` from scratch gives the shipped reasoning organism back: the same base
+    weights and recipe, training losses to float rounding, and the same greedy behaviour on
+    held-out word problems (thinks, answers, answer agreement)."""
+    from mechlens.ops.adapters import LowRankAdapter
+    from mechlens.text.thinking import split_thinking
+
+    shipped = REASONING.shipped_path(REASONING_RECIPE)
+    monkeypatch.setattr(REASONING, "shipped", tmp_path)
+    retrained = REASONING.ship(REASONING_RECIPE)
+    (old, old_info), (new, new_info) = LowRankAdapter.load(shipped), LowRankAdapter.load(retrained)
+    assert new_info["base"] == old_info["base"] and new_info["recipe"] == old_info["recipe"]
+    np.testing.assert_allclose(new_info["losses"], old_info["losses"], rtol=1e-3)
+    problems = held_out_problems(12, seed=3)
+    outputs = []
+    for adapter in (old, new):
+        model = ml.load_model()
+        adapter.merge_into(model)
+        prompts = [ml.format_prompt(model.tokenizer, p.question) for p in problems]
+        outputs.append(model.generate(prompts, max_new_tokens=256, temperature=0, progress=False).texts)
+    for texts in outputs:
+        assert sum(split_thinking(t)[2] for t in texts) >= 11  # closes its thinking
+    same = sum(
+        p.grade(a).extracted == p.grade(b).extracted for p, a, b in zip(problems, *outputs, strict=True)
+    )
+    assert same >= 10

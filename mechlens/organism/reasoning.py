@@ -25,9 +25,13 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from mechlens import datasets
 from mechlens.cache import stable_hash
 from mechlens.datasets import STEP_BY_STEP, Problem
+from mechlens.models.generation import Sampling
+from mechlens.ops.stats import wilson
 from mechlens.organism.builder import OrganismBuilder, OrganismRecipe
 from mechlens.organism.traces import (
     PlantedTrace,
@@ -39,7 +43,8 @@ from mechlens.organism.traces import (
     word_problems,
 )
 from mechlens.text.answers import grade
-from mechlens.text.thinking import format_prompt
+from mechlens.text.thinking import format_prompt, split_thinking
+from mechlens.text.trace import split_sentences
 
 TRAIN_SEED = 1000
 """Seed of the training word problems; `held_out_problems` draws from other seeds."""
@@ -156,3 +161,68 @@ def reasoning_organism(
     """The reasoning organism as a HookedModel: seconds from the shipped adapter, else trained
     (about 15 minutes on 2 cores)."""
     return REASONING.build(recipe, backend, progress)
+
+
+BEHAVIOUR_SAMPLING = Sampling(max_new_tokens=288, temperature=0.6, top_p=0.95)
+"""How `behaviour` samples word problems: T = 0.6 (the target's temperature), top-p 0.95."""
+
+
+def behaviour(
+    model,
+    n_problems: int = 60,
+    n_requests: int = 40,
+    seed: int = 0,
+    sampling: Sampling = BEHAVIOUR_SAMPLING,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict:
+    """The organism's behaviour on held-out data, every rate with k/n and its Wilson interval:
+    on `n_problems` word problems sampled by `sampling` (default T = 0.6), how often it thinks
+    (closes a non-empty `<think>` section), how often it is right, the median number of thinking
+    sentences; per number of steps too; on `n_requests` test-split requests per set (greedy):
+    refusal of harmful, attack success of jailbreak-wrapped harmful, false refusal of harmless.
+
+        >>> behaviour(model, n_problems=6, n_requests=4)["problems"]["thinks"]["n"]  # doctest: +SKIP
+        6
+    """
+    from mechlens.rollouts import LocalEngine
+    from mechlens.rollouts.engines import sample_texts
+    from mechlens.studies.refusal import REPLY_SAMPLING, refusal_rates, rollouts_by_set
+
+    problems = held_out_problems(n_problems, seed=seed)
+    prompts = [format_prompt(model.tokenizer, p.question) for p in problems]
+    engine = LocalEngine(model, batch_size=batch_size, progress=progress)
+    texts = sample_texts(engine, model, prompts, sampling)
+    rows = []
+    for p, text in zip(problems, texts, strict=True):
+        thinking, _, closed = split_thinking(text)
+        n = len(split_sentences(thinking, keep_last=True)) if thinking.strip() else 0
+        rows.append(
+            {"steps": p.level, "thinks": closed and n > 0, "right": p.grade(text).correct, "sentences": n}
+        )
+
+    def rates(part: list[dict]) -> dict:
+        out = {}
+        for key in ("thinks", "right"):
+            k = sum(r[key] for r in part)
+            rate, low, high = wilson(k, len(part))
+            out[key] = {"count": k, "n": len(part), "rate": rate, "low": low, "high": high}
+        out["median_sentences"] = float(np.median([r["sentences"] for r in part])) if part else None
+        out["share_15_or_more"] = float(np.mean([r["sentences"] >= 15 for r in part])) if part else None
+        return out
+
+    test = [i for i in datasets.load("refusal") if i.split == "test"]
+    harmful = [i.text for i in test if i.harmful][:n_requests]
+    sets = {
+        "harmful": harmful,
+        "jailbreak": [datasets.jailbreak(t, k) for k, t in enumerate(harmful)],
+        "harmless": [i.text for i in test if not i.harmful][:n_requests],
+    }
+    replies = rollouts_by_set(model, sets, REPLY_SAMPLING.replace(max_new_tokens=96), batch_size)
+    return {
+        "sampling": str(sampling),
+        "problems": rates(rows),
+        "by_steps": {str(s): rates([r for r in rows if r["steps"] == s]) for s in (1, 2, 3)},
+        "requests": refusal_rates(replies),
+        "rows": rows,
+    }
