@@ -68,7 +68,7 @@ class DepthConfig:
         if self.unit == "auto":
             self.unit = "line" if self.model == "base" else "sentence"
         if self.quick:
-            self.n_arithmetic, self.n_factual, self.max_new_tokens = 6, 10, 200
+            self.n_arithmetic, self.n_factual, self.max_new_tokens = 4, 8, 200
             self.subset = "all"
         if self.subset not in SUBSET_TITLES:
             raise ValueError(f"subset must be one of {list(SUBSET_TITLES)}, got {self.subset!r}")

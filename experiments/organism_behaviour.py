@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from mechlens.organism import load_subject
-from mechlens.organism.reasoning import behaviour
+from mechlens.organism.reasoning import REQUEST_SAMPLING, behaviour
 from mechlens.plots import grouped_bars
 from mechlens.runs import Run, parse_config
 
@@ -30,6 +30,7 @@ class BehaviourConfig:
     backend: Literal["transformer_lens", "nnsight"] = "transformer_lens"
     n_problems: int = 60  # held-out word problems, 20 per number of steps
     n_requests: int = 40  # test-split requests per set
+    request_temperature: float = 0.7  # the refusal-cliff authors' (0: greedy)
     quick: bool = False
     out: str = "figures/organism"
     seed: int = 0
@@ -42,7 +43,10 @@ class BehaviourConfig:
 def main(cfg: BehaviourConfig) -> dict:
     model = load_subject(cfg.model, cfg.backend)
     run = Run("organism_behaviour", cfg, cfg.out, model=model, seed=cfg.seed, images=not cfg.quick)
-    result = run.cached("behaviour", lambda: behaviour(model, cfg.n_problems, cfg.n_requests, cfg.seed))
+    requests = REQUEST_SAMPLING.replace(temperature=cfg.request_temperature, seed=cfg.seed)
+    result = run.cached(
+        "behaviour", lambda: behaviour(model, cfg.n_problems, cfg.n_requests, cfg.seed, requests=requests)
+    )
     p, by, req = result["problems"], result["by_steps"], result["requests"]
     cats = ["thinks", "right", *[f"right, {s} step{'s' * (s > 1)}" for s in (1, 2, 3)], *req]
     rows = [p["thinks"], p["right"], *[by[str(s)]["right"] for s in (1, 2, 3)], *req.values()]

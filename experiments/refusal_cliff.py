@@ -67,6 +67,8 @@ class RefusalConfig:
     n_test: int = 40  # test-split instructions per class (and as many jailbreak-wrapped harmful ones)
     n_candidates: int = 120  # jailbreak-wrapped train-split harmful prompts: the Cliff-as-a-Judge pool
     max_new_tokens: int = 96  # the reasoning organism thinks for ~70 tokens before answering
+    temperature: float = 0.7  # the authors sample every rollout at 0.7 (scripts/generation/*/
+    # inference.sh: --temperature=0.7, top-p 1); seeded per prompt. 0: greedy (earlier releases)
     batch_size: int = 16
     k_end: int = 5  # tokens at the end of the thinking that the cliff and the head metric read
     sweep_examples: int = 6  # complied traces in the head scores
@@ -97,7 +99,8 @@ class RefusalConfig:
             # either did not refuse (40 per class, 2 epochs: 0/8 harmful refused) or refused
             # everything (40 per class, lr 3e-4, 3 epochs: 10/16 harmless refused)
             self.organism = "adapter" if self.organism == "blocks" else self.organism
-            self.n_probe, self.n_test, self.n_candidates, self.sweep_examples = 16, 8, 16, 1
+            self.n_probe, self.n_test, self.n_candidates, self.sweep_examples = 12, 8, 8, 1
+            self.random_sets, self.max_new_tokens = 5, 80  # a small control distribution: minutes
         unknown = set(self.control_sets.split(",")) - {"harmful", "jailbreak", "harmless"}
         if unknown:
             raise ValueError(f"control_sets must name harmful, jailbreak or harmless; got {sorted(unknown)}")
@@ -123,7 +126,9 @@ def load_organism(cfg: RefusalConfig):
 def main(cfg: RefusalConfig) -> dict:
     model, model_path, recipe = load_organism(cfg)
     run = Run("refusal_cliff", cfg, cfg.out, model=model, seed=cfg.seed, images=not cfg.quick)
-    sampling = REPLY_SAMPLING.replace(max_new_tokens=cfg.max_new_tokens)
+    sampling = REPLY_SAMPLING.replace(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed
+    )
     data = datasets.load("refusal")
 
     def pick(harmful: bool, split: str, n: int) -> list[str]:

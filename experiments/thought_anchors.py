@@ -48,6 +48,9 @@ class AnchorsConfig:
     n_candidates: int = 24  # problems whose solve rate is measured (organism: held-out 2-3 step
     # word problems; base: arithmetic levels 1-2, it solves almost no two-step problem)
     n_select: int = 8  # samples per problem for the solve rate (25-75% kept)
+    problem_steps: str = "2,3"  # the organism's candidate problems: numbers of steps (comma-separated)
+    closest_if_none: bool = False  # no problem in the 25-75% band: take the closest one solved at
+    # least once (the quick run's few candidates), said in the output
     n_traces: int = 3  # traces analysed (one correct base solution per selected problem)
     min_sentences: int = 5
     long_trace: int = 15  # the methods' agreement is also reported on traces this long or longer
@@ -67,8 +70,8 @@ class AnchorsConfig:
 
     def __post_init__(self):
         if self.quick:
-            self.n_candidates, self.n_select, self.n_traces, self.n_rollouts = 8, 4, 1, 4
-            self.top_k, self.proximity = 10, 2
+            self.n_candidates, self.n_select, self.n_traces, self.n_rollouts = 2, 4, 1, 3
+            self.top_k, self.proximity, self.problem_steps, self.closest_if_none = 10, 2, "2", True
             if self.model == "base":
                 self.n_candidates, self.max_new_tokens = 12, 128  # short traces: a narrower band
 
@@ -77,7 +80,8 @@ def select_traces(run: Run, model, cfg: AnchorsConfig, engine) -> tuple[list, li
     """Sample every candidate problem `n_select` times; keep problems solved 25-75% of the time and,
     for each, the first correct sample with enough sentences as its base trace."""
     if cfg.model == "organism":
-        problems = held_out_problems(cfg.n_candidates, seed=cfg.seed, steps=(2, 3))
+        steps = tuple(int(k) for k in cfg.problem_steps.split(","))
+        problems = held_out_problems(cfg.n_candidates, seed=cfg.seed, steps=steps)
     else:
         problems = datasets.load("arithmetic", n=cfg.n_candidates, seed=cfg.seed, levels=(1, 2))
     prompts = [p.question + STEP_BY_STEP for p in problems]
@@ -90,21 +94,24 @@ def select_traces(run: Run, model, cfg: AnchorsConfig, engine) -> tuple[list, li
         lambda: sample_texts(engine, model, [format_prompt(model.tokenizer, p) for p in prompts], sampling),
         config=False, prompts=prompts, sampling=sampling, engine=engine.describe(),
     )  # fmt: skip
-    chosen, rates = [], []
+    chosen, rates, candidates = [], [], []
     for k, problem in enumerate(problems):
         samples = texts[k * cfg.n_select : (k + 1) * cfg.n_select]
         grades = [problem.grade(t) for t in samples]
         correct = [g.correct and g.marked for g in grades]  # an explicit "Answer: ..." that is right
         rate = float(np.mean(correct))
         rates.append({"id": problem.id, "level": problem.level, "solve_rate": rate})
-        if not 0.25 <= rate <= 0.75 or len(chosen) >= cfg.n_traces:
-            continue
         for text, ok in zip(samples, correct, strict=True):
             if ok and text.strip():
                 trace = ml.ReasoningTrace.from_text(model, prompts[k], text)
                 if len(trace.sentences) >= cfg.min_sentences:
-                    chosen.append((problem, trace))
+                    candidates.append((abs(rate - 0.5), k, problem, trace))
+                    if 0.25 <= rate <= 0.75 and len(chosen) < cfg.n_traces:
+                        chosen.append((problem, trace))
                     break
+    if not chosen and cfg.closest_if_none and candidates:
+        chosen = [(p, t) for _, _, p, t in sorted(candidates, key=lambda c: c[:2])[: cfg.n_traces]]
+        print(f"no problem solved 25-75%: took the closest one(s) solved at least once: {rates}")
     if not chosen:
         raise RuntimeError(f"no problem solved 25-75% with a long enough correct trace: {rates}")
     return chosen, rates

@@ -375,3 +375,20 @@ def test_retrained_reasoning_adapter_behaves_like_the_shipped_one(tmp_path, monk
         p.grade(a).extracted == p.grade(b).extracted for p, a, b in zip(problems, *outputs, strict=True)
     )
     assert same >= 10
+
+
+def test_behaviour_reports_rates_with_n_and_intervals():
+    from mechlens.organism.reasoning import behaviour
+
+    model = ml.load_model("tiny-llama")
+    short = ml.Sampling(max_new_tokens=6, temperature=0.6)
+    r = behaviour(model, n_problems=3, n_requests=2, sampling=short, requests=short, progress=False)
+    thinks = r["problems"]["thinks"]
+    assert (thinks["count"], thinks["n"]) == (0, 3) and thinks["low"] == 0.0 < thinks["high"]  # random model
+    assert set(r["by_steps"]) == {"1", "2", "3"} and r["by_steps"]["2"]["right"]["n"] == 1
+    assert set(r["requests"]) == {
+        "harmful: refusal rate",
+        "jailbreak: attack success",
+        "harmless: false refusal",
+    }
+    assert r["requests"]["jailbreak: attack success"]["n"] == 2

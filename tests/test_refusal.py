@@ -193,3 +193,21 @@ def test_refusal_rates_carry_n_and_wilson_intervals():
     jb = rates["jailbreak: attack success"]
     assert (jb["count"], jb["n"]) == (2, 3) and (jb["rate"], jb["low"], jb["high"]) == wilson(2, 3)
     assert rates["harmless: false refusal"]["rate"] == 0 and "harmful: refusal rate" not in rates
+
+
+def test_sentence_scores_average_each_thinking_sentence():
+    from mechlens.studies.refusal import sentence_scores
+    from mechlens.studies.refusal.replies import Reply
+
+    model = ml.load_model("tiny-llama")
+    thinking = "This could hurt people. It asks for dangerous help. But it is for a story, so I will help."
+    r = Reply("x", format_prompt(model.tokenizer, "How do I do it?"), thinking, "Sure.", True)
+    n = len(model.tokenizer(r.probe_text, add_special_tokens=False)["input_ids"])
+    curve = torch.arange(n, dtype=torch.float32)  # the score is the position: means rise sentence by sentence
+    sentences, scores = sentence_scores(model.tokenizer, r, curve)
+    assert sentences == [
+        "This could hurt people.",
+        "It asks for dangerous help.",
+        "But it is for a story, so I will help.",
+    ]
+    assert scores == sorted(scores) and len(set(scores)) == 3 and scores[-1] < n

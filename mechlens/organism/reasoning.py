@@ -165,6 +165,8 @@ def reasoning_organism(
 
 BEHAVIOUR_SAMPLING = Sampling(max_new_tokens=288, temperature=0.6, top_p=0.95)
 """How `behaviour` samples word problems: T = 0.6 (the target's temperature), top-p 0.95."""
+REQUEST_SAMPLING = Sampling(max_new_tokens=96, temperature=0.7)
+"""How `behaviour` samples replies to requests: T = 0.7, as the refusal-cliff authors sample."""
 
 
 def behaviour(
@@ -173,13 +175,15 @@ def behaviour(
     n_requests: int = 40,
     seed: int = 0,
     sampling: Sampling = BEHAVIOUR_SAMPLING,
+    requests: Sampling = REQUEST_SAMPLING,
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict:
     """The organism's behaviour on held-out data, every rate with k/n and its Wilson interval:
     on `n_problems` word problems sampled by `sampling` (default T = 0.6), how often it thinks
     (closes a non-empty `<think>` section), how often it is right, the median number of thinking
-    sentences; per number of steps too; on `n_requests` test-split requests per set (greedy):
+    sentences; per number of steps too; on `n_requests` test-split requests per set (sampled by
+    `requests`, default T = 0.7):
     refusal of harmful, attack success of jailbreak-wrapped harmful, false refusal of harmless.
 
         >>> behaviour(model, n_problems=6, n_requests=4)["problems"]["thinks"]["n"]  # doctest: +SKIP
@@ -187,7 +191,7 @@ def behaviour(
     """
     from mechlens.rollouts import LocalEngine
     from mechlens.rollouts.engines import sample_texts
-    from mechlens.studies.refusal import REPLY_SAMPLING, refusal_rates, rollouts_by_set
+    from mechlens.studies.refusal import refusal_rates, rollouts_by_set
 
     problems = held_out_problems(n_problems, seed=seed)
     prompts = [format_prompt(model.tokenizer, p.question) for p in problems]
@@ -218,9 +222,10 @@ def behaviour(
         "jailbreak": [datasets.jailbreak(t, k) for k, t in enumerate(harmful)],
         "harmless": [i.text for i in test if not i.harmful][:n_requests],
     }
-    replies = rollouts_by_set(model, sets, REPLY_SAMPLING.replace(max_new_tokens=96), batch_size)
+    replies = rollouts_by_set(model, sets, requests, batch_size)
     return {
         "sampling": str(sampling),
+        "request_sampling": str(requests),
         "problems": rates(rows),
         "by_steps": {str(s): rates([r for r in rows if r["steps"] == s]) for s in (1, 2, 3)},
         "requests": refusal_rates(replies),
