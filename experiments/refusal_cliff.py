@@ -466,6 +466,9 @@ def planted_cliff(run: Run, model, traces: dict, curves: dict, cliffs: dict) -> 
         return None
     out = cliff_recovery([s for s, _ in complied], [k for _, k in complied], [s for s, _ in refused])
     a, b = cliffs["harmful, complied"], cliffs["harmful, refused"]
+    # complied traces that never recognised the harm (no rationalising sentence) are not in `n`
+    out["complied_without_planted_sentence"] = len(traces["harmful, complied"]) - len(complied)
+    out["refused_without_decision_sentence"] = len(traces["harmful, refused"]) - len(refused)
     out["cliff_auroc_complied_vs_refused"] = (
         auroc([c.cliff for c in a + b], [1] * len(a) + [0] * len(b)) if a and b else None
     )
