@@ -19,7 +19,7 @@ position, so an interrupted run resumes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -54,6 +54,7 @@ class AnchorsConfig:
     n_traces: int = 3  # traces analysed (one correct base solution per selected problem)
     min_sentences: int = 5
     long_trace: int = 15  # the methods' agreement is also reported on traces this long or longer
+    strict_similarity: float = 0.95  # a second counterfactual KL in the planted-structure recovery
     n_rollouts: int = 16  # per sentence (the paper: 100)
     max_new_tokens: int = 288
     temperature: float = 0.6
@@ -161,6 +162,9 @@ def main(cfg: AnchorsConfig) -> dict:
         np.concatenate([anchors.lower_triangle(t.suppression.numpy()) for t in per_trace]),
     )
     by_category = anchors.category_means(vectors["counterfactual KL"], categories)
+    resampling_kl = np.concatenate([t.resampling.resampling_kl for t in per_trace])  # no similarity filter
+    by_category_resampling = anchors.category_means(resampling_kl, categories)
+    print("resampling KL by category:", {k: round(v[0], 4) for k, v in by_category_resampling.items()})
     print("counterfactual importance by category:", {k: round(v[0], 4) for k, v in by_category.items()})
     print("Spearman:", {k: round(v[0], 3) for k, v in rho.items()}, "matrices:", matrix_rho)
     print("suppression, the authors' KL vs the exact one: Spearman", kl_rho)
@@ -242,6 +246,13 @@ def main(cfg: AnchorsConfig) -> dict:
         "counterfactual_kl_by_category": {
             c: {"mean": m, "se": s, "n": n} for c, (m, s, n) in by_category.items()
         },
+        "resampling_kl_by_category": {
+            c: {"mean": m, "se": s, "n": n} for c, (m, s, n) in by_category_resampling.items()
+        },
+        "counterfactual_kl_defined": {
+            "finite": int(np.isfinite(vectors["counterfactual KL"]).sum()),
+            "sentences": len(categories),
+        },  # fmt: skip
         "traces": [
             {
                 "problem": t.problem.id,
@@ -280,10 +291,15 @@ def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict:
     """How each method ranks the organism's planted decisive sentences (plan, repairing check),
     read back from each trace's text, against seeded random rankings; and a figure."""
     planted = [[k for k, r in enumerate(label_roles(t.sentences)) if r in DECISIVE] for t in per_trace]
-    out = {
-        name: rank_recovery([getattr(t, attr) for t in per_trace], planted, k=3, seed=cfg.seed)
-        for name, attr in anchors.METHODS.items()
-    }
+    scores = {name: [getattr(t, attr) for t in per_trace] for name, attr in anchors.METHODS.items()}
+    # beside the paper's three: resampling importance without the similarity filter (the paper's
+    # "resampling importance", as a KL), and counterfactual KL with a stricter filter (ours): a
+    # decisive plan's alternatives differ from it in one word, which cosine 0.8 calls "similar"
+    scores["resampling KL (no filter)"] = [t.resampling.resampling_kl for t in per_trace]
+    scores[f"counterfactual KL, cosine < {cfg.strict_similarity}"] = [
+        replace(t.resampling, threshold=cfg.strict_similarity).counterfactual_kl for t in per_trace
+    ]
+    out = {name: rank_recovery(v, planted, k=3, seed=cfg.seed) for name, v in scores.items()}
     for name, r in out.items():
         print(f"planted decisive sentences, {name}: mean rank {r['mean_rank']:.2f} {r['mean_rank_ci']} "
               f"(random {r['random_mean_rank']:.2f}), top-3 {r['top_k_hits']}/{r['n_traces']} "
