@@ -270,6 +270,7 @@ def test_cliff_recovery_finds_the_planted_drop():
     complied = [[0.9, 0.95, 0.9, 0.2], [0.8, 0.9, 0.85, 0.9, 0.1], [0.9, 0.3, 0.3, 0.2]]
     r = cliff_recovery(complied, [3, 4, 3], refused=[[0.9, 0.9, 0.95], [0.8, 0.9, 0.9]])
     assert r["distances"] == [0, 0, -2] and r["at_planted"] == 2 and r["n"] == 3
+    assert r["chance_at_planted"] == pytest.approx((1 / 3 + 1 / 4 + 1 / 3) / 3)
     assert (
         r["mean_abs_distance"] == pytest.approx(2 / 3)
         and r["at_planted_ci"][0] < 2 / 3 < r["at_planted_ci"][1]

@@ -118,7 +118,8 @@ def cliff_recovery(
     scores: per complied trace, one refusal score per thinking sentence; planted: the index of its
     rationalising sentence; refused: the same scores of refused traces (their last sentence's
     change is the comparison). Returns at_planted (drop exactly at the planted sentence: k/n,
-    Wilson interval), mean_abs_distance (sentences, 95% bootstrap interval), the distances, and
+    Wilson interval, and chance_at_planted, the rate if the drop fell on a random sentence),
+    mean_abs_distance (sentences, 95% bootstrap interval), the distances, and
     the mean change at the last sentence in complied vs refused traces.
     """
     rows = _check(scores, [[p] for p in planted], "scores")
@@ -135,6 +136,7 @@ def cliff_recovery(
         "at_planted": hits,
         "at_planted_rate": rate,
         "at_planted_ci": [low, high],
+        "chance_at_planted": float(np.mean([1 / (len(r) - 1) for r in rows])),  # a drop placed at random
         "mean_abs_distance": float(np.abs(distance).mean()),
         "mean_abs_distance_ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
         "distances": distance.tolist(),
