@@ -35,6 +35,7 @@ organisms: $(STAMP)
 # every experiment at full settings (resumable: cached steps are not recomputed)
 figures: $(STAMP)
 	$(PY) experiments/demo.py
+	$(PY) experiments/organism_behaviour.py
 	$(PY) experiments/depth_scoring.py
 	$(PY) experiments/refusal_cliff.py
 	$(PY) experiments/thought_anchors.py
