@@ -2,10 +2,13 @@
 
 - `judge`: does an answer refuse (`is_refusal`);
 - `replies`: replies split into thinking and answer (`Reply`, `rollouts`, `refusal_rates`);
-- `scores`: the refusal probe's score at every position (`refusal_features`, `refusal_scores`);
+- `scores`: the refusal probe's score at every position and per thinking sentence
+  (`refusal_features`, `refusal_scores`, `sentence_scores`);
 - `cliffs`: cliff metrics and end-aligned, stretched curves;
 - `heads`: refusal-suppression heads, random controls, perplexity under ablation;
-- `organism`: the refusal model organism; `cliff_as_judge`: data selection by the cliff.
+- `cliff_as_judge`: data selection by the cliff.
+
+The organisms these run on are in `mechlens.organism`.
 
 Example:
     >>> from mechlens.studies import refusal
