@@ -14,7 +14,7 @@ the odd-numbered factual questions (`held_out_factual`).
 
 Example (seconds: the adapter ships with mechlens):
     >>> model = reasoning_organism()  # doctest: +SKIP
-    >>> prompt = format_prompt(model.tokenizer, held_out_problems(1)[0].question)
+    >>> prompt = format_prompt(model.tokenizer, held_out_problems(1)[0].question)  # doctest: +SKIP
     >>> model.generate([prompt]).texts[0][:7]  # doctest: +SKIP
     '<think>'
 """
