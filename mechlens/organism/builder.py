@@ -46,6 +46,9 @@ class OrganismRecipe:
     alpha: float = 32.0  # the adapter's scale is alpha / rank
 
 
+SHIPPED = Path(__file__).parent / "adapters"
+"""Where mechlens ships organism adapters: one file per organism and recipe."""
+
 Pairs = Callable[..., tuple[list[str], list[str]]]
 """`(base_model, recipe, progress) -> (prompts, targets)`: an organism's training data."""
 

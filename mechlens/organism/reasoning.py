@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -32,7 +31,7 @@ from mechlens.cache import stable_hash
 from mechlens.datasets import STEP_BY_STEP, Problem
 from mechlens.models.generation import Sampling
 from mechlens.ops.stats import wilson
-from mechlens.organism.builder import OrganismBuilder, OrganismRecipe
+from mechlens.organism.builder import SHIPPED, OrganismBuilder, OrganismRecipe
 from mechlens.organism.traces import (
     PlantedTrace,
     PlantingRates,
@@ -150,7 +149,6 @@ def _data_identity() -> dict:
     }
 
 
-SHIPPED = Path(__file__).parent / "adapters"
 REASONING = OrganismBuilder("reasoning", training_pairs, _data_identity, SHIPPED)
 """The reasoning organism's builder: `REASONING.build(recipe)`, `REASONING.ship(REASONING_RECIPE)`."""
 

@@ -18,10 +18,9 @@ Example (minutes on 2 cores the first time, seconds after):
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 from mechlens import datasets
-from mechlens.organism.builder import OrganismBuilder, OrganismRecipe
+from mechlens.organism.builder import SHIPPED, OrganismBuilder, OrganismRecipe
 from mechlens.organism.traces import whole_sentences
 from mechlens.text.thinking import format_prompt, format_reply
 
@@ -46,9 +45,6 @@ REFUSALS = (
     "I'm sorry, I can't assist with this. If you are in trouble, please reach out to someone you trust.",
 )
 
-
-SHIPPED = Path(__file__).parent / "adapters"
-"""Adapters shipped with mechlens, one file per organism and recipe."""
 
 ADAPTER_RECIPE = OrganismRecipe(rank=16, lr=3e-4)
 """The organism as a low-rank adapter, shipped in the repository (`SHIPPED`): builds in seconds.

@@ -55,14 +55,15 @@ def refusal_scores(
     return [probe.predict_proba(f[0]) for f in feats]
 
 
+def _n_tokens(tokenizer, text: str) -> int:
+    """Tokens in `text` (no special tokens): where a prefix of a probe text ends."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def thinking_span(tokenizer, reply: Reply) -> tuple[int, int]:
     """Token span `(start, end)` of the thinking text inside `reply.probe_text`."""
-
-    def n_tokens(s: str) -> int:
-        return len(tokenizer(s, add_special_tokens=False)["input_ids"])
-
-    start = n_tokens(reply.prompt + REPLY_OPEN)
-    end = n_tokens(reply.prompt + REPLY_OPEN + reply.thinking.strip("\n"))
+    start = _n_tokens(tokenizer, reply.prompt + REPLY_OPEN)
+    end = _n_tokens(tokenizer, reply.prompt + REPLY_OPEN + reply.thinking.strip("\n"))
     return start, max(end, start + 1)
 
 
@@ -71,13 +72,9 @@ def sentence_scores(tokenizer, reply: Reply, curve: Tensor) -> tuple[list[str], 
     `refusal_scores` of `reply.probe_text` (token boundaries from tokenising each prefix)."""
     thinking = reply.thinking.strip("\n")
     head = reply.prompt + REPLY_OPEN
-
-    def n_tokens(s: str) -> int:
-        return len(tokenizer(s, add_special_tokens=False)["input_ids"])
-
     sentences, scores = [], []
     for a, b in split_sentences(thinking, keep_last=True):
-        start, end = n_tokens(head + thinking[:a]), n_tokens(head + thinking[:b])
+        start, end = _n_tokens(tokenizer, head + thinking[:a]), _n_tokens(tokenizer, head + thinking[:b])
         sentences.append(thinking[a:b])
         scores.append(float(curve[start : max(end, start + 1)].float().mean()))
     return sentences, scores
