@@ -219,7 +219,7 @@ def _anchors(args, rest) -> int:
         prompt, response = data["prompt"], data["response"]
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise TypeError
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise ValueError(f"{args.trace} must be a JSON object with 'prompt' and 'response' strings") from None
     if args.rollouts < 0 or (args.rollouts and not args.answer):
         raise ValueError("--rollouts must be >= 0 and needs --answer (the correct final answer)")

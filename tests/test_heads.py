@@ -40,7 +40,7 @@ def test_unembedding_only_chosen_positions_changes_nothing(method, backend):
     part = head_ablation_effects(model, toks, metric, method, attention_mask=mask, positions=[-2, -1],
                                  progress=False)  # fmt: skip
     torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-4)
-    n = toks.shape[1]
+    n = int(mask.sum(1).min())  # positions count each row's own tokens: the shortest row bounds them
     valid = rf"\[-{n}, {n}\)"
     with pytest.raises(ValueError, match=rf"positions must be a non-empty list in {valid}; got \[{n}\]"):
         head_ablation_effects(model, toks, metric, method, attention_mask=mask, positions=[n])

@@ -30,12 +30,13 @@ if TYPE_CHECKING:
     from mechlens.models.hooked import HookedModel
 
 MAX_SEED = 2**63 - 1
-"""Seeds are 0..MAX_SEED; each row's generator is seeded from (seed, row) modulo 2**63."""
+"""Seeds are 0..MAX_SEED; sample j of a prompt draws from a generator seeded from (seed, j)."""
 
 
-def row_seed(seed: int, row: int) -> int:
-    """The generator seed of row `row` of a call with `seed` (identical for every batch size)."""
-    return (seed * 1_000_003 + row) % 2**63
+def row_seed(seed: int, sample: int) -> int:
+    """The generator seed of sample `sample` (0..n-1) of a prompt whose seed is `seed`: it does not
+    depend on the batch size, nor on which other prompts share the call."""
+    return (seed * 1_000_003 + sample) % 2**63
 
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
@@ -61,8 +62,10 @@ class Sampling:
         temperature: softmax temperature; 0 is greedy.
         top_p: nucleus sampling mass in (0, 1].
         n: samples per prompt (they share the prompt's KV cache).
-        seed: row r of a call draws from its own generator seeded from (seed, r), so results do
-            not depend on the batch size.
+        seed: sample j of a prompt draws from its own generator seeded from (seed, j), so a prompt
+            gets the same continuations alone or in any batch, whatever precedes it (the same
+            prompt twice gets the same samples twice: ask for `n` samples, or give `generate`
+            one seed per prompt with `seeds=`).
         stop_at_eos: end a row at the end-of-sequence token.
     """
 
@@ -107,10 +110,14 @@ class Generation:
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float, gens: list[torch.Generator]) -> Tensor:
-    """One token per row of `logits [rows, vocab]`: greedy, or temperature + nucleus sampling."""
+    """One token per row of `logits [rows, vocab]`: greedy, or temperature + nucleus sampling.
+
+    The logits are shifted by their maximum before the division, so that any temperature > 0
+    (1e-40 included) gives a proper distribution."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1).cpu()
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.max(-1, keepdim=True).values) / temperature, -1).cpu()
     if top_p < 1:
         sorted_p, idx = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
@@ -122,15 +129,18 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, gens: list[tor
 PATHS = ("auto", "hooked", "plain")
 """`generate(path=)`: "auto" takes the plain model when no intervention is active."""
 
-Step = Callable[[Tensor, Tensor, Any], tuple[Tensor, Any]]
-"""`step(ids [rows, q], mask [rows, k], past) -> (last-position logits [rows, vocab], past)`."""
+Step = Callable[[Tensor, Tensor, Any, Tensor], tuple[Tensor, Any]]
+"""`step(ids [rows, q], mask [rows, k], past, prompts [rows]) -> (last-position logits [rows,
+vocab], past)`; `prompts` is each row's prompt index in the call (for per-row settings)."""
 
 
 def hooked_step(model: HookedModel) -> Step:
-    """One step through `model.forward`: the active interventions apply."""
+    """One step through `model.forward`: the active interventions apply, per-row ones by prompt."""
 
-    def step(ids: Tensor, mask: Tensor, past: Any) -> tuple[Tensor, Any]:
-        out = model.forward(ids, mask, past_key_values=past, use_cache=True)
+    def step(ids: Tensor, mask: Tensor, past: Any, prompts: Tensor) -> tuple[Tensor, Any]:
+        out = model.forward(
+            ids, mask, past_key_values=past, use_cache=True, rows=prompts, per_step_statistics=True
+        )
         assert out.logits is not None  # ran to the end
         return out.logits[:, -1], out.past_key_values
 
@@ -141,7 +151,7 @@ def plain_step(model: HookedModel) -> Step:
     """One step on `model.plain_model` (no hooks), unembedding the last position only."""
     plain = model.plain_model
 
-    def step(ids: Tensor, mask: Tensor, past: Any) -> tuple[Tensor, Any]:
+    def step(ids: Tensor, mask: Tensor, past: Any, prompts: Tensor) -> tuple[Tensor, Any]:
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]  # each row's own
         out = plain(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=past,
                     use_cache=True, logits_to_keep=1)  # fmt: skip
@@ -156,27 +166,33 @@ def sample_batch(
     tokens: Tensor,
     mask: Tensor,
     sampling: Sampling,
-    first_row: int,
+    seeds: list[int],
+    first_prompt: int = 0,
     step: Step | None = None,
 ) -> list[Tensor]:
     """New token ids for each of the `sampling.n` samples of every row of `tokens [batch, pos]`
-    (left-padded, `mask [batch, pos]`): rows `b*n ... b*n+n-1` continue row b. The prompt runs
-    once and its KV cache is shared by its samples; finished rows leave the batch. `step`
-    (default: `hooked_step(model)`) runs the model."""
+    (left-padded, `mask [batch, pos]`): rows `b*n ... b*n+n-1` continue row b, sample j drawing
+    from a generator seeded from `row_seed(seeds[b], j)`. The prompt runs once and its KV cache is
+    shared by its samples; finished rows leave the batch. Row b is prompt `first_prompt + b` of
+    the call for per-row interventions. `step` (default: `hooked_step(model)`) runs the model."""
     n, max_new = sampling.n, sampling.max_new_tokens
     if tokens.shape[1] + max_new > model.n_ctx:
         raise ValueError(
             f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new}) exceeds "
             f"the context window ({model.n_ctx})"
         )
+    if len(seeds) != len(tokens):
+        raise ValueError(f"{len(seeds)} seeds for {len(tokens)} prompts")
     step = step or hooked_step(model)
-    last, past = step(tokens, mask, None)
+    prompts = torch.arange(first_prompt, first_prompt + len(tokens), device=model.device)
+    last, past = step(tokens, mask, None, prompts)
+    prompts = prompts.repeat_interleave(n)
     if n > 1:  # share the prompt's KV cache across its n samples
         past.batch_repeat_interleave(n)
         mask = mask.repeat_interleave(n, 0)
     logits = last.float().repeat_interleave(n, 0)  # [rows, vocab]
     rows = logits.shape[0]
-    gens = [torch.Generator().manual_seed(row_seed(sampling.seed, first_row + r)) for r in range(rows)]
+    gens = [torch.Generator().manual_seed(row_seed(seeds[r // n], r % n)) for r in range(rows)]
     eos = model.tokenizer.eos_token_id if sampling.stop_at_eos else None
     generated = torch.full((rows, max_new), model.tokenizer.pad_token_id)  # [rows, new]
     lengths = torch.full((rows,), max_new)
@@ -193,6 +209,6 @@ def sample_batch(
             active, nxt, mask = active[keep], nxt[keep.to(nxt.device)], mask[keep.to(mask.device)]
             past.batch_select_indices(keep.to(model.device))
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        last, past = step(nxt[:, None].to(model.device), mask, past)
+        last, past = step(nxt[:, None].to(model.device), mask, past, prompts[active.to(prompts.device)])
         logits = last.float()
     return [generated[r, : lengths[r]] for r in range(rows)]

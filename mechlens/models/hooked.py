@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 import operator
 import os
 from collections.abc import Iterator, Sequence
@@ -33,13 +34,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mechlens.models.architecture import Architecture, require_submodule
 from mechlens.models.backends import make_backend
-from mechlens.models.generation import PATHS, Generation, Sampling, hooked_step, plain_step, sample_batch
+from mechlens.models.generation import (
+    MAX_SEED,
+    PATHS,
+    Generation,
+    Sampling,
+    hooked_step,
+    plain_step,
+    sample_batch,
+)
 from mechlens.models.interventions import (
     AttentionSuppression,
     DirectionAddition,
@@ -49,7 +59,9 @@ from mechlens.models.interventions import (
     Intervention,
     Interventions,
     Positions,
+    unit_vector,
 )
+from mechlens.models.padding import check_mask, check_unmasked, left_align
 from mechlens.models.protocol import CACHE_NAMES, Backend, Reducer, RunOutput, RunRequest
 
 TokensLike = Tensor | str | Sequence[str]
@@ -74,6 +86,31 @@ def _logits(out: RunOutput) -> Tensor:
     return out.logits
 
 
+def _is_integer(value: Any) -> bool:
+    """An int, a NumPy integer or a 0-d integer tensor (not a bool)."""
+    if isinstance(value, bool | np.bool_):
+        return False
+    if isinstance(value, Tensor):
+        return value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral)
+
+
+def _leaves_prefix(item: Intervention, upto: int) -> bool:
+    """Whether `item` changes nothing that a continuation after the first `upto` positions reads
+    from their keys and values: it touches none of them, or (a suppression of every layer and
+    head from every query) the only ones it touches lie in the suppressed spans, which no later
+    query reads."""
+    if isinstance(item, AttentionSuppression):
+        if all(start >= upto for start, _ in item.spans):
+            return True
+        if item.queries is not None:
+            return min(item.queries) >= upto
+        return item.layers is None and item.heads is None and all(end >= upto for _, end in item.spans)
+    if isinstance(item, DirectionAddition) or (isinstance(item, HeadAblation) and item.rescale is None):
+        return item.positions is not None and min(item.positions) >= upto
+    return False
+
+
 class ActivationCache(dict):
     """name -> tensor stacked over the captured layers: `[layers, batch, ...]`.
 
@@ -95,11 +132,30 @@ class ActivationCache(dict):
 
 @dataclass
 class Prefix:
-    """One sequence's KV cache (from `HookedModel.cache_prefix`), reusable by `continue_prefix`."""
+    """One sequence's KV cache (from `HookedModel.cache_prefix`), reusable by `continue_prefix`;
+    `interventions` are the ones in force when it was cached (its keys and values carry them)."""
 
     tokens: Tensor  # [1, pos]
     past_key_values: Any
     logits: Tensor  # [1, pos, vocab]
+    interventions: list[Intervention]
+
+
+class InterventionContext(contextlib.AbstractContextManager):
+    """The context `HookedModel.intervene` returns: while entered, `item` applies to every forward.
+
+    Reusable and re-entrant: each entry adds the item once, each exit removes one entry of that very
+    object (by identity), so any nesting order, an exception inside, or entering it again later
+    leaves the model as it was."""
+
+    def __init__(self, model: HookedModel, item: Intervention):
+        self.model, self.item = model, item
+
+    def __enter__(self) -> None:
+        self.model._interventions.items.append(self.item)
+
+    def __exit__(self, *exc: object) -> None:
+        self.model._interventions.remove(self.item)
 
 
 class HookedModel:
@@ -133,6 +189,12 @@ class HookedModel:
             if isinstance(backend, str)
             else backend
         )
+
+    @property
+    def active_interventions(self) -> tuple[Intervention, ...]:
+        """The interventions in force, in the order their contexts were entered (part of every
+        cache key: `mechlens.cache.model_fingerprint`)."""
+        return tuple(self._interventions.items)
 
     @property
     def backend(self) -> str:
@@ -232,7 +294,10 @@ class HookedModel:
             layers = [layers]
         if isinstance(layers, str) or not isinstance(layers, Sequence | range | Tensor):
             raise TypeError(f"{name} must be a list of layer indices, got {type(layers).__name__}")
-        return [self.check_layer(l, f"{name} entry") for l in layers]
+        checked = [self.check_layer(l, f"{name} entry") for l in layers]
+        if not checked:
+            raise ValueError(f"{name} is empty: give at least one layer (None means all of them)")
+        return checked
 
     def check_head(self, head: Any, name: str = "head") -> int:
         """`head` as an int in `0..n_heads-1`, else `ValueError`/`TypeError`."""
@@ -243,10 +308,14 @@ class HookedModel:
 
     def check_heads(self, heads: Any) -> dict[int, list[int]]:
         """`(layer, head)` pairs grouped by layer; raises naming the first malformed entry."""
+        if isinstance(heads, Tensor | np.ndarray) and heads.ndim == 2:
+            heads = heads.tolist()
         if isinstance(heads, str) or not isinstance(heads, Sequence | Iterator):
             raise TypeError(f"heads must be a list of (layer, head) pairs, got {type(heads).__name__}")
         by_layer: dict[int, list[int]] = {}
         for pair in heads:
+            if isinstance(pair, Tensor | np.ndarray):
+                pair = pair.tolist()
             if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
                 raise ValueError(f"heads must be (layer, head) pairs; got the entry {pair!r}")
             layer, head = self.check_layer(pair[0]), self.check_head(pair[1])
@@ -256,22 +325,28 @@ class HookedModel:
         return by_layer
 
     def check_direction(self, direction: Tensor) -> Tensor:
-        """A finite, non-zero `[d_model]` vector on the model's device."""
+        """A finite, non-zero `[d_model]` vector (float32, on the model's device); tiny and huge
+        vectors are fine (`unit_vector` normalises them scale-safely)."""
+        if not isinstance(direction, Tensor | np.ndarray | Sequence) or isinstance(direction, str):
+            raise TypeError(f"direction must be a [d_model] tensor, got {type(direction).__name__}")
         direction = torch.as_tensor(direction)
         if direction.shape != (self.d_model,):
             raise ValueError(f"direction must have shape ({self.d_model},), got {tuple(direction.shape)}")
-        if not direction.is_floating_point():
-            direction = direction.float()
-        if not torch.isfinite(direction).all() or direction.norm() == 0:
-            raise ValueError("direction must be finite and non-zero")
-        return direction.to(self.device)
+        if direction.dtype == torch.bool or direction.is_complex():
+            raise TypeError(f"direction must be real numbers, got dtype {direction.dtype}")
+        unit_vector(direction)  # raises for non-finite or zero vectors
+        return direction.detach().to(self.device, torch.float64 if direction.dtype == torch.float64
+                                     else torch.float32)  # fmt: skip
 
     def prepare_input(
         self, tokens: TokensLike, attention_mask: Tensor | None = None, fit: bool = True
     ) -> tuple[Tensor, Tensor]:
         """Validated `(tokens [batch, pos], attention_mask [batch, pos])` on the model's device,
         from text(s) or ids; with `fit`, the active contexts' spans and positions must lie inside
-        every row (generation passes `fit=False`: they may point at tokens still to come)."""
+        every row (generation passes `fit=False`: they may point at tokens still to come).
+
+        Ids may be padded on either side with their mask (`mechlens.models.padding`); ids
+        without a mask that hold padding raise a `ValueError`."""
         if isinstance(tokens, str) or (isinstance(tokens, Sequence) and not isinstance(tokens, Tensor)):
             if attention_mask is not None:
                 raise ValueError("attention_mask goes with token ids; texts are tokenised (and masked) here")
@@ -283,19 +358,10 @@ class HookedModel:
             self.check_tokens(tokens)
             tokens = tokens.to(self.device)
             if attention_mask is None:
+                check_unmasked(tokens, self.tokenizer)
                 attention_mask = torch.ones_like(tokens)
             else:
-                attention_mask = torch.as_tensor(attention_mask)
-                if attention_mask.ndim == 1:
-                    attention_mask = attention_mask[None]
-                if attention_mask.shape != tokens.shape:
-                    raise ValueError(
-                        f"attention_mask shape {tuple(attention_mask.shape)} != tokens {tuple(tokens.shape)}"
-                    )
-                if not torch.isin(attention_mask, torch.tensor([0, 1], device=attention_mask.device)).all():
-                    raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-                if (attention_mask.sum(1) == 0).any():
-                    raise ValueError("attention_mask has a row with no token")
+                attention_mask = check_mask(attention_mask, tuple(tokens.shape))
         attention_mask = attention_mask.to(self.device).long()
         if fit:
             self._check_interventions_fit(attention_mask.sum(1))
@@ -335,6 +401,8 @@ class HookedModel:
         start_at: int | None = None,
         resid_in: Tensor | None = None,
         reduce: Reducer | None = None,
+        rows: Tensor | None = None,
+        per_step_statistics: bool = False,
     ) -> RunOutput:
         """One forward pass under the active interventions: the low-level primitive.
 
@@ -348,6 +416,12 @@ class HookedModel:
             start_at, resid_in: run blocks `start_at..` only, from `resid_in [batch, q, d_model]`
                 as the residual entering block `start_at` (backends skip the blocks below).
             reduce: `reduce(name, layer, t)` shrinks each capture as it is taken.
+            rows: `[batch]`, the caller's row of each batch row (default: row b is row b): the
+                row of per-row settings (one suppressed span or one head-scale set per row).
+            per_step_statistics: continuing a KV cache under an intervention whose statistic is
+                taken over one forward (mean ablation without `reference=`, `rescale="norm"`)
+                raises, because the statistic would cover only the new tokens; `generate` passes
+                True, taking it per step as the Refusal Cliff authors' generation does.
 
         Gradients flow when enabled by the caller (`torch.enable_grad()`).
         """
@@ -358,6 +432,8 @@ class HookedModel:
                 attention_mask = torch.ones_like(tokens)
         elif attention_mask is None:
             raise ValueError("continuing past_key_values needs the attention_mask over cached and new tokens")
+        elif past_key_values.get_seq_length() > 0 and not per_step_statistics:
+            self._refuse_partial_statistics("continuing a KV cache")
         if attention_mask.shape[0] != tokens.shape[0] or attention_mask.shape[1] < tokens.shape[1]:
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)} does not cover tokens {tuple(tokens.shape)}"
@@ -378,7 +454,9 @@ class HookedModel:
             if resid_in.shape != (*tokens.shape, self.d_model):
                 raise ValueError(f"resid_in must be [batch, pos, d_model] = {(*tokens.shape, self.d_model)}, "
                                  f"got {tuple(resid_in.shape)}")  # fmt: skip
-        pos = Positions.from_mask(attention_mask, tokens.shape[1])
+        if rows is not None and (rows.ndim != 1 or len(rows) != tokens.shape[0]):
+            raise ValueError(f"rows must be [batch] = [{tokens.shape[0]}], got {tuple(rows.shape)}")
+        pos = Positions.from_mask(attention_mask, tokens.shape[1], rows)
         request = RunRequest(
             tokens=tokens,
             attention_mask=attention_mask,
@@ -394,6 +472,17 @@ class HookedModel:
             reduce=reduce,
         )
         return self.adapter.run(request)
+
+    def _refuse_partial_statistics(self, path: str) -> None:
+        """`ValueError` when an active intervention takes a statistic over one forward's positions."""
+        found = self._interventions.per_forward_statistics()
+        if found:
+            raise ValueError(
+                f"{path} under ablate_heads(mode='mean' without reference=, or rescale='norm') would take "
+                "the ablation's statistic over part of the sequence only, not over the whole of it as one "
+                "forward does: run one full forward (e.g. chunk= at least the length), or give "
+                "reference= for the mean"
+            )
 
     def chunk_size_for(self, n_pos: int, budget_mb: float = 128) -> int:
         """Positions per chunk for a forward over `n_pos` tokens: 512, fewer on long inputs so that
@@ -443,6 +532,8 @@ class HookedModel:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         n = tokens.shape[1]
+        if n > chunk_size or done > 0:
+            self._refuse_partial_statistics(f"a forward in chunks of {chunk_size} positions")
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             out = self.forward(
@@ -594,15 +685,21 @@ class HookedModel:
         self.tokenizer.save_pretrained(path)
 
     # ---------------------------------------------------------------- contexts
-    @contextlib.contextmanager
-    def intervene(self, item: Intervention) -> Iterator[None]:
+    def intervene(self, item: Intervention) -> InterventionContext:
         """Context: apply any intervention object (`mechlens.models.interventions`) to every
-        forward inside it, generation included. The named contexts below build these."""
-        self._interventions.items.append(item)
-        try:
-            yield
-        finally:
-            self._interventions.items.remove(item)
+        forward inside it, generation included. The named contexts below build these. The
+        context may be nested in any order, entered again, and left by an exception: the model
+        is always restored (`InterventionContext`).
+
+            >>> ctx = model.add_direction(0, torch.ones(model.d_model))   # doctest: +SKIP
+            >>> with ctx, ctx:                # applied twice inside, removed on exit   # doctest: +SKIP
+            ...     logits = model(toks)
+        """
+        if not isinstance(item, Intervention):
+            raise TypeError(
+                f"item must be an intervention (mechlens.models.interventions), got {type(item).__name__}"
+            )
+        return InterventionContext(self, item)
 
     def _check_positions(self, positions: Sequence[int] | None, name: str = "positions") -> list[int] | None:
         if positions is None:
@@ -690,7 +787,7 @@ class HookedModel:
         )
         if isinstance(keys, str) or not isinstance(keys, Sequence):
             raise TypeError(valid)
-        per_row = not (len(keys) == 2 and all(isinstance(k, int) and not isinstance(k, bool) for k in keys))
+        per_row = not (len(keys) == 2 and all(_is_integer(k) for k in keys))
         spans = list(keys) if per_row else [keys]
         if not spans:
             raise ValueError("keys is an empty list: give a span (start, end) or one per batch row")
@@ -703,7 +800,11 @@ class HookedModel:
                 raise ValueError(valid)
             checked.append((start, end))
         layer_set = None if layers is None else set(self.check_layers(layers))
-        head_list = None if heads is None else [self.check_head(h) for h in heads]
+        if heads is not None and (isinstance(heads, str) or not isinstance(heads, Sequence | range | Tensor)):
+            raise TypeError(f"heads must be a list of head indices, got {type(heads).__name__}")
+        head_list = None if heads is None else [self.check_head(h, "heads entry") for h in heads]
+        if head_list is not None and not head_list:
+            raise ValueError("heads is empty: give at least one head (None means all of them)")
         queries = self._check_positions(queries, "queries")
         return self.intervene(
             AttentionSuppression(checked if per_row else checked[0], queries, layer_set, head_list)
@@ -718,16 +819,21 @@ class HookedModel:
     ) -> contextlib.AbstractContextManager[None]:
         """Context: add `scale * direction` to the residual stream leaving block `layer`."""
         layer = self.check_layer(layer)
-        if (
-            isinstance(scale, bool)
-            or not isinstance(scale, int | float)
-            or not torch.isfinite(torch.tensor(scale))
-        ):
+        if isinstance(scale, Tensor) and scale.numel() == 1 and scale.is_floating_point():
+            scale = float(scale)
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a real number, got {type(scale).__name__} {scale!r}")
+        if not np.isfinite(float(scale)):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         positions = self._check_positions(positions)
-        return self.intervene(
-            DirectionAddition(layer, self.check_direction(direction), float(scale), positions)
-        )
+        direction = self.check_direction(direction)
+        biggest = float(scale) * direction.double().abs().max()
+        if self.dtype.is_floating_point and biggest > torch.finfo(self.dtype).max:
+            raise ValueError(
+                f"scale * direction has entries up to {float(biggest):.3g}, past the largest "
+                f"{self.dtype} ({torch.finfo(self.dtype).max:.3g}): use a smaller scale"
+            )
+        return self.intervene(DirectionAddition(layer, direction.float(), float(scale), positions))
 
     def project_out(
         self, direction: Tensor, layers: Sequence[int] | None = None
@@ -735,7 +841,7 @@ class HookedModel:
         """Context: remove the component along `direction` from the residual stream leaving
         each block in `layers` (default: every block)."""
         layer_set = None if layers is None else set(self.check_layers(layers))
-        return self.intervene(DirectionProjection(self.check_direction(direction), layer_set))
+        return self.intervene(DirectionProjection(unit_vector(self.check_direction(direction)), layer_set))
 
     @contextlib.contextmanager
     def trainable_blocks(self, first: int) -> Iterator[list[nn.Parameter]]:
@@ -771,14 +877,18 @@ class HookedModel:
             raise ValueError(f"cache_prefix takes one sequence, got a batch of {tokens.shape[0]}")
         with torch.no_grad():
             out = self.forward(tokens, mask, use_cache=True)
-        return Prefix(tokens, out.past_key_values, _logits(out))
+        return Prefix(tokens, out.past_key_values, _logits(out), list(self._interventions.items))
 
     def continue_prefix(self, prefix: Prefix, suffix: Tensor, upto: int | None = None) -> Tensor:
         """Logits `[batch, suffix_pos, vocab]` of `suffix [batch, suffix_pos]` run after the first
         `upto` tokens of `prefix` (default: all of them), each row after the same prefix.
 
         Only the suffix is computed; the active contexts apply to it (positions count from the
-        start of the prefix). Equal to running `prefix[:upto] + suffix` from scratch.
+        start of the prefix). Equal to running `prefix[:upto] + suffix` from scratch: so the
+        contexts in force now must be those the prefix was cached under, plus any that change
+        nothing the suffix reads from the first `upto` positions (`positions=`, `queries=` or a
+        suppressed span at or after `upto`, or a span of every layer and head ending at or after
+        it); anything else raises a `ValueError`.
         """
         n = prefix.tokens.shape[1]
         upto = n if upto is None else as_index(upto, "upto")
@@ -791,6 +901,9 @@ class HookedModel:
             raise ValueError(
                 f"suffix must be token ids [batch, pos] with pos >= 1, got shape {tuple(suffix.shape)}"
             )
+        if not isinstance(prefix, Prefix):
+            raise TypeError(f"prefix must come from model.cache_prefix, got {type(prefix).__name__}")
+        self._check_prefix_interventions(prefix, upto)
         full = self.check_tokens(torch.cat([prefix.tokens[:, :upto].expand(len(suffix), -1), suffix], 1))
         self._check_interventions_fit(torch.full((len(full),), full.shape[1]))
         past = copy.deepcopy(prefix.past_key_values)
@@ -802,6 +915,24 @@ class HookedModel:
         with torch.no_grad():
             return _logits(self.forward(suffix, mask, past_key_values=past, use_cache=True))
 
+    def _check_prefix_interventions(self, prefix: Prefix, upto: int) -> None:
+        """The cached prefix must carry exactly the interventions now in force, but for those that
+        leave its first `upto` positions alone."""
+        now = list(self._interventions.items)
+        for it in prefix.interventions:
+            if not any(x is it for x in now):
+                raise ValueError(
+                    "the prefix was cached under an intervention that is no longer active: its keys and "
+                    "values still carry it; cache the prefix again under the contexts in force now"
+                )
+        for it in now:
+            if not any(x is it for x in prefix.interventions) and not _leaves_prefix(it, upto):
+                raise ValueError(
+                    f"an intervention entered after the prefix was cached ({type(it).__name__}) changes "
+                    f"its first {upto} positions, which the cache holds as they were: cache the prefix "
+                    "again inside the context"
+                )
+
     # ---------------------------------------------------------------- generation
     def generate(
         self,
@@ -809,6 +940,7 @@ class HookedModel:
         sampling: Sampling | None = None,
         *,
         attention_mask: Tensor | None = None,
+        seeds: Sequence[int] | None = None,
         batch_size: int = 16,
         progress: bool = False,
         path: str = "auto",
@@ -819,18 +951,21 @@ class HookedModel:
         Args:
             prompts: one text, a list of texts, or token ids `[batch, pos]` (for instance a trace
                 cut at a sentence, which decoding and re-tokenising might not reproduce); padded
-                ids need their `attention_mask`.
+                ids (left or right) need their `attention_mask`.
             sampling: a `Sampling` (default `Sampling()`); keyword `settings` override its fields:
                 `max_new_tokens`, `temperature` (0 = greedy), `top_p`, `n`, `seed`, `stop_at_eos`.
+            seeds: one seed per prompt (default: `sampling.seed` for every prompt).
             batch_size: rows per forward; results do not depend on it.
             path: "auto" runs the plain Hugging Face model when no intervention is active (the fast
                 path: no hooks, only the last position unembedded) and the hooked forward
                 otherwise; "hooked" always hooks (the reference); "plain" refuses interventions.
                 Both give the same tokens.
 
-        Each prompt runs once and its KV cache is shared by its `n` samples. Row r draws from its
-        own generator seeded from `(seed, r)`. A prompt gives the same continuation alone or in
-        any batch (left padding is masked).
+        Each prompt runs once and its KV cache is shared by its `n` samples. Sample j of prompt i
+        draws from its own generator seeded from `(seeds[i], j)` (`row_seed`), so a prompt gives
+        the same continuations alone or in any batch, whatever precedes it. Per-row
+        interventions (one suppressed span per row) hold one entry per prompt, shared by its `n`
+        samples. `rescale="norm"` takes its statistic per step (the prompt, then each new token).
 
             >>> model.generate("2+2=", max_new_tokens=4, temperature=0).texts  # doctest: +SKIP
         """
@@ -838,11 +973,19 @@ class HookedModel:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         tokens, mask = self.prepare_input(prompts, attention_mask, fit=False)
-        if isinstance(prompts, Tensor) and attention_mask is None and len(tokens) > 1:
-            self._reject_unmasked_padding(tokens)
+        tokens, mask = left_align(tokens, mask, self.tokenizer.pad_token_id)
+        prompt_seeds = (
+            [sampling.seed] * len(tokens) if seeds is None else self._check_seeds(seeds, len(tokens))
+        )
         for it in self._interventions.of(HeadAblation):
             if it.mode == "mean" and it.means is None:
                 raise ValueError("mean ablation during generate needs reference= tokens for the means")
+        for it in self._interventions.of(AttentionSuppression):
+            if isinstance(it.keys, list) and len(it.keys) != len(tokens):
+                raise ValueError(
+                    f"{len(it.keys)} suppressed spans (keys) for {len(tokens)} prompts: give one span per "
+                    "prompt (its n samples share it)"
+                )
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if path == "plain" and self._interventions.items:
@@ -856,7 +999,9 @@ class HookedModel:
             rows_mask = mask[i : i + per_batch]
             width = int(rows_mask.sum(1).max())  # drop columns that are padding in every row
             rows = tokens[i : i + per_batch, -width:]
-            new_tokens += sample_batch(self, rows, rows_mask[:, -width:], sampling, i * sampling.n, step)
+            new_tokens += sample_batch(
+                self, rows, rows_mask[:, -width:], sampling, prompt_seeds[i : i + per_batch], i, step
+            )
         texts = [self.tokenizer.decode(row.tolist()) for row in new_tokens]
         if isinstance(prompts, Tensor):
             shown = [self.tokenizer.decode(t[m.bool()].tolist()) for t, m in zip(tokens, mask, strict=True)]
@@ -864,12 +1009,14 @@ class HookedModel:
             shown = [prompts] if isinstance(prompts, str) else list(prompts)
         return Generation(shown, texts, new_tokens, sampling.n, sampling)
 
-    def _reject_unmasked_padding(self, tokens: Tensor) -> None:
-        """Left-padded ids without their mask would be sampled from as if the pads were text."""
-        pad = self.tokenizer.pad_token_id
-        starts_with_pad = tokens[:, 0] == pad
-        if pad is not None and starts_with_pad.any() and not starts_with_pad.all():
-            raise ValueError(
-                "some prompt rows start with the padding token: pass their attention_mask "
-                "(model.tokenize(texts) returns both) or give the prompts as texts"
-            )
+    @staticmethod
+    def _check_seeds(seeds: Sequence[int], count: int) -> list[int]:
+        """`seeds` as ints in 0..MAX_SEED, one per prompt; `ValueError`/`TypeError` naming `seeds`."""
+        if isinstance(seeds, str) or not isinstance(seeds, Sequence | Tensor | np.ndarray):
+            raise TypeError(f"seeds must be a list of ints, one per prompt, got {type(seeds).__name__}")
+        out = [as_index(s, "seeds entry") for s in seeds]
+        if len(out) != count:
+            raise ValueError(f"seeds must hold one seed per prompt ({count}), got {len(out)}")
+        if any(not 0 <= s <= MAX_SEED for s in out):
+            raise ValueError(f"seeds must lie in 0..{MAX_SEED}, got {out}")
+        return out

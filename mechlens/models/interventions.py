@@ -19,17 +19,24 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Positions:
-    """Real token indices of the queries (this forward) and keys (cache + this forward)."""
+    """Real token indices of the queries (this forward) and keys (cache + this forward), and
+    which of the caller's rows each batch row is (`rows`: per-row settings such as one suppressed
+    span per row follow their row when `generate` repeats rows for `n` samples or drops the
+    finished ones)."""
 
     query: Tensor  # [batch, q]
     key: Tensor  # [batch, k]
+    rows: Tensor  # [batch]: the caller's row index of each batch row
 
     @classmethod
-    def from_mask(cls, attention_mask: Tensor, n_new: int) -> Positions:
-        """From the attention mask over all keys [batch, k] and the number of new tokens."""
+    def from_mask(cls, attention_mask: Tensor, n_new: int, rows: Tensor | None = None) -> Positions:
+        """From the attention mask over all keys [batch, k], the number of new tokens and the
+        caller's row of each batch row (default: row b is row b)."""
         key = attention_mask.long().cumsum(-1) - 1  # [batch, k]
         key = key.masked_fill(attention_mask == 0, -1)
-        return cls(query=key[:, -n_new:], key=key)
+        if rows is None:
+            rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
+        return cls(query=key[:, -n_new:], key=key, rows=rows.to(attention_mask.device))
 
 
 def _select(pos: Tensor, positions: Sequence[int] | None) -> Tensor:
@@ -44,16 +51,24 @@ def _select(pos: Tensor, positions: Sequence[int] | None) -> Tensor:
 class HeadAblation:
     """Replace the outputs z of some heads (before W_O) by zero or by a mean.
 
-    `rescale="norm"` then scales each sequence's z (all heads, its real positions of this forward,
-    all head dimensions) back to its norm before the ablation, as the RefusalCliff attention
-    forward (`src/model/modeling_llama.py`) does for the whole batch tensor; per sequence, results
-    do not depend on batching."""
+    Without `means`, mode "mean" uses each sequence's own mean over its real positions of this
+    forward. `rescale="norm"` then scales each sequence's z (all heads, its real positions of this
+    forward, all head dimensions) back to its norm before the ablation, as the RefusalCliff
+    attention forward (`src/model/modeling_llama.py`) does for the whole batch tensor; per
+    sequence, results do not depend on batching. Both are statistics of one forward
+    (`per_forward_statistic`): a chunked or KV-cached continuation would compute them over part
+    of the sequence, so those paths refuse them (`generate` documents its per-step use)."""
 
     heads: dict[int, list[int]]  # layer -> heads
     mode: str = "zero"  # "zero" | "mean"
     means: dict[int, Tensor] | None = None  # layer -> [n_heads, d_head], from a reference
     positions: Sequence[int] | None = None
     rescale: str | None = None  # None | "norm"
+
+    @property
+    def per_forward_statistic(self) -> bool:
+        """Whether the replacement depends on the other positions of the same forward."""
+        return self.rescale == "norm" or (self.mode == "mean" and self.means is None)
 
     def apply(self, layer: int, z: Tensor, pos: Positions) -> Tensor:
         """z: [batch, q, n_heads, d_head] -> same, with the listed heads replaced."""
@@ -65,10 +80,10 @@ class HeadAblation:
             repl = torch.zeros_like(z[:, :, heads])
         elif self.means is not None:
             repl = self.means[layer][heads].to(z)[None, None].expand_as(z[:, :, heads])
-        else:  # mean over this forward's real positions
-            real = (pos.query >= 0)[:, :, None, None].to(z.dtype)
-            mean = (z[:, :, heads] * real).sum((0, 1)) / real.sum().clamp(min=1)
-            repl = mean[None, None].expand_as(z[:, :, heads])
+        else:  # each sequence's mean over its real positions of this forward
+            real = (pos.query >= 0)[:, :, None, None].to(z.dtype)  # [batch, q, 1, 1]
+            mean = (z[:, :, heads] * real).sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp(min=1)
+            repl = mean.expand_as(z[:, :, heads])
         before = z
         z = z.clone()
         z[:, :, heads] = torch.where(sel, repl, z[:, :, heads])
@@ -93,6 +108,8 @@ class HeadScaling:
         if layer not in self.scales:
             return z
         scale = self.scales[layer].to(z)
+        if scale.ndim == 2:  # one set per caller's row
+            scale = scale[pos.rows]
         return z * scale.reshape(-1, 1, z.shape[2], 1)  # [1 | batch, 1, heads, 1]
 
 
@@ -120,9 +137,11 @@ class AttentionSuppression:
         A query whose every visible key lies in the span (only possible when the span starts at
         0) keeps its scores: a softmax over nothing but masked entries has no meaning.
         """
-        spans = torch.tensor(self.spans, device=pos.key.device)  # [1 | batch, 2]
-        if len(spans) not in (1, pos.key.shape[0]):
-            raise ValueError(f"{len(spans)} suppressed spans for a batch of {pos.key.shape[0]} rows")
+        spans = torch.tensor(self.spans, device=pos.key.device)  # [1 | rows, 2]
+        if isinstance(self.keys, list):  # one span per caller's row
+            if int(pos.rows.max()) >= len(spans):
+                raise ValueError(f"{len(spans)} suppressed spans for row {int(pos.rows.max())} (keys)")
+            spans = spans[pos.rows]  # [batch, 2]
         start, end = spans[:, :1], spans[:, 1:]  # [1 | batch, 1]
         key_in = (pos.key >= start) & (pos.key < end)  # [batch, k]
         query_sel = _select(pos.query, self.queries)  # [batch, q]
@@ -139,9 +158,32 @@ class AttentionSuppression:
         return scores.masked_fill(m, torch.finfo(scores.dtype).min)
 
 
+def unit_vector(direction: Tensor) -> Tensor:
+    """`direction / |direction|` in float32, scale-safe: divided by its largest entry first, so
+    that neither a tiny nor a huge vector under- or overflows the norm. `ValueError` when it is
+    not finite or is zero."""
+    d = direction.detach().to(torch.float64 if direction.dtype == torch.float64 else torch.float32)
+    biggest = d.abs().max() if torch.isfinite(d).all() else torch.tensor(0.0)
+    if biggest == 0:
+        raise ValueError("direction must be finite and non-zero")
+    d = d / biggest
+    return (d / d.norm()).float()
+
+
+def _finite(resid: Tensor, what: str) -> Tensor:
+    """`resid`, or a `ValueError` when an edit made it overflow the model's dtype."""
+    if not torch.isfinite(resid).all():
+        raise ValueError(
+            f"{what} made the residual stream non-finite in {resid.dtype}: use a smaller scale or a "
+            "wider dtype"
+        )
+    return resid
+
+
 @dataclass
 class DirectionAddition:
-    """Add `scale * direction` to the residual stream after block `layer`."""
+    """Add `scale * direction` to the residual stream after block `layer` (the vector is formed
+    in float32, then cast to the residual's dtype)."""
 
     layer: int
     direction: Tensor  # [d_model]
@@ -153,22 +195,24 @@ class DirectionAddition:
         if layer != self.layer:
             return resid
         sel = _select(pos.query, self.positions)[:, :, None].to(resid.dtype)
-        return resid + sel * self.scale * self.direction.to(resid)
+        vector = (self.scale * self.direction.float()).to(resid)
+        return _finite(resid + sel * vector, "add_direction")
 
 
 @dataclass
 class DirectionProjection:
-    """Remove the component along `direction` from the residual stream after given blocks."""
+    """Remove the component along `unit` (a float32 unit vector, `unit_vector`) from the residual
+    stream after given blocks; the coefficient is computed in float32 whatever the model's dtype."""
 
-    direction: Tensor  # [d_model]
+    unit: Tensor  # [d_model], float32, norm 1
     layers: set[int] | None = None
 
     def apply(self, layer: int, resid: Tensor, pos: Positions) -> Tensor:
         if self.layers is not None and layer not in self.layers:
             return resid
-        d = self.direction.to(resid)
-        d = d / d.norm()
-        return resid - (resid @ d)[..., None] * d
+        d = self.unit.to(resid.device, torch.float32)
+        coef = resid.float() @ d  # [batch, q]
+        return _finite(resid - (coef[..., None] * d).to(resid.dtype), "project_out")
 
 
 @dataclass
@@ -176,6 +220,19 @@ class Interventions:
     """The active interventions, in the order their contexts were entered."""
 
     items: list[Intervention] = field(default_factory=list)
+
+    def remove(self, item: Intervention) -> None:
+        """Remove the latest entry that *is* `item` (identity, never equality: two directions or
+        ablations that compare equal, or hold tensors, are still two entries)."""
+        for i in range(len(self.items) - 1, -1, -1):
+            if self.items[i] is item:
+                del self.items[i]
+                return
+        raise RuntimeError("this intervention is not active: its context was exited more often than entered")
+
+    def per_forward_statistics(self) -> list[Intervention]:
+        """Active interventions whose effect depends on the other positions of one forward."""
+        return [it for it in self.of(HeadAblation) if it.per_forward_statistic]
 
     def of(self, kind: type) -> list:
         return [it for it in self.items if isinstance(it, kind)]

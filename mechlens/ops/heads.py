@@ -7,6 +7,8 @@ state `[batch, pos, d_model]`, e.g. for a probe) to `[batch]`; each entry of the
 unembedding is skipped; with `positions=[...]` only those positions are unembedded and the metric
 receives logits `[batch, len(positions), vocab]` (with `positions=[-1]`, `logits[:, -1]` still
 reads the last token), which saves most of the unembedding when the metric reads a few tokens.
+Positions count each row's own tokens (negative: back from its last real token), with padding on
+either side.
 
 - `method="exact"`: for each layer, all its heads at once (one row group per head), starting from
   the clean residual entering that layer, so the unchanged computation below it is shared.
@@ -36,6 +38,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechlens.models.padding import row_columns
+
 METHODS = ("exact", "attribution")
 METRIC_INPUTS = ("logits", "hidden")
 
@@ -57,14 +61,11 @@ def head_ablation_effects(
     if on not in METRIC_INPUTS:
         raise ValueError(f"on must be one of {METRIC_INPUTS}, got {on!r}")
     ids, mask = model.prepare_input(tokens, attention_mask)
+    columns = None
     if positions is not None:
         if on != "logits":
             raise ValueError('positions selects positions to unembed; it needs on="logits"')
-        n_pos = ids.shape[1]
-        bad = [p for p in positions if not -n_pos <= p < n_pos]
-        if not positions or bad:
-            valid = f"[-{n_pos}, {n_pos})"
-            raise ValueError(f"positions must be a non-empty list in {valid}; got {list(positions)}")
+        columns = row_columns(mask, _check_positions(positions))  # [batch, n_pos]
     last = model.n_layers - 1
     stop = on == "hidden" or positions is not None  # run to the last hidden state, not the logits
     hidden = {"capture": {"resid_post": [last]}, "stop_after": last} if stop else {}
@@ -72,8 +73,10 @@ def head_ablation_effects(
     def measure(out) -> Tensor:  # [batch * k] metric of one run's output
         if on == "hidden":
             return metric(model.final_norm(out.acts["resid_post"][last]))
-        if positions is not None:
-            return metric(model.unembed(out.acts["resid_post"][last][:, list(positions)]))
+        if columns is not None:
+            resid = out.acts["resid_post"][last]  # [rows, pos, d]: `rows` repeats the batch
+            picked = columns.repeat(len(resid) // len(columns), 1)  # [rows, n_pos]
+            return metric(model.unembed(resid.gather(1, picked[:, :, None].expand(-1, -1, resid.shape[2]))))
         return metric(out.logits)
 
     layer_list = model.check_layers(layers)
@@ -103,6 +106,18 @@ def head_ablation_effects(
     for layer, g in zip(layer_list, grads, strict=True):
         effects[layer] = -g.float().cpu()
     return effects
+
+
+def _check_positions(positions: Sequence[int]) -> list[int]:
+    """`positions` as a list of ints (NumPy and 0-d tensor integers too); `TypeError` naming it."""
+    if isinstance(positions, str) or not isinstance(positions, Sequence | range | Tensor):
+        raise TypeError(f"positions must be a list of token positions, got {type(positions).__name__}")
+    out = []
+    for p in positions:
+        if isinstance(p, bool) or not hasattr(p, "__index__"):
+            raise TypeError(f"positions entries must be integers, got {p!r}")
+        out.append(int(p.__index__()))
+    return out
 
 
 def _check_metric(value: Tensor, batch: int) -> Tensor:
@@ -139,14 +154,8 @@ def direct_head_scores(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     ids, mask = model.prepare_input(tokens, attention_mask)
-    lengths = mask.sum(1)  # [batch]
-    shortest = int(lengths.min())
-    wanted = [int(p) for p in positions]
-    if not wanted or any(not -shortest <= p < shortest for p in wanted):
-        raise ValueError(
-            f"positions must be a non-empty list in [-{shortest}, {shortest}) (the shortest row has "
-            f"{shortest} tokens), got {list(positions)}"
-        )
+    wanted = _check_positions(positions)
+    all_columns = row_columns(mask, wanted)  # [batch, n_pos]
     layers = list(range(model.n_layers))
     # [layers, heads, d_head]: the direction read back through each head's slice of W_O
     reads = torch.stack([w.float() @ unit.to(w.device) for w in map(model.W_O, layers)])
@@ -156,10 +165,7 @@ def direct_head_scores(
     total = torch.zeros(model.n_layers, model.n_heads)
     for start in range(0, len(ids), batch_size):
         rows_mask = mask[start : start + batch_size]
-        query = rows_mask.long().cumsum(-1) - 1  # [rows, pos]: each column's index in its row
-        query = query.masked_fill(rows_mask == 0, -1)
-        target = torch.tensor(wanted, device=ids.device)[None] % lengths[start : start + batch_size, None]
-        columns = (query[:, None, :] == target[:, :, None]).long().argmax(-1)  # [rows, n_pos]
+        columns = all_columns[start : start + batch_size]  # [rows, n_pos]
 
         def pick(name: str, layer: int, z: Tensor, columns=columns) -> Tensor:  # [rows, pos, heads, d]
             return z.gather(1, columns[:, :, None, None].expand(-1, -1, *z.shape[2:]))

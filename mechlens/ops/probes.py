@@ -165,7 +165,11 @@ def probe_sweep(
     if acts.ndim != 3 or acts.shape[1] != len(y):
         raise ValueError(f"acts must be [layers, n={len(y)}, d], got {tuple(acts.shape)}")
     layers = list(range(acts.shape[0])) if layers is None else list(layers)
+    if len(layers) != acts.shape[0]:
+        raise ValueError(f"layers names {len(layers)} layers for acts of {acts.shape[0]}")
+    _check_fraction("test_fraction", test_fraction, low_open=True)
     train, test = _stratified_split(y, test_fraction, seed)
+    _check_split(y, train, test, "test_fraction", test_fraction)
     probes, aucs, accs = [], [], []
     for i in range(acts.shape[0]):
         probe = LinearProbe(seed=seed, **probe_kwargs).fit(acts[i, train], y[train])
@@ -174,6 +178,30 @@ def probe_sweep(
         aucs.append(auroc(p.numpy(), y[test].numpy()))
         accs.append(float(((p > 0.5).long() == y[test]).float().mean()))
     return ProbeSweep(layers, probes, np.array(aucs), np.array(accs))
+
+
+def _check_fraction(name: str, value: float, low_open: bool) -> float:
+    """`value` as a float in (0, 1) (`low_open`) or [0, 1); `ValueError`/`TypeError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    low_ok = value > 0 if low_open else value >= 0
+    if not (low_ok and value < 1):
+        raise ValueError(f"{name} must lie in {'(0' if low_open else '[0'}, 1), got {value}")
+    return value
+
+
+def _check_split(y: Tensor, keep: Tensor, held: Tensor, name: str, fraction: float) -> None:
+    """Both labels on the kept side of a split, and on the held-out side too for a test split (an
+    AUROC needs both; a validation split only measures the loss)."""
+    for side, idx in (("kept", keep), ("held-out", held)):
+        if side == "held-out" and name == "val_fraction":
+            continue
+        if y[idx].unique().numel() < 2:
+            raise ValueError(
+                f"{name}={fraction} leaves the {side} part of {len(y)} rows ({len(idx)} rows) without both "
+                "labels: use more rows or another fraction"
+            )
 
 
 def _stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -215,8 +243,17 @@ class LinearProbe:
         standardize: bool = True,
         seed: int = 0,
     ):
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+        _check_fraction("val_fraction", val_fraction, low_open=False)
+        for name, value, zero_ok in (("l2", l2, True), ("lr", lr, False)):
+            if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+            if not np.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+                raise ValueError(f"{name} must be a finite number {'>=' if zero_ok else '>'} 0, got {value}")
+        for name, count in (("max_epochs", max_epochs), ("patience", patience)):
+            if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {count!r}")
+        if not isinstance(standardize, bool):
+            raise TypeError(f"standardize must be True or False, got {standardize!r}")
         self.l2, self.lr, self.max_epochs = l2, lr, max_epochs
         self.val_fraction, self.patience = val_fraction, patience
         self.standardize, self.seed = standardize, seed
@@ -239,6 +276,7 @@ class LinearProbe:
             )
         y_int = y.long()
         train, val = _stratified_split(y_int, self.val_fraction, self.seed)
+        _check_split(y_int, train, val, "val_fraction", self.val_fraction)
         self.mean = X[train].mean(0) if self.standardize else torch.zeros(X.shape[1])
         self.std = X[train].std(0).clamp_min(1e-8) if self.standardize else torch.ones(X.shape[1])
         Z = (X - self.mean) / self.std

@@ -10,6 +10,10 @@ there are several); any other HTTP error, or an answer that is not a completions
 the server returns them (vLLM: `return_token_ids`); otherwise, given a `tokenizer`, the text is
 re-tokenised (exact only where the tokenizer round-trips; said in `describe()`).
 
+`timeout` bounds each whole request, the reading of a slowly trickled answer included. Redirects
+are never followed (an `Authorization` header must not travel to another host): a 3xx answer
+raises, naming where it pointed.
+
 Example (with a server running, see the README's "Sampling at scale"):
     >>> from mechlens.rollouts import EndpointEngine
     >>> engine = EndpointEngine("http://127.0.0.1:8000", model="smollm2")  # doctest: +SKIP
@@ -18,12 +22,12 @@ Example (with a server running, see the README's "Sampling at scale"):
 
 from __future__ import annotations
 
+import http.client
 import json
 import queue
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -52,7 +56,7 @@ class EndpointEngine:
         concurrency: requests in flight per URL.
         retries: tries per request beyond the first, on retryable failures.
         backoff: seconds before the first retry, doubling each time (capped at 60).
-        timeout: seconds per request.
+        timeout: seconds per request, from connecting to the last byte of the answer.
         extra: more request fields, sent as they are (e.g. `{"top_k": 20}`).
         progress: a bar over prompts.
     """
@@ -100,7 +104,8 @@ class EndpointEngine:
         seeds: Sequence[int] | None = None,
         stop: Sequence[str] = (),
     ) -> list[list[list[int]]]:
-        ids, seeds, stop = check_request(prompts, sampling, seeds, stop)
+        vocab = len(self.tokenizer) if self.tokenizer is not None else None
+        ids, seeds, stop = check_request(prompts, sampling, seeds, stop, vocab)
         bodies = [self._body(p, sampling, s, stop) for p, s in zip(ids, seeds, strict=True)]
         results: list[list[list[int]] | None] = [None] * len(ids)
         errors: list[BaseException] = []
@@ -166,24 +171,27 @@ class EndpointEngine:
         last = ""
         for attempt in range(self.retries + 1):
             url = self.urls[(first_url + attempt) % len(self.urls)]
-            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    text = response.read().decode("utf-8", "replace")
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode("utf-8", "replace")[:500]
-                if err.code not in RETRY_STATUS:
-                    raise EndpointError(f"{url} refused the request: HTTP {err.code}: {detail}") from None
-                last = f"HTTP {err.code}: {detail}"
-            except (urllib.error.URLError, OSError) as err:  # refused, reset, timed out
-                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+                status, location, text = _post(url, data, headers, self.timeout)
+            except (OSError, http.client.HTTPException) as err:  # refused, reset, timed out
+                last = f"{type(err).__name__}: {err}"
             else:
-                try:
-                    return json.loads(text)
-                except json.JSONDecodeError:
+                if 300 <= status < 400:
                     raise EndpointError(
-                        f"{url} answered something that is not JSON: {text[:200]!r}"
-                    ) from None
+                        f"{url} redirected (HTTP {status}) to {location!r}: redirects are not followed "
+                        "(the request's credentials would travel with it); give the final URL"
+                    )
+                if status >= 400:
+                    if status not in RETRY_STATUS:
+                        raise EndpointError(f"{url} refused the request: HTTP {status}: {text[:500]}")
+                    last = f"HTTP {status}: {text[:500]}"
+                else:
+                    try:
+                        return json.loads(text)
+                    except (json.JSONDecodeError, RecursionError):
+                        raise EndpointError(
+                            f"{url} answered something that is not JSON: {text[:200]!r}"
+                        ) from None
             if attempt < self.retries:
                 time.sleep(min(self.backoff * 2**attempt, 60.0))
         raise EndpointError(
@@ -213,14 +221,57 @@ class EndpointEngine:
                     f"its text, got {json.dumps(choice)[:200]}"
                 )
             ids = self.tokenizer.encode(choice["text"], add_special_tokens=False)
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise EndpointError(f"token_ids must be a list of ints, got {str(ids)[:200]}")
+        vocab = len(self.tokenizer) if self.tokenizer is not None else None
+        if not isinstance(ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 and (vocab is None or t < vocab)
+            for t in ids
+        ):
+            raise EndpointError(
+                f"token_ids must be a list of ints (token ids in the vocabulary), got {str(ids)[:200]}"
+            )
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if ids and eos is not None and ids[-1] == eos and choice.get("finish_reason") == "stop":
             ids = ids[:-1]
         if stop and self.tokenizer is not None:
             ids = cut_at_stop(ids, self.tokenizer.decode, stop)
         return ids
+
+
+def _post(url: str, data: bytes, headers: dict[str, str], timeout: float) -> tuple[int, str, str]:
+    """POST `data` to `url` within `timeout` seconds in all: `(status, Location header, body)`.
+
+    No redirect is followed. Each socket wait is bounded by the time left, so a server that
+    trickles its answer cannot hold the request past the deadline (`TimeoutError`)."""
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no complete answer within timeout={timeout} s")
+        return remaining
+
+    parts = urllib.parse.urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = kind(parts.hostname or "", parts.port, timeout=left())
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn.request("POST", path or "/", body=data, headers=headers)
+        response = conn.getresponse()
+        chunks = []
+        while True:
+            if conn.sock is not None:
+                conn.sock.settimeout(left())
+            chunk = response.read1(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left()
+        body = b"".join(chunks).decode("utf-8", "replace")
+        return response.status, response.getheader("Location", ""), body
+    except TimeoutError as err:
+        raise TimeoutError(f"no complete answer within timeout={timeout} s") from err
+    finally:
+        conn.close()
 
 
 def _completions_url(base: str) -> str:

@@ -42,17 +42,28 @@ class Engine(Protocol):
         ...
 
 
-def check_prompts(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Prompts as lists of ints; a `TypeError`/`ValueError` naming the first bad one."""
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int | None = None) -> list[list[int]]:
+    """Prompts as lists of token ids (ints, not bools, in `0..vocab_size-1` when given); a
+    `TypeError`/`ValueError` naming the first bad one."""
     if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence | torch.Tensor):
         raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
     out = []
     for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor) and (p.is_floating_point() or p.dtype == torch.bool):
+            raise TypeError(f"prompts[{i}] must hold integer token ids, got dtype {p.dtype}")
         ids = p.tolist() if isinstance(p, torch.Tensor) else p
-        if isinstance(ids, str) or not isinstance(ids, Sequence) or not all(isinstance(t, int) for t in ids):
+        if (
+            isinstance(ids, str)
+            or not isinstance(ids, Sequence)
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+        ):
             raise TypeError(f"prompts[{i}] must be a list of token ids (ints), got {type(p).__name__}")
         if not ids:
             raise ValueError(f"prompts[{i}] is empty")
+        bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            top = "" if vocab_size is None else f"..{vocab_size - 1}"
+            raise ValueError(f"prompts[{i}] holds token ids outside 0{top}: {bad[:5]}")
         out.append(list(ids))
     return out
 
@@ -63,9 +74,20 @@ def token_prompts(model, prompts: Sequence[str]) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(tokens, mask, strict=True)]
 
 
+def check_engine(engine: Engine, model) -> Engine:
+    """`engine`, or a `ValueError` when `model` has an intervention in force that `engine` would
+    not apply (only a `LocalEngine` of that very model samples through its hooks)."""
+    if model.active_interventions and not (isinstance(engine, LocalEngine) and engine.model is model):
+        raise ValueError(
+            f"an intervention is active on the model, but engine {engine.name!r} samples without it: "
+            "sample with LocalEngine(model) inside the context, or leave the context"
+        )
+    return engine
+
+
 def sample_texts(engine: Engine, model, prompts: Sequence[str], sampling: Sampling) -> list[str]:
     """`engine`'s continuations of text prompts, decoded: `sampling.n` per prompt, prompt-major."""
-    rows = engine.sample(token_prompts(model, prompts), sampling)
+    rows = check_engine(engine, model).sample(token_prompts(model, prompts), sampling)
     return [model.tokenizer.decode(row) for per_prompt in rows for row in per_prompt]
 
 
@@ -92,11 +114,17 @@ def check_stop(stop: Sequence[str]) -> tuple[str, ...]:
 
 
 def check_request(
-    prompts: Sequence[Sequence[int]], sampling: Sampling, seeds: Sequence[int] | None, stop: Sequence[str]
+    prompts: Sequence[Sequence[int]],
+    sampling: Sampling,
+    seeds: Sequence[int] | None,
+    stop: Sequence[str],
+    vocab_size: int | None = None,
 ) -> tuple[list[list[int]], list[int], tuple[str, ...]]:
-    """A `sample` call's arguments checked: prompt ids, one seed per prompt (`prompt_seeds`), stop
-    strings."""
-    ids = check_prompts(prompts)
+    """A `sample` call's arguments checked: prompt ids (in the vocabulary when its size is given),
+    one seed per prompt (`prompt_seeds`), stop strings."""
+    if not isinstance(sampling, Sampling):
+        raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
+    ids = check_prompts(prompts, vocab_size)
     return ids, prompt_seeds(sampling, len(ids), seeds), check_stop(stop)
 
 
@@ -117,10 +145,10 @@ def cut_at_stop(ids: list[int], decode: Callable[[list[int]], str], stop: tuple[
 class LocalEngine:
     """`HookedModel.generate` as an engine: the plain model when no context is active, the hooked
     forward otherwise (so interventions apply). Prompts of different lengths are left-padded into
-    batches of `batch_size` rows: without `seeds`, one `generate` whose row r is seeded from
-    `(sampling.seed, r)`; with `seeds`, each prompt is its own `generate` call (row r of prompt i
-    seeded from `(seeds[i], r)`). Stop strings cut each row after generation. `path`
-    is `generate`'s (`"auto"`, `"plain"` or `"hooked"`: the same samples, at different speeds).
+    batches of `batch_size` rows, in one `generate` call whose sample j of prompt i is seeded from
+    `(seeds[i], j)`; without `seeds`, every prompt's seed is `sampling.seed`, as in `generate`.
+    Stop strings cut each row after generation. `path` is `generate`'s (`"auto"`,
+    `"plain"` or `"hooked"`: the same samples, at different speeds).
     """
 
     name = "mechlens"
@@ -143,17 +171,12 @@ class LocalEngine:
         seeds: Sequence[int] | None = None,
         stop: Sequence[str] = (),
     ) -> list[list[list[int]]]:
-        ids = check_prompts(prompts)
-        stop = check_stop(stop)
-        if seeds is None:
-            out = self._generate(ids, sampling)
-        else:
-            seeds = prompt_seeds(sampling, len(ids), seeds)
-            out = [self._generate([p], sampling.replace(seed=s))[0] for p, s in zip(ids, seeds, strict=True)]
+        ids, checked, stop = check_request(prompts, sampling, seeds, stop, self.model.d_vocab)
+        out = self._generate(ids, sampling, [sampling.seed] * len(ids) if seeds is None else checked)
         decode = self.model.tokenizer.decode
         return [[cut_at_stop(row, decode, stop) for row in rows] for rows in out]
 
-    def _generate(self, ids: list[list[int]], sampling: Sampling) -> list[list[list[int]]]:
+    def _generate(self, ids: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[list[int]]]:
         width = max(len(p) for p in ids)
         pad = self.model.tokenizer.pad_token_id
         tokens = torch.tensor([[pad] * (width - len(p)) + p for p in ids])  # [prompts, width], left-padded
@@ -162,6 +185,7 @@ class LocalEngine:
             tokens,
             sampling,
             attention_mask=mask,
+            seeds=seeds,
             batch_size=self.batch_size,
             progress=self.progress,
             path=self.path,

@@ -50,7 +50,9 @@ class VLLMEngine:
         self.llm, self.progress = llm, progress
         self.model_name = str(model) if model is not None else str(getattr(llm, "model", "vllm"))
         self.llm_args = {k: str(v) for k, v in llm_args.items()}
-        self.eos = getattr(llm.get_tokenizer(), "eos_token_id", None)
+        tokenizer = llm.get_tokenizer()
+        self.eos = getattr(tokenizer, "eos_token_id", None)
+        self.vocab_size = len(tokenizer)
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "model": Path(self.model_name).name, "args": self.llm_args}
@@ -65,7 +67,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        ids, seeds, stop = check_request(prompts, sampling, seeds, stop)
+        ids, seeds, stop = check_request(prompts, sampling, seeds, stop, self.vocab_size)
         params = [
             SamplingParams(
                 n=sampling.n,

@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 REPLY_OPEN = THINK_OPEN + "\n"
 """What a reply starts with: the opening marker and a newline."""
@@ -44,32 +46,69 @@ def format_reply(thinking: str, answer: str = "") -> str:
     return REPLY_OPEN + thinking.strip("\n") + REPLY_CLOSE + answer
 
 
-def split_thinking(text: str) -> tuple[str, str, bool]:
-    """`(thinking, answer, closed)` of a reply; the opening `<think>` is optional. Unclosed
-    thinking is all thinking (`closed=False`, empty answer)."""
-    body = text.lstrip()
-    body = body[len(THINK_OPEN) :] if body.startswith(THINK_OPEN) else body
-    if THINK_CLOSE not in body:
-        return body.strip("\n"), "", False
-    thinking, answer = body.split(THINK_CLOSE, 1)
-    return thinking.strip("\n"), answer.strip(), True
+@dataclass(frozen=True)
+class ReplyLayout:
+    """Where the parts of a reply lie, as character spans of the text it was read from.
+
+    thinking: the chain of thought, markers excluded (None: the reply does not think).
+    answer: what follows the first `</think>` (empty while the thinking is unclosed; the whole
+        reply when it does not think).
+    closed: whether the thinking was closed by `</think>`.
+    """
+
+    thinking: tuple[int, int] | None
+    answer: tuple[int, int]
+    closed: bool
 
 
-def after_thinking(response: str) -> str:
-    """The part of a response after its first `</think>` (all of it when there is none)."""
-    return response.split(THINK_CLOSE, 1)[1] if THINK_CLOSE in response else response
+def reply_layout(text: str, start: int = 0, opened: bool = False) -> ReplyLayout:
+    """The layout of the reply `text[start:]`; the one rule behind `split_thinking`,
+    `thinking_span`, `after_thinking` and `ReasoningTrace.thinking` / `.answer`:
+
+    - the reply thinks when it starts with `<think>` (after whitespace), when `opened` (the chat
+      template wrote the opening marker before it), or when it holds a `</think>` (a template
+      opened the thinking without showing it); else it is all answer;
+    - the thinking ends at the first `</think>`; the answer is everything after it, markers
+      included (a second `<think>` after the answer is answer text, never thinking);
+    - unclosed thinking runs to the end, and the answer is empty.
+
+        >>> t = "<think>a</think>b<think>c"
+        >>> r = reply_layout(t); t[slice(*r.thinking)], t[slice(*r.answer)], r.closed
+        ('a', 'b<think>c', True)
+        >>> r = reply_layout("plain answer"); r.thinking, r.closed
+        (None, False)
+    """
+    body = len(text) - len(text[start:].lstrip()) if text[start:].strip() else start
+    close_at = text.find(THINK_CLOSE, start)
+    if text.startswith(THINK_OPEN, body):
+        think_start = body + len(THINK_OPEN)
+        close_at = text.find(THINK_CLOSE, think_start)
+    elif opened or close_at >= 0:
+        think_start = start
+    else:
+        return ReplyLayout(None, (start, len(text)), False)
+    if close_at < 0:
+        return ReplyLayout((think_start, len(text)), (len(text), len(text)), False)
+    return ReplyLayout((think_start, close_at), (close_at + len(THINK_CLOSE), len(text)), True)
+
+
+def split_thinking(text: str, opened: bool = False) -> tuple[str, str, bool]:
+    """`(thinking, answer, closed)` of a reply (`reply_layout`'s rule), stripped of the newlines
+    around them. A reply without markers is all answer, unless `opened` (the prompt already
+    opened the thinking); unclosed thinking is all thinking with an empty answer."""
+    layout = reply_layout(text, 0, opened)
+    thinking = "" if layout.thinking is None else text[slice(*layout.thinking)].strip("\n")
+    return thinking, text[slice(*layout.answer)].strip(), layout.closed
+
+
+def after_thinking(response: str, opened: bool = False) -> str:
+    """The answer part of a response (`reply_layout`): after its first `</think>`; all of it when
+    it does not think; empty while its thinking is unclosed."""
+    return response[slice(*reply_layout(response, 0, opened).answer)]
 
 
 def thinking_span(text: str, response_start: int) -> tuple[int, int] | None:
-    """Character span of the chain of thought in `text` whose response starts at `response_start`:
-    after `<think>` (or from the response start when the chat template already opened it, or when
-    only `</think>` appears) up to `</think>` (or the end); None without thinking."""
-    open_at = text.find(THINK_OPEN, response_start)
-    if open_at >= 0:
-        start = open_at + len(THINK_OPEN)
-    elif text[:response_start].rstrip().endswith(THINK_OPEN) or THINK_CLOSE in text[response_start:]:
-        start = response_start
-    else:
-        return None
-    close_at = text.find(THINK_CLOSE, start)
-    return start, close_at if close_at >= 0 else len(text)
+    """Character span of the chain of thought in `text` whose response starts at `response_start`
+    (`reply_layout`, opened when the prompt before it ends with `<think>`); None without thinking."""
+    opened = text[:response_start].rstrip().endswith(THINK_OPEN)
+    return reply_layout(text, response_start, opened).thinking

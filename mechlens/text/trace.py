@@ -37,10 +37,13 @@ import torch
 from torch import Tensor
 
 from mechlens.models.generation import Sampling
-from mechlens.text.thinking import after_thinking, format_prompt, thinking_span
+from mechlens.text.thinking import THINK_OPEN, format_prompt, reply_layout
 
 TRACE_SAMPLING = Sampling(max_new_tokens=256, temperature=0.0)
 """How `ReasoningTrace.from_generation` samples by default: greedy, up to 256 new tokens."""
+
+TRACE_SETTINGS = ("system", "chat_template", "protect_abbreviations", "keep_last")
+"""`ReasoningTrace.from_text` settings that a saved trace records."""
 
 ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "cf.", "Dr.", "Mr.", "Mrs.", "Ms.", "approx.")
 
@@ -160,6 +163,11 @@ class ReasoningTrace:
         prompt_len: number of prompt tokens (the response starts there).
         thinking: character span of the chain of thought inside `text` (None without one).
         sentences: sentences of the chain of thought (or of the whole response).
+        system, chat_template, protect_abbreviations, keep_last: how it was built (`from_text`);
+            `save` writes them and `load` rebuilds the trace with them.
+
+    Thinking and answer follow `mechlens.text.thinking.reply_layout`: the chain of thought ends at
+    the first `</think>` (a later `<think>` is answer text), and unclosed thinking has no answer.
     """
 
     prompt: str
@@ -170,6 +178,10 @@ class ReasoningTrace:
     prompt_len: int
     thinking: tuple[int, int] | None
     sentences: list[Sentence]
+    system: str | None = None
+    chat_template: bool = True
+    protect_abbreviations: bool = False
+    keep_last: bool = False
 
     @classmethod
     def from_text(
@@ -190,6 +202,10 @@ class ReasoningTrace:
         for arg, value in (("prompt", prompt), ("response", response)):
             if not isinstance(value, str):
                 raise TypeError(f"{arg} must be a string, got {type(value).__name__}")
+        for arg, flag in (("chat_template", chat_template), ("protect_abbreviations", protect_abbreviations),
+                          ("keep_last", keep_last)):  # fmt: skip
+            if not isinstance(flag, bool):
+                raise TypeError(f"{arg} must be True or False, got {flag!r}")
         if not prompt.strip() or not response.strip():
             raise ValueError("empty trace: both prompt and response must be non-empty")
         prompt_text = format_prompt(model.tokenizer, prompt, system) if chat_template else prompt
@@ -199,13 +215,15 @@ class ReasoningTrace:
         model.check_tokens(tokens)
         offsets = [tuple(o) for o in enc["offset_mapping"]]
         prompt_len = sum(1 for a, _ in offsets if a < len(prompt_text))
-        thinking = thinking_span(text, len(prompt_text))
+        opened = prompt_text.rstrip().endswith(THINK_OPEN)
+        thinking = reply_layout(text, len(prompt_text), opened).thinking
         seg_start, seg_end = thinking or (len(prompt_text), len(text))
         spans = split_sentences(
             text[seg_start:seg_end], protect_abbreviations=protect_abbreviations, keep_last=keep_last
         )
         sentences = _token_spans(text, offsets, [(a + seg_start, b + seg_start) for a, b in spans])
-        return cls(prompt, response, text, tokens.to(model.device), offsets, prompt_len, thinking, sentences)
+        return cls(prompt, response, text, tokens.to(model.device), offsets, prompt_len, thinking, sentences,
+                   system, chat_template, protect_abbreviations, keep_last)  # fmt: skip
 
     @classmethod
     def from_generation(
@@ -230,8 +248,11 @@ class ReasoningTrace:
 
     @property
     def answer(self) -> str:
-        """The response after `</think>` (the whole response when there is no thinking)."""
-        return after_thinking(self.response).strip()
+        """The response after its first `</think>`: the whole response when it does not think,
+        empty while its thinking is unclosed (`reply_layout`)."""
+        start = len(self.text) - len(self.response)
+        opened = self.text[:start].rstrip().endswith(THINK_OPEN)
+        return self.text[slice(*reply_layout(self.text, start, opened).answer)].strip()
 
     def segments(self, unit: str = "sentence") -> list[Sentence]:
         """Steps of the chain of thought as token spans: "sentence" (the Thought Anchors
@@ -262,18 +283,42 @@ class ReasoningTrace:
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "response": self.response, "text": self.text,
                 "tokens": self.tokens[0].tolist(), "prompt_len": self.prompt_len,
-                "thinking": self.thinking, "sentences": [asdict(s) for s in self.sentences]}  # fmt: skip
+                "thinking": self.thinking, "sentences": [asdict(s) for s in self.sentences],
+                "settings": {name: getattr(self, name) for name in TRACE_SETTINGS}}  # fmt: skip
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        """Write the trace as JSON, with the settings it was built with (`load` reads them)."""
+        from mechlens.cache import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, model, path: str | Path) -> ReasoningTrace:
-        """Rebuild a saved trace with `model`'s tokenizer (checks the tokens still match)."""
-        data = json.loads(Path(path).read_text())
-        trace = cls.from_text(model, data["prompt"], data["response"])
+        """Rebuild a saved trace with `model`'s tokenizer and the saved settings (`system=`,
+        `keep_last=`, ...); `ValueError` naming the field when the file is malformed, and when
+        the tokens no longer match (another tokenizer or chat template)."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise ValueError(f"{path} is not a saved trace (JSON): {type(err).__name__}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a saved trace: expected a JSON object")
+        for name, kind in (("prompt", str), ("response", str), ("tokens", list)):
+            if not isinstance(data.get(name), kind):
+                raise ValueError(
+                    f"{path}: field {name!r} must be a {kind.__name__}, got {data.get(name)!r:.60}"
+                )
+        settings = data.get("settings", {})
+        if not isinstance(settings, dict) or set(settings) - set(TRACE_SETTINGS):
+            raise ValueError(f"{path}: field 'settings' must hold only {list(TRACE_SETTINGS)}")
+        try:
+            trace = cls.from_text(model, data["prompt"], data["response"], **settings)
+        except TypeError as err:
+            raise ValueError(f"{path}: field 'settings' is malformed ({err})") from None
         if trace.tokens[0].tolist() != data["tokens"]:
-            raise ValueError(f"{path} was tokenised differently: was it saved with another model?")
+            raise ValueError(
+                f"{path} was tokenised differently: was it saved with another model or chat template?"
+            )
         return trace
 
 

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from mechlens.cache import DiskCache, model_fingerprint
 from mechlens.models.generation import Sampling
 from mechlens.rollouts import Engine, LocalEngine
+from mechlens.rollouts.engines import check_engine
 from mechlens.text.answers import answer_key
 from mechlens.text.thinking import THINK_CLOSE
 from mechlens.text.trace import ReasoningTrace, split_sentences
@@ -292,7 +293,7 @@ def sample_from_prefixes(
     """
     store = DiskCache.of(cache, "anchors")
     fingerprint = model_fingerprint(model) if store else None
-    engine = engine or LocalEngine(model, batch_size)
+    engine = check_engine(engine or LocalEngine(model, batch_size), model)
     prompts = []
     for end in ends:
         tokens = trace.tokens[0, :end]  # [end]
