@@ -67,7 +67,11 @@ def test_split_thinking():
         True,
     )
     assert split_thinking("No think tags, just an answer.") == ("", "No think tags, just an answer.", False)
-    assert split_thinking("Template-opened thinking.", opened=True) == ("Template-opened thinking.", "", False)
+    assert split_thinking("Template-opened thinking.", opened=True) == (
+        "Template-opened thinking.",
+        "",
+        False,
+    )
     assert split_thinking("<think>\nstill thinking") == ("still thinking", "", False)
 
 

@@ -28,9 +28,7 @@ from mechlens.models.tiny import tiny_model
 from mechlens.ops.probes import LinearProbe, collect_activations, probe_sweep
 
 BACKENDS = ["transformer_lens", "nnsight"]
-PROPERTY = settings(
-    derandomize=True, max_examples=12, deadline=None, suppress_health_check=list(HealthCheck)
-)
+PROPERTY = settings(derandomize=True, max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 _MODELS: dict[str, ml.HookedModel] = {}
 
 
@@ -242,15 +240,20 @@ def test_every_padding_layout_gives_each_row_its_own_numbers(backend):
         effects = ml.head_ablation_effects(
             model, toks, metric, attention_mask=mask, positions=[0], layers=[1], progress=False
         )
-        heads = ml.heads.direct_head_scores(model, toks, unit(model, 0), positions=[0, -1], attention_mask=mask)
+        heads = ml.heads.direct_head_scores(
+            model, toks, unit(model, 0), positions=[0, -1], attention_mask=mask
+        )
         gen = model.generate(toks, attention_mask=mask, max_new_tokens=3, temperature=0, stop_at_eos=False)
         alone_effects, alone_heads = [], []
         for b, r in enumerate(rows):
             alone = model(r[None])
             torch.testing.assert_close(logits[b][mask[b].bool()], alone[0], atol=1e-4, rtol=1e-4)
-            assert gen.tokens[b].tolist() == model.generate(
-                r[None], max_new_tokens=3, temperature=0, stop_at_eos=False
-            ).tokens[0].tolist()
+            assert (
+                gen.tokens[b].tolist()
+                == model.generate(r[None], max_new_tokens=3, temperature=0, stop_at_eos=False)
+                .tokens[0]
+                .tolist()
+            )
             alone_effects.append(
                 ml.head_ablation_effects(model, r[None], metric, positions=[0], layers=[1], progress=False)[1]
             )
@@ -407,7 +410,9 @@ def test_a_prompt_samples_the_same_in_any_batch(backend):
 
     check()
     seeded = model.generate(prompts[:2], sampling, seeds=[5, 6]).tokens
-    assert [t.tolist() for t in seeded[2:]] == [t.tolist() for t in model.generate(prompts[1], sampling, seed=6).tokens]
+    assert [t.tolist() for t in seeded[2:]] == [
+        t.tolist() for t in model.generate(prompts[1], sampling, seed=6).tokens
+    ]
     with pytest.raises(ValueError, match="one seed per prompt"):
         model.generate(prompts[:2], sampling, seeds=[5])
 
@@ -444,8 +449,15 @@ def test_trace_thinking_and_answer_agree_with_split_thinking(name):
     }[name]
 
 
-@pytest.mark.parametrize("kwargs", [{"keep_last": True}, {"system": "Be brief."}, {"protect_abbreviations": True},
-                                    {"chat_template": False}])  # fmt: skip
+SETTINGS = [
+    {"keep_last": True},
+    {"system": "Be brief."},
+    {"protect_abbreviations": True},
+    {"chat_template": False},
+]
+
+
+@pytest.mark.parametrize("kwargs", SETTINGS)
 def test_traces_round_trip_with_their_settings(tmp_path, kwargs):
     model = shared("transformer_lens")
     response = "<think>First, e.g. add 2 and 3. That gives 5. Done now</think>5"
@@ -625,7 +637,10 @@ def test_calls_that_once_failed_deep_inside_now_work_or_name_the_argument(backen
     model = shared(backend)
     toks = ids()
     out = model.generate("one two", max_new_tokens=3, temperature=1e-40)
-    assert out.tokens[0].tolist() == model.generate("one two", max_new_tokens=3, temperature=0).tokens[0].tolist()
+    assert (
+        out.tokens[0].tolist()
+        == model.generate("one two", max_new_tokens=3, temperature=0).tokens[0].tolist()
+    )
     with pytest.raises(ValueError, match="layers is empty"):
         ml.logit_lens(model, toks, layers=[])
     with model.add_direction(np.int64(1), unit(model, 0), scale=np.float32(2.0)):
@@ -642,3 +657,106 @@ def test_calls_that_once_failed_deep_inside_now_work_or_name_the_argument(backen
         assert torch.equal(c, model(toks))
     with pytest.raises(TypeError, match="scale must be a real number"):
         model.add_direction(1, unit(model, 0), scale="2")
+
+
+# ------------------------------------------------------------------------------------ audit findings
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_means_count_real_tokens_of_the_unedited_model(backend):
+    model = shared(backend)
+    texts = ["a b c d e f g", "h i"]
+    toks, mask = model.tokenize(texts)
+    _, cache = model.run_with_cache(toks, ["z"], layers=[1], attention_mask=mask)
+    want = cache["z"][0][mask.bool()].mean(0)[2]  # [d_head]: head 2, real tokens only
+    probe = ids(6, 1)
+    with model.ablate_heads([(1, 2)], mode="mean", reference=texts):
+        inside = model(probe)
+    with model.scale_heads({1: want.new_ones(model.n_heads)}):
+        with model.add_direction(0, unit(model, 3), scale=5.0):
+            built_inside = model.ablate_heads([(1, 2)], mode="mean", reference=texts)
+        with built_inside:
+            again = model(probe)
+    assert torch.equal(inside, again)  # the means do not depend on the contexts around the call
+    ablation = model.active_interventions
+    assert ablation == ()
+    torch.testing.assert_close(built_inside.item.means[1][2], want, atol=1e-5, rtol=1e-5)
+
+
+def test_nested_trainable_blocks_restore_flags_in_any_order():
+    model = fresh("transformer_lens")
+    before = {n: p.requires_grad for n, p in model.hf_model.named_parameters()}
+    outer, inner = model.trainable_blocks(1), model.trainable_blocks(2)
+    outer_params = outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # the outer closes first
+    assert all(p.requires_grad for p in inner.gen.gi_frame.f_locals["params"])  # noqa: SLF001
+    assert not all(p.requires_grad for p in outer_params)
+    inner.__exit__(None, None, None)
+    assert {n: p.requires_grad for n, p in model.hf_model.named_parameters()} == before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_logits_are_never_passed_on(backend):
+    hf, tok = tiny_model("llama")
+    model = ml.load_model(hf, backend=backend, tokenizer=tok, dtype=torch.float16)
+    with model.scale_heads({1: torch.full((model.n_heads,), 1e6)}):
+        with pytest.raises(ValueError, match="not finite"):
+            model(ids())
+        with pytest.raises(ValueError, match="not finite"):
+            model.generate("a b", max_new_tokens=3, temperature=0)
+    with pytest.raises(ValueError, match="finite factors"):
+        model.scale_heads({1: torch.full((model.n_heads,), float("inf"))})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lens_targets_and_top_k_read_each_rows_own_tokens(backend):
+    model = shared(backend)
+    rows = [ids(5, 1, 1)[0], ids(8, 1, 2)[0]]
+    for side in ("left", "right"):
+        toks, mask = padded(model, rows, side)
+        lens = ml.logit_lens(model, toks, attention_mask=mask, stats=("target",), targets="next",
+                             top_k_positions=[0, -1], k=3)  # fmt: skip
+        for b, r in enumerate(rows):
+            alone = ml.logit_lens(
+                model, r[None], stats=("target",), targets="next", top_k_positions=[0, -1], k=3
+            )
+            real = mask[b].bool()
+            torch.testing.assert_close(lens.target_logprob[:, b][:, real], alone.target_logprob[:, 0],
+                                       atol=1e-4, rtol=1e-4, equal_nan=True)  # fmt: skip
+            assert torch.equal(lens.top_k_ids[:, b], alone.top_k_ids[:, 0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_studies_inside_per_row_contexts_keep_each_rows_settings(backend):
+    model = shared(backend)
+    toks = ids(8, 2)
+    metric = lambda logits: logits[:, -1].log_softmax(-1)[:, 9]  # noqa: E731
+    per_row = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.5, 1.0, 1.0, 0.0]])
+    with model.scale_heads({0: per_row}):
+        exact = ml.head_ablation_effects(model, toks, metric, layers=[2], progress=False)
+    alone = []
+    for b in range(2):
+        with model.scale_heads({0: per_row[b]}):
+            alone.append(
+                ml.head_ablation_effects(model, toks[b : b + 1], metric, layers=[2], progress=False)[2]
+            )
+    torch.testing.assert_close(exact[2], torch.stack(alone).mean(0), atol=1e-5, rtol=1e-4)
+    with model.suppress_attention(keys=[(0, 2), (3, 5)]):
+        ml.head_ablation_effects(model, toks, metric, layers=[1], progress=False)
+
+
+def test_numpy_and_tensor_arguments_mean_what_they_say():
+    model = shared("transformer_lens")
+    toks = ids()
+    full = ml.logit_lens(model, toks, layers=torch.tensor([0, 2]), stats=("entropy",))
+    assert full.layers == [0, 2]
+    same = ml.logit_lens(model, toks, layers=np.array([0, 2]), stats=("entropy",), chunk=np.int64(4),
+                         top_k_positions=[np.int64(0)], k=np.int64(2))  # fmt: skip
+    torch.testing.assert_close(same.entropy, full.entropy, atol=1e-5, rtol=1e-5)
+    s = ml.Sampling(max_new_tokens=np.int64(3), temperature=np.float32(0.5), n=np.int32(2), seed=np.int64(4))
+    assert (type(s.max_new_tokens), type(s.temperature), s.n) == (int, float, 2)
+    from mechlens.rollouts import LocalEngine
+
+    engine = LocalEngine(model)
+    assert engine.sample([np.array([5, 6, 7])], s) == engine.sample([[5, 6, 7]], s)
+    with pytest.raises(TypeError, match="the entry True"):
+        engine.sample([[5, True]], s)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -39,16 +41,32 @@ def row_seed(seed: int, sample: int) -> int:
     return (seed * 1_000_003 + sample) % 2**63
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """`value` as an int (NumPy integers too) in `low..high`; `TypeError`/`ValueError` naming it."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in {low}..{high}"
         raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_seeds(seeds: Any, count: int) -> list[int]:
+    """`seeds` as `count` ints in 0..MAX_SEED (one per prompt); `ValueError`/`TypeError` naming it."""
+    if isinstance(seeds, str) or not isinstance(seeds, Sequence | Tensor | np.ndarray):
+        raise TypeError(f"seeds must be a list of ints, one per prompt, got {type(seeds).__name__}")
+    seeds = seeds.tolist() if isinstance(seeds, Tensor | np.ndarray) else list(seeds)
+    if len(seeds) != count:
+        raise ValueError(f"seeds must hold one seed per prompt ({count}), got {len(seeds)}")
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool | np.bool_) or not isinstance(s, numbers.Integral) or not 0 <= s <= MAX_SEED:
+            raise ValueError(f"seeds[{i}] must be an int in 0..{MAX_SEED}, got {s!r}")
+    return [int(s) for s in seeds]
 
 
 def _check_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     return float(value)
 
@@ -76,16 +94,19 @@ class Sampling:
     seed: int = 0
     stop_at_eos: bool = True
 
-    def __post_init__(self) -> None:
-        _check_int("max_new_tokens", self.max_new_tokens, 1)
-        _check_int("n", self.n, 1)
-        _check_int("seed", self.seed, 0, MAX_SEED)
+    def __post_init__(self) -> None:  # checked, and stored as plain Python numbers
+        set_field = object.__setattr__  # frozen
+        set_field(self, "max_new_tokens", check_int("max_new_tokens", self.max_new_tokens, 1))
+        set_field(self, "n", check_int("n", self.n, 1))
+        set_field(self, "seed", check_int("seed", self.seed, 0, MAX_SEED))
         temperature = _check_float("temperature", self.temperature)
         if not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        set_field(self, "temperature", temperature)
         top_p = _check_float("top_p", self.top_p)
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        set_field(self, "top_p", top_p)
         if not isinstance(self.stop_at_eos, bool):
             raise TypeError(f"stop_at_eos must be True or False, got {self.stop_at_eos!r}")
 
@@ -114,6 +135,8 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, gens: list[tor
 
     The logits are shifted by their maximum before the division, so that any temperature > 0
     (1e-40 included) gives a proper distribution."""
+    if not torch.isfinite(logits).all():
+        raise ValueError("the next-token logits are not finite: nothing can be sampled from them")
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float()

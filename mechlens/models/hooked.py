@@ -42,10 +42,11 @@ from tqdm.auto import tqdm
 from mechlens.models.architecture import Architecture, require_submodule
 from mechlens.models.backends import make_backend
 from mechlens.models.generation import (
-    MAX_SEED,
     PATHS,
     Generation,
     Sampling,
+    check_int,
+    check_seeds,
     hooked_step,
     plain_step,
     sample_batch,
@@ -181,6 +182,8 @@ class HookedModel:
         self.tokenizer = tokenizer
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         self._interventions = Interventions()
+        self._trainable: list[list[nn.Parameter]] = []  # one entry per open trainable_blocks context
+        self._grad_flags: dict[nn.Parameter, bool] = {}  # requires_grad before the first of them
         self.memory_budget = int(float(os.environ.get("MECHLENS_MEMORY_BUDGET_GB", 8)) * 2**30)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -290,9 +293,11 @@ class HookedModel:
         """A list of valid layers (None: all of them); one int counts as a list of one."""
         if layers is None:
             return list(range(self.n_layers))
-        if isinstance(layers, int | Tensor) and not isinstance(layers, bool):
+        if _is_integer(layers):
             layers = [layers]
-        if isinstance(layers, str) or not isinstance(layers, Sequence | range | Tensor):
+        if isinstance(layers, Tensor | np.ndarray):
+            layers = layers.tolist() if layers.ndim == 1 else layers
+        if isinstance(layers, str) or not isinstance(layers, Sequence | range):
             raise TypeError(f"{name} must be a list of layer indices, got {type(layers).__name__}")
         checked = [self.check_layer(l, f"{name} entry") for l in layers]
         if not checked:
@@ -471,7 +476,16 @@ class HookedModel:
             resid_in=resid_in,
             reduce=reduce,
         )
-        return self.adapter.run(request)
+        out = self.adapter.run(request)
+        if out.logits is not None and not torch.isfinite(out.logits).all():
+            kinds = ", ".join(type(i).__name__ for i in request.interventions.items)
+            cause = (
+                f"under the active interventions ({kinds}): use smaller scales or a wider dtype"
+                if kinds
+                else "the model overflows in this dtype: load it in float32"
+            )
+            raise ValueError(f"the logits are not finite in {self.dtype} {cause}")
+        return out
 
     def _refuse_partial_statistics(self, path: str) -> None:
         """`ValueError` when an active intervention takes a statistic over one forward's positions."""
@@ -529,8 +543,7 @@ class HookedModel:
             )
         if chunk_size is None:
             chunk_size = self.chunk_size_for(done + tokens.shape[1])
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        chunk_size = check_int("chunk_size", chunk_size, 1)
         n = tokens.shape[1]
         if n > chunk_size or done > 0:
             self._refuse_partial_statistics(f"a forward in chunks of {chunk_size} positions")
@@ -704,9 +717,11 @@ class HookedModel:
     def _check_positions(self, positions: Sequence[int] | None, name: str = "positions") -> list[int] | None:
         if positions is None:
             return None
-        if isinstance(positions, int | Tensor) and not isinstance(positions, bool):
+        if _is_integer(positions):
             positions = [positions]
-        if isinstance(positions, str) or not isinstance(positions, Sequence | range | Tensor):
+        if isinstance(positions, Tensor | np.ndarray):
+            positions = positions.tolist() if positions.ndim == 1 else positions
+        if isinstance(positions, str) or not isinstance(positions, Sequence | range):
             raise TypeError(f"{name} must be a list of token positions, got {type(positions).__name__}")
         out = [as_index(p, f"{name} entry") for p in positions]
         if not out or any(not 0 <= p < self.n_ctx for p in out):
@@ -725,8 +740,10 @@ class HookedModel:
     ) -> contextlib.AbstractContextManager[None]:
         """Context: replace the outputs (z, before W_O) of `heads` by zero or by a mean.
 
-        `mode="mean"` uses each head's mean z over `reference` tokens when given, else over the
-        real positions of each forward pass. `positions` (default: all) limits where it applies.
+        `mode="mean"` uses each head's mean z over the real tokens of `reference` (texts, or ids
+        with their mask), taken on the unedited model whatever contexts are active, when given;
+        else each sequence's mean over its own real positions of each forward pass. `positions`
+        (default: all) limits where it applies.
         `rescale="norm"` scales each sequence's z in every ablated layer (all heads, positions and
         head dimensions of one forward; in `generate`, of each step) back to its norm before the
         ablation, as the Refusal Cliff authors do, though per sequence rather than per batch.
@@ -742,13 +759,22 @@ class HookedModel:
         positions = self._check_positions(positions)
         means = None
         if mode == "mean" and reference is not None:
-            _, cache = self.run_with_cache(reference, ["z"], layers=sorted(by_layer), return_logits=False)
-            means = {l: cache.at("z", l).flatten(0, 1).mean(0) for l in by_layer}  # [heads, d_head]
+            ref, ref_mask = self.prepare_input(reference, fit=False)
+            active, self._interventions = self._interventions, Interventions()  # the unedited model
+            try:
+                _, cache = self.run_with_cache(
+                    ref, ["z"], layers=sorted(by_layer), attention_mask=ref_mask, return_logits=False
+                )
+            finally:
+                self._interventions = active
+            real = ref_mask.bool()  # [batch, pos]: padding is no part of the mean
+            means = {l: cache.at("z", l)[real].float().mean(0) for l in by_layer}  # [heads, d_head]
         return self.intervene(HeadAblation(by_layer, mode, means, positions, rescale))
 
     def scale_heads(self, scales: dict[int, Tensor]) -> contextlib.AbstractContextManager[None]:
         """Context: multiply head outputs z by factors, `scales[layer]` `[n_heads]` (every row) or
-        `[batch, n_heads]` (one set per row). Differentiable in the factors (attribution patching).
+        `[batch, n_heads]` (one set per row of the call, following its prompt through `generate`).
+        Differentiable in the factors (attribution patching).
 
             >>> with model.scale_heads({3: torch.ones(model.n_heads)}):   # doctest: +SKIP
             ...     logits = model(toks)
@@ -756,13 +782,18 @@ class HookedModel:
         checked = {}
         for layer, factor in scales.items():
             factor = torch.as_tensor(factor)
+            if factor.dtype == torch.bool or factor.is_complex():
+                raise TypeError(f"scales[{layer}] must hold real factors, got dtype {factor.dtype}")
+            factor = factor if factor.is_floating_point() else factor.float()
+            if not torch.isfinite(factor.detach()).all():
+                raise ValueError(f"scales[{layer}] must hold finite factors")
             if factor.shape[-1:] != (self.n_heads,) or factor.ndim > 2:
                 raise ValueError(
                     f"scales[{layer}] must be [n_heads] or [batch, n_heads] (n_heads={self.n_heads}), "
                     f"got {tuple(factor.shape)}"
                 )
             checked[self.check_layer(layer, "scales key")] = factor
-        return self.intervene(HeadScaling(checked))
+        return self.intervene(HeadScaling(checked))  # per caller row when [batch, n_heads]
 
     def suppress_attention(
         self,
@@ -846,24 +877,39 @@ class HookedModel:
     @contextlib.contextmanager
     def trainable_blocks(self, first: int) -> Iterator[list[nn.Parameter]]:
         """Context yielding the parameters of blocks `first..` and of the final norm with gradients
-        on, every other weight frozen; on exit every weight's `requires_grad` is as before.
+        on, every other weight frozen. Nested contexts train the union of their blocks, whatever
+        order they are left in; when the last one closes every weight's `requires_grad` is as
+        before the first.
 
             >>> with model.trainable_blocks(model.n_layers - 2) as params:   # doctest: +SKIP
             ...     opt = torch.optim.AdamW(params)
         """
         first = self.check_layer(first, "first")
-        before = {p: p.requires_grad for p in self.hf_model.parameters()}
         blocks = require_submodule(self.hf_model, self.arch.layers_path)
         modules = [*list(blocks)[first:], require_submodule(self.hf_model, self.arch.norm_path)]
         params = list(dict.fromkeys(p for m in modules for p in m.parameters()))
-        self.hf_model.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
+        if not self._trainable:
+            self._grad_flags = {p: p.requires_grad for p in self.hf_model.parameters()}
+        self._trainable.append(params)
+        self._apply_trainable()
         try:
             yield params
         finally:
-            for p, flag in before.items():
+            index = next(i for i in range(len(self._trainable) - 1, -1, -1) if self._trainable[i] is params)
+            del self._trainable[index]
+            self._apply_trainable()
+
+    def _apply_trainable(self) -> None:
+        """Gradients on for the parameters of the open `trainable_blocks` contexts, off elsewhere;
+        with none open, every flag as it was before the first."""
+        if not self._trainable:
+            for p, flag in self._grad_flags.items():
                 p.requires_grad_(flag)
+            return
+        self.hf_model.requires_grad_(False)
+        for params in self._trainable:
+            for p in params:
+                p.requires_grad_(True)
 
     # ---------------------------------------------------------------- prefix reuse
     def cache_prefix(self, tokens: Tensor | str) -> Prefix:
@@ -970,13 +1016,10 @@ class HookedModel:
             >>> model.generate("2+2=", max_new_tokens=4, temperature=0).texts  # doctest: +SKIP
         """
         sampling = (sampling or Sampling()).replace(**settings) if settings else (sampling or Sampling())
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        batch_size = check_int("batch_size", batch_size, 1)
         tokens, mask = self.prepare_input(prompts, attention_mask, fit=False)
         tokens, mask = left_align(tokens, mask, self.tokenizer.pad_token_id)
-        prompt_seeds = (
-            [sampling.seed] * len(tokens) if seeds is None else self._check_seeds(seeds, len(tokens))
-        )
+        prompt_seeds = [sampling.seed] * len(tokens) if seeds is None else check_seeds(seeds, len(tokens))
         for it in self._interventions.of(HeadAblation):
             if it.mode == "mean" and it.means is None:
                 raise ValueError("mean ablation during generate needs reference= tokens for the means")
@@ -1008,15 +1051,3 @@ class HookedModel:
         else:
             shown = [prompts] if isinstance(prompts, str) else list(prompts)
         return Generation(shown, texts, new_tokens, sampling.n, sampling)
-
-    @staticmethod
-    def _check_seeds(seeds: Sequence[int], count: int) -> list[int]:
-        """`seeds` as ints in 0..MAX_SEED, one per prompt; `ValueError`/`TypeError` naming `seeds`."""
-        if isinstance(seeds, str) or not isinstance(seeds, Sequence | Tensor | np.ndarray):
-            raise TypeError(f"seeds must be a list of ints, one per prompt, got {type(seeds).__name__}")
-        out = [as_index(s, "seeds entry") for s in seeds]
-        if len(out) != count:
-            raise ValueError(f"seeds must hold one seed per prompt ({count}), got {len(out)}")
-        if any(not 0 <= s <= MAX_SEED for s in out):
-            raise ValueError(f"seeds must lie in 0..{MAX_SEED}, got {out}")
-        return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -99,17 +100,26 @@ class HeadAblation:
 @dataclass
 class HeadScaling:
     """Multiply each head's output z by a factor: `scales[layer]` is `[n_heads]` (every row) or
-    `[batch, n_heads]` (per row, e.g. one head zeroed per row in a batched sweep). Differentiable:
+    `[rows, n_heads]`, one set per row: per caller's row (`per_row="caller"`, `Positions.rows`:
+    it follows its prompt through `generate`), or per row of the forward itself
+    (`per_row="forward"`, e.g. one head zeroed per row in a batched sweep). Differentiable:
     gradients with respect to the factors give attribution patching."""
 
     scales: dict[int, Tensor]
+    per_row: Literal["caller", "forward"] = "caller"
 
     def apply(self, layer: int, z: Tensor, pos: Positions) -> Tensor:
         if layer not in self.scales:
             return z
         scale = self.scales[layer].to(z)
-        if scale.ndim == 2:  # one set per caller's row
+        if scale.ndim == 2 and self.per_row == "caller":
+            if int(pos.rows.max()) >= len(scale):
+                raise ValueError(
+                    f"scales[{layer}] holds {len(scale)} rows, but row {int(pos.rows.max())} runs"
+                )
             scale = scale[pos.rows]
+        elif scale.ndim == 2 and len(scale) != z.shape[0]:
+            raise ValueError(f"scales[{layer}] holds {len(scale)} rows for a forward of {z.shape[0]}")
         return z * scale.reshape(-1, 1, z.shape[2], 1)  # [1 | batch, 1, heads, 1]
 
 

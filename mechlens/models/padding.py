@@ -80,7 +80,7 @@ def check_unmasked(tokens: Tensor, tokenizer) -> None:
         )
 
 
-def row_columns(mask: Tensor, positions: Sequence[int]) -> Tensor:
+def row_columns(mask: Tensor, positions: Sequence[int], name: str = "positions") -> Tensor:
     """Columns `[batch, len(positions)]` of each row's own positions: `p >= 0` is its p-th real
     token, `p < 0` counts back from its last real token. `ValueError` when a position lies outside
     the shortest row."""
@@ -89,7 +89,7 @@ def row_columns(mask: Tensor, positions: Sequence[int]) -> Tensor:
     wanted = list(positions)
     if not wanted or any(not -shortest <= p < shortest for p in wanted):
         raise ValueError(
-            f"positions must be a non-empty list in [-{shortest}, {shortest}); got {wanted} (the "
+            f"{name} must be a non-empty list in [-{shortest}, {shortest}); got {wanted} (the "
             f"shortest row has {shortest} tokens)"
         )
     first = mask.long().argmax(1)  # [batch]: column of each row's first real token

@@ -38,6 +38,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechlens.models.generation import check_int
+from mechlens.models.interventions import HeadScaling
 from mechlens.models.padding import row_columns
 
 METHODS = ("exact", "attribution")
@@ -89,11 +91,12 @@ def head_ablation_effects(
             batch, heads = ids.shape[0], model.n_heads
             # row h * batch + b zeroes head h: factor 0 for that head, 1 for the others
             keep = (1 - torch.eye(heads)).repeat_interleave(batch, 0)  # [heads * batch, heads]
+            rows = torch.arange(batch, device=ids.device).repeat(heads)  # each row's own row of the batch
             for layer in tqdm(layer_list, desc="ablate heads", disable=not progress):
                 resid = clean_out.acts["resid_pre"][layer].repeat(heads, 1, 1)  # [heads * batch, pos, d]
-                with model.scale_heads({layer: keep}):
+                with model.intervene(HeadScaling({layer: keep}, per_row="forward")):
                     out = model.forward(ids.repeat(heads, 1), mask.repeat(heads, 1),
-                                         start_at=layer, resid_in=resid, **hidden)  # fmt: skip
+                                         start_at=layer, resid_in=resid, rows=rows, **hidden)  # fmt: skip
                 ablated = _check_metric(measure(out), heads * batch)
                 effects[layer] = (ablated.reshape(heads, batch) - clean).mean(1).float().cpu()
         return effects
@@ -151,8 +154,7 @@ def direct_head_scores(
     """
     direction = model.check_direction(direction).float()
     unit = direction / direction.norm()
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size, 1)
     ids, mask = model.prepare_input(tokens, attention_mask)
     wanted = _check_positions(positions)
     all_columns = row_columns(mask, wanted)  # [batch, n_pos]

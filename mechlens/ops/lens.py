@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from mechlens.models.hooked import ActivationCache
+from mechlens.models.padding import row_columns
 from mechlens.ops.distributions import BLOCK_ROWS, Distributions
 
 STATS = ("entropy", "kl_final", "jsd_final", "top1", "target")
@@ -43,8 +44,9 @@ class LensResult:
     target_logprob, target_rank: log p_layer(target) and the target's rank (0 = top); NaN / -1
         where there is no target (the last position with `targets="next"`, or a negative id).
     jsd_pairs: `[pairs, batch, pos]` JSD between the layer pairs in `pairs`.
-    top_k_ids, top_k_probs: `[layers, batch, len(top_k_positions), k]` for a few positions (-1
-        and NaN at padding).
+    top_k_ids, top_k_probs: `[layers, batch, len(top_k_positions), k]` for a few positions (from
+        `logit_lens`: each row's own positions; from `lens_from_cache`: columns, -1 and NaN at
+        padding).
     """
 
     layers: list[int]
@@ -103,7 +105,8 @@ def logit_lens(
         targets: `[batch, pos]` token ids whose log-prob and rank to report, or "next" for the
             input's own next token (what the model was trained to predict).
         pairs: layer pairs `(a, b)` whose JSD to report in `jsd_pairs` (any model layers).
-        top_k_positions: positions for the `top_k_ids`/`top_k_probs` view (hover text).
+        top_k_positions: positions for the `top_k_ids`/`top_k_probs` view (hover text), each
+            row's own (0 = its first real token, negative: back from its last).
         chunk: positions run through the forward at once (default: `model.chunk_size_for` the
             length: 512, fewer on long inputs). Memory: the KV cache, one chunk's attention and
             captures, and a few `[256, vocab]` blocks; never `[pos, vocab]`.
@@ -121,8 +124,13 @@ def logit_lens(
     final = [last] if any(s in stats for s in FINAL_STATS) else []
     needed = sorted({*lens_layers, *(l for p in pair_list for l in p), *final})
     n_pos = ids.shape[1]
-    positions = _check_positions(top_k_positions, n_pos)
-    target_ids = _targets(targets, ids, ids.shape[0], n_pos, model.d_vocab) if "target" in stats else None
+    positions = _as_ints(top_k_positions, "top_k_positions")
+    columns = (
+        row_columns(mask, positions, "top_k_positions").cpu() if positions else None
+    )  # [batch, n]: each row's own
+    target_ids = (
+        _targets(targets, ids, ids.shape[0], n_pos, model.d_vocab, mask) if "target" in stats else None
+    )
     parts, top = [], {}
     for start, out in model.forward_chunks(
         ids, mask, chunk, capture={"resid_post": needed}, stop_after=max(needed)
@@ -132,20 +140,24 @@ def logit_lens(
         cache = ActivationCache(
             {"resid_post": torch.stack([resid[l] for l in needed])}, {"resid_post": needed}
         )
-        here = [p for p in positions if start <= p < end]
+        here = [] if columns is None else sorted({c for c in columns.flatten().tolist() if start <= c < end})
         part = lens_from_cache(
             model, None, cache, lens_layers, stats, None if target_ids is None else target_ids[:, start:end],
-            pair_list, [p - start for p in here], k, None, mask[:, start:end],
+            pair_list, [c - start for c in here], k, None, mask[:, start:end],
         )  # fmt: skip
         if here and part.top_k_ids is not None and part.top_k_probs is not None:
-            for i, p in enumerate(here):
-                top[p] = (part.top_k_ids[:, :, i], part.top_k_probs[:, :, i])
+            for i, c in enumerate(here):
+                top[c] = (part.top_k_ids[:, :, i], part.top_k_probs[:, :, i])  # [layers, batch, k]
         parts.append(part)
     result = _concat(parts)
     result.top_k_positions = positions
-    if positions:
-        result.top_k_ids = torch.stack([top[p][0] for p in positions], 2)
-        result.top_k_probs = torch.stack([top[p][1] for p in positions], 2)
+    if columns is not None:  # [layers, batch, n, k]: row b's own position i at its column
+        for field_name, which in (("top_k_ids", 0), ("top_k_probs", 1)):
+            per_row = [
+                torch.stack([top[int(columns[b, i])][which][:, b] for i in range(len(positions))], 1)
+                for b in range(len(columns))
+            ]
+            setattr(result, field_name, torch.stack(per_row, 1))
     return result
 
 
@@ -177,9 +189,22 @@ def _check_pairs(model, pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int
     return [(model.check_layer(a, "pairs entry"), model.check_layer(b, "pairs entry")) for a, b in pairs]
 
 
+def _as_ints(values: Sequence[int], name: str) -> list[int]:
+    """`values` as Python ints (NumPy and 0-d tensor integers too); `TypeError` naming `name`."""
+    if isinstance(values, str) or not isinstance(values, Sequence | range | Tensor):
+        raise TypeError(f"{name} must be a list of positions, got {type(values).__name__}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise TypeError(f"{name} entries must be integers, got {v!r}")
+        out.append(int(v.__index__()))
+    return out
+
+
 def _check_positions(top_k_positions: Sequence[int], n_pos: int) -> list[int]:
-    positions = list(top_k_positions)
-    if any(isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < n_pos for p in positions):
+    """Columns `0..n_pos-1` (for `lens_from_cache`, which reads a cache by column)."""
+    positions = _as_ints(top_k_positions, "top_k_positions")
+    if any(not 0 <= p < n_pos for p in positions):
         raise ValueError(f"top_k_positions must lie in 0..{n_pos - 1}, got {positions}")
     return positions
 
@@ -208,8 +233,9 @@ def lens_from_cache(
     batch, n_pos = cache["resid_post"].shape[1:3]
     chunk = max(1, 256 // batch) if chunk is None else chunk
     for name, value in (("chunk", chunk), ("k", k)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    chunk, k = int(chunk.__index__()), int(k.__index__())
     if chunk < 1 or not 1 <= k <= vocab:
         raise ValueError(f"chunk must be >= 1 and k in 1..{vocab} (the vocabulary), got {chunk}, {k}")
     captured = cache.layers["resid_post"]
@@ -221,7 +247,7 @@ def lens_from_cache(
     if missing:
         raise ValueError(f"layers {missing} are not in the cache (captured: {captured})")
     positions = _check_positions(top_k_positions, n_pos)
-    target_ids = _targets(targets, tokens, batch, n_pos, vocab) if "target" in stats else None
+    target_ids = _targets(targets, tokens, batch, n_pos, vocab, attention_mask) if "target" in stats else None
 
     shape = (len(layer_list), batch, n_pos)
     out: dict[str, Tensor] = {}
@@ -320,7 +346,11 @@ def _put(dest: Tensor, sl: slice, values: Tensor, rows: Tensor) -> None:
     block.copy_(torch.where(rows, new, block))
 
 
-def _targets(targets, tokens: Tensor | None, batch: int, n_pos: int, vocab: int) -> Tensor:
+def _targets(
+    targets, tokens: Tensor | None, batch: int, n_pos: int, vocab: int, mask: Tensor | None = None
+) -> Tensor:
+    """Target ids `[batch, pos]` (-1: none); "next" is each row's own next real token, so a row's
+    last token (and padding, on either side) has none."""
     if targets is None:
         raise ValueError('stat "target" needs targets= (token ids [batch, pos] or "next")')
     if isinstance(targets, str):
@@ -328,7 +358,12 @@ def _targets(targets, tokens: Tensor | None, batch: int, n_pos: int, vocab: int)
             raise ValueError(f'targets must be token ids or "next", got {targets!r}')
         if tokens is None:
             raise ValueError('targets="next" needs the input tokens')
-        return torch.cat([tokens[:, 1:], torch.full((batch, 1), -1, device=tokens.device)], 1).cpu()
+        nxt = torch.cat([tokens[:, 1:], torch.full((batch, 1), -1, device=tokens.device)], 1).cpu()
+        if mask is not None:
+            real = mask.bool().cpu()
+            has_next = torch.cat([real[:, 1:], torch.zeros(batch, 1, dtype=torch.bool)], 1) & real
+            nxt = nxt.masked_fill(~has_next, -1)
+        return nxt
     targets = torch.as_tensor(targets).cpu()
     if targets.is_floating_point() or targets.dtype == torch.bool:
         raise TypeError(f"targets must be integer token ids, got dtype {targets.dtype}")

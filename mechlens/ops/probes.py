@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechlens.cache import DiskCache, atomic_write_bytes, model_fingerprint, stable_hash
+from mechlens.models.generation import check_int
 from mechlens.ops.stats import auroc
 from mechlens.text.inputs import as_texts
 
@@ -64,8 +65,7 @@ def collect_activations(
             f"positions must be one of {POSITIONS} or one (start, end) span per text, got {positions!r}"
         )
     texts = as_texts(texts)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size, 1)
     if spans is not None and len(spans) != len(texts):
         raise ValueError(f"{len(spans)} spans for {len(texts)} texts: give one (start, end) per text")
     if not texts:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
-from mechlens.models.generation import MAX_SEED, PATHS, Sampling
+from mechlens.models.generation import PATHS, Sampling, check_int, check_seeds
 
 
 @runtime_checkable
@@ -42,6 +44,11 @@ class Engine(Protocol):
         ...
 
 
+def _is_token_id(value: object) -> bool:
+    """An int or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int | None = None) -> list[list[int]]:
     """Prompts as lists of token ids (ints, not bools, in `0..vocab_size-1` when given); a
     `TypeError`/`ValueError` naming the first bad one."""
@@ -49,15 +56,16 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int | None = Non
         raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
     out = []
     for i, p in enumerate(prompts):
-        if isinstance(p, torch.Tensor) and (p.is_floating_point() or p.dtype == torch.bool):
-            raise TypeError(f"prompts[{i}] must hold integer token ids, got dtype {p.dtype}")
-        ids = p.tolist() if isinstance(p, torch.Tensor) else p
-        if (
-            isinstance(ids, str)
-            or not isinstance(ids, Sequence)
-            or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
-        ):
+        ids = p.tolist() if isinstance(p, torch.Tensor | np.ndarray) else p
+        if isinstance(ids, str) or not isinstance(ids, Sequence):
             raise TypeError(f"prompts[{i}] must be a list of token ids (ints), got {type(p).__name__}")
+        bad_type = next((t for t in ids if not _is_token_id(t)), None)
+        if bad_type is not None:
+            raise TypeError(
+                f"prompts[{i}] must be a list of token ids (ints), got the entry {bad_type!r} "
+                f"({type(bad_type).__name__})"
+            )
+        ids = [int(t) for t in ids]
         if not ids:
             raise ValueError(f"prompts[{i}] is empty")
         bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
@@ -96,13 +104,7 @@ def prompt_seeds(sampling: Sampling, count: int, seeds: Sequence[int] | None = N
     `(sampling.seed * 1_000_003 + i) mod 2**63` for prompt i."""
     if seeds is None:
         return [(sampling.seed * 1_000_003 + i) % 2**63 for i in range(count)]
-    seeds = list(seeds)
-    if len(seeds) != count:
-        raise ValueError(f"seeds must hold one seed per prompt ({count}), got {len(seeds)}")
-    for i, s in enumerate(seeds):
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-            raise ValueError(f"seeds[{i}] must be an int in 0..{MAX_SEED}, got {s!r}")
-    return seeds
+    return check_seeds(seeds, count)
 
 
 def check_stop(stop: Sequence[str]) -> tuple[str, ...]:
@@ -155,8 +157,7 @@ class LocalEngine:
     prompts_per_call = 1
 
     def __init__(self, model, batch_size: int = 16, progress: bool = False, path: str = "auto"):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        batch_size = check_int("batch_size", batch_size, 1)
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         self.model, self.batch_size, self.progress, self.path = model, batch_size, progress, path
