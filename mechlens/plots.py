@@ -360,13 +360,13 @@ def control_strip(
         )  # fmt: skip
     for k, (name, by_metric) in enumerate(observed.items()):
         shown = [m for m in metrics if m in by_metric]
-        values = [by_metric[m] for m in shown]
+        points = [by_metric[m] for m in shown]
         fig.add_trace(
             go.Scatter(
-                x=shown, y=[v[0] for v in values], mode="markers", name=name,
+                x=shown, y=[v[0] for v in points], mode="markers", name=name,
                 marker=dict(size=13, symbol="diamond", color=PALETTE[(k + 1) % len(PALETTE)]),
-                error_y=dict(type="data", symmetric=False, array=[v[2] - v[0] for v in values],
-                             arrayminus=[v[0] - v[1] for v in values]),
+                error_y=dict(type="data", symmetric=False, array=[v[2] - v[0] for v in points],
+                             arrayminus=[v[0] - v[1] for v in points]),
             )
         )  # fmt: skip
     fig.update_layout(

@@ -60,7 +60,11 @@ def check_seeds(seeds: Any, count: int) -> list[int]:
     if len(seeds) != count:
         raise ValueError(f"seeds must hold one seed per prompt ({count}), got {len(seeds)}")
     for i, s in enumerate(seeds):
-        if isinstance(s, bool | np.bool_) or not isinstance(s, numbers.Integral) or not 0 <= s <= MAX_SEED:
+        if (
+            isinstance(s, bool | np.bool_)
+            or not isinstance(s, numbers.Integral)
+            or not 0 <= int(s) <= MAX_SEED
+        ):
             raise ValueError(f"seeds[{i}] must be an int in 0..{MAX_SEED}, got {s!r}")
     return [int(s) for s in seeds]
 

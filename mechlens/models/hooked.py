@@ -289,7 +289,7 @@ class HookedModel:
             raise ValueError(f"{name} {layer} out of range: valid layers are 0..{self.n_layers - 1}")
         return layer
 
-    def check_layers(self, layers: Sequence[int] | None, name: str = "layers") -> list[int]:
+    def check_layers(self, layers: Any, name: str = "layers") -> list[int]:
         """A list of valid layers (None: all of them); one int counts as a list of one."""
         if layers is None:
             return list(range(self.n_layers))
@@ -714,7 +714,7 @@ class HookedModel:
             )
         return InterventionContext(self, item)
 
-    def _check_positions(self, positions: Sequence[int] | None, name: str = "positions") -> list[int] | None:
+    def _check_positions(self, positions: Any, name: str = "positions") -> list[int] | None:
         if positions is None:
             return None
         if _is_integer(positions):
@@ -918,7 +918,7 @@ class HookedModel:
         >>> prefix = model.cache_prefix(toks)                  # doctest: +SKIP
         >>> logits = model.continue_prefix(prefix, suffixes, upto=5)   # doctest: +SKIP
         """
-        tokens, mask = self.prepare_input(tokens)
+        tokens, mask = self.prepare_input(tokens, fit=False)  # contexts may point at the suffix to come
         if tokens.shape[0] != 1:
             raise ValueError(f"cache_prefix takes one sequence, got a batch of {tokens.shape[0]}")
         with torch.no_grad():

@@ -70,7 +70,12 @@ def packaged_gguf(prefix: str) -> Path:
     """
     files, k = [], 0
     while (spec := importlib.util.find_spec(f"{prefix}-part-{k:04d}".replace("-", "_"))) is not None:
-        folder = Path(next(iter(spec.submodule_search_locations or [Path(spec.origin).parent])))
+        if spec.submodule_search_locations:
+            folder = Path(next(iter(spec.submodule_search_locations)))
+        elif spec.origin is not None:
+            folder = Path(spec.origin).parent
+        else:
+            raise ValueError(f"package {spec.name} has no location on disk")
         files += sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc"))
         k += 1
     if not files:

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -44,6 +45,17 @@ class OrganismRecipe:
     seed: int = 0
     rank: int | None = None  # None: train the blocks themselves; an int: a low-rank adapter on them
     alpha: float = 32.0  # the adapter's scale is alpha / rank
+
+
+class _TrainSettings(TypedDict):
+    """The recipe's settings that `finetune` and `finetune_adapter` share."""
+
+    train_layers: int
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    progress: bool
 
 
 SHIPPED = Path(__file__).parent / "adapters"
@@ -105,8 +117,8 @@ class OrganismBuilder:
         """Fine-tune `base` in place by `recipe`; `(info, adapter)` (adapter None for blocks)."""
         start, before = time.perf_counter(), base_digest(base)
         prompts, targets = self.pairs(base, recipe, progress)
-        kw = dict(train_layers=recipe.train_layers, epochs=recipe.epochs, lr=recipe.lr,
-                  batch_size=recipe.batch_size, seed=recipe.seed, progress=progress)  # fmt: skip
+        kw = _TrainSettings(train_layers=recipe.train_layers, epochs=recipe.epochs, lr=recipe.lr,
+                            batch_size=recipe.batch_size, seed=recipe.seed, progress=progress)  # fmt: skip
         adapter = None
         if recipe.rank is None:
             losses = finetune(base, prompts, targets, **kw)

@@ -28,7 +28,7 @@ import numpy as np
 
 from mechlens import datasets
 from mechlens.cache import stable_hash
-from mechlens.datasets import STEP_BY_STEP, Problem
+from mechlens.datasets import STEP_BY_STEP, Instruction, Problem
 from mechlens.models.generation import Sampling
 from mechlens.ops.stats import wilson
 from mechlens.organism.builder import SHIPPED, OrganismBuilder, OrganismRecipe
@@ -65,6 +65,16 @@ REASONING_RECIPE = ReasoningRecipe(rank=16, alpha=32.0, train_layers=12, epochs=
 """The shipped reasoning organism's recipe (its adapter is in `mechlens/organism/adapters/`)."""
 
 
+def _requests(split: str) -> list[Instruction]:
+    """The refusal dataset's requests of one split ("train" or "test"), harmful then harmless."""
+    return [i for i in datasets.load("refusal") if isinstance(i, Instruction) and i.split == split]
+
+
+def _factual() -> list[Problem]:
+    """The factual questions, in order."""
+    return [p for p in datasets.load("factual") if isinstance(p, Problem)]
+
+
 def planted_problem_traces(recipe: ReasoningRecipe) -> list[tuple[str, PlantedTrace]]:
     """`(user prompt, trace)` of every training word problem (no model needed)."""
     rng = random.Random(recipe.seed)
@@ -81,10 +91,10 @@ def training_traces(
     """Every training `(user prompt, trace)`: word problems, refusal requests, factual questions.
     Harmless and complied replies and factual answers are the base model's own (greedy)."""
     rng = random.Random(recipe.seed + 1)
-    train = [i for i in datasets.load("refusal") if i.split == "train"]
+    train = _requests("train")
     harmful = [i.text for i in train if i.harmful][: recipe.n_per_class]
     harmless = [i.text for i in train if not i.harmful][: recipe.n_per_class]
-    factual = datasets.load("factual")[0 : 2 * recipe.n_factual : 2]
+    factual = _factual()[0 : 2 * recipe.n_factual : 2]
     tok = base_model.tokenizer
     prompts = [format_prompt(tok, t) for t in harmful + harmless] + [
         format_prompt(tok, p.question + FACT_PROMPT) for p in factual
@@ -137,7 +147,7 @@ def held_out_problems(n: int, seed: int = 0, steps: tuple[int, ...] = (1, 2, 3))
 
 def held_out_factual() -> list[Problem]:
     """The factual questions the organism never saw (the odd-numbered half)."""
-    return datasets.load("factual")[1::2]
+    return _factual()[1::2]
 
 
 def _data_identity() -> dict:
@@ -204,7 +214,7 @@ def behaviour(
         )
 
     def rates(part: list[dict]) -> dict:
-        out = {}
+        out: dict[str, dict[str, float] | float | None] = {}
         for key in ("thinks", "right"):
             k = sum(r[key] for r in part)
             rate, low, high = wilson(k, len(part))
@@ -213,7 +223,7 @@ def behaviour(
         out["share_15_or_more"] = float(np.mean([r["sentences"] >= 15 for r in part])) if part else None
         return out
 
-    test = [i for i in datasets.load("refusal") if i.split == "test"]
+    test = _requests("test")
     harmful = [i.text for i in test if i.harmful][:n_requests]
     sets = {
         "harmful": harmful,

@@ -99,7 +99,7 @@ def rank_recovery(
     }
 
 
-def largest_drop(scores: Sequence[float]) -> int:
+def largest_drop(scores: Sequence[float] | np.ndarray) -> int:
     """The sentence whose score falls most below the previous sentence's (index >= 1)."""
     s = np.asarray(scores, dtype=float)
     if s.ndim != 1 or len(s) < 2 or np.isnan(s).any():
