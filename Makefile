@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mechlens-installed
 
-.PHONY: demo figures test lint setup vllm organisms
+.PHONY: demo figures test test-training lint setup vllm organisms
 
 setup: $(STAMP)
 
@@ -60,11 +60,16 @@ $(VLLM_VENV)/.installed:
 	touch $@
 
 # pytest exits 5 when it collects nothing: not a failure of the code under test. The vLLM server
-# tests need `make vllm`; when it cannot install, they skip and say why.
+# tests need `make vllm`; when it cannot install, they skip and say why. The full retrains of the
+# shipped organisms (~25 minutes) run in `make test-training`; `make test` trains a reduced recipe.
 test: $(STAMP)
 	-$(MAKE) vllm
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests mechlens --doctest-modules --nbmake notebooks -p no:cacheprovider || [ $$? -eq 5 ]
+	$(PY) -m pytest -q tests mechlens --doctest-modules --nbmake notebooks -p no:cacheprovider \
+		-m "not training" || [ $$? -eq 5 ]
+
+test-training: $(STAMP)
+	$(PY) -m pytest -q tests -p no:cacheprovider -m training
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

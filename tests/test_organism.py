@@ -215,6 +215,7 @@ def test_adapter_organism_ships_and_rebuilds_exactly(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.training
 def test_retrained_refusal_adapter_behaves_like_the_shipped_one(tmp_path, monkeypatch):
     """`make organisms` from scratch gives the shipped refusal organism back: same base weights,
     the same training losses to float rounding, the same refusal decisions on held-out requests."""
@@ -350,6 +351,7 @@ def test_reasoning_organism_loads_from_the_shipped_adapter_in_both_backends(monk
 
 
 @pytest.mark.slow
+@pytest.mark.training
 def test_retrained_reasoning_adapter_behaves_like_the_shipped_one(tmp_path, monkeypatch):
     """`make organisms` from scratch gives the shipped reasoning organism back: the same base
     weights and recipe, training losses to float rounding, and the same greedy behaviour on
@@ -376,6 +378,31 @@ def test_retrained_reasoning_adapter_behaves_like_the_shipped_one(tmp_path, monk
         p.grade(a).extracted == p.grade(b).extracted for p, a, b in zip(problems, *outputs, strict=True)
     )
     assert same >= 10
+
+
+@pytest.mark.slow
+def test_the_reasoning_recipe_at_reduced_size_trains_deterministically_and_ships(tmp_path, monkeypatch):
+    """`make test`'s reduced-size check of the organism build (the full retrain of the shipped
+    adapters runs in `make test-training`): the same recipe trained twice from the base model gives
+    the same losses and the same adapter, whose file rebuilds the trained model exactly."""
+    from dataclasses import replace
+
+    from mechlens.ops.adapters import LowRankAdapter
+
+    small = replace(REASONING_RECIPE, n_problems=9, n_factual=2, n_per_class=2, n_jailbreaks=1,
+                    answer_tokens=6, train_layers=2, epochs=1, rank=4)  # fmt: skip
+    monkeypatch.setattr(REASONING, "shipped", tmp_path)
+    first = LowRankAdapter.load(REASONING.ship(small))
+    second_path = REASONING.ship(small)
+    second = LowRankAdapter.load(second_path)
+    assert first[1]["losses"] == second[1]["losses"] and first[1]["examples"] == second[1]["examples"] > 9
+    assert first[1]["recipe"] == second[1]["recipe"] and first[1]["base"] == second[1]["base"]
+    built = REASONING.build(small, progress=False)  # from the shipped file, in seconds
+    again = ml.load_model()
+    second[0].merge_into(again)
+    toks = built.to_tokens("What is 2 + 3?")
+    torch.testing.assert_close(built(toks), again(toks), atol=1e-5, rtol=1e-5)
+    assert second_path.name == REASONING.shipped_path(small).name
 
 
 def test_behaviour_reports_rates_with_n_and_intervals():

@@ -775,3 +775,121 @@ def test_numpy_and_tensor_arguments_mean_what_they_say():
     assert engine.sample([np.array([5, 6, 7])], s) == engine.sample([[5, 6, 7]], s)
     with pytest.raises(TypeError, match="the entry True"):
         engine.sample([[5, True]], s)
+
+
+# ------------------------------------------------------------------------------------ second audit
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_weights_are_frozen_after_load_under_every_backend(backend, arch):
+    model = fresh(backend, arch)
+    assert not any(p.requires_grad for p in model.hf_model.parameters())
+
+
+def test_a_changed_tokenizer_changes_the_cache_key(tmp_path):
+    from tokenizers import normalizers
+
+    model = fresh("transformer_lens")
+    before = collect_activations(model, ["Hello World"], cache=tmp_path, progress=False)
+    model.tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    after = collect_activations(model, ["Hello World"], cache=tmp_path, progress=False)
+    assert torch.equal(after, collect_activations(model, ["Hello World"], progress=False))
+    assert not torch.equal(before, after)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_generated_trace_holds_the_generated_ids(backend, tmp_path):
+    model = shared(backend)
+    prompt = ml.format_prompt(model.tokenizer, "What is 2+3?")
+    generated = model.generate(prompt, max_new_tokens=40, temperature=0).tokens[0]
+    trace = ml.ReasoningTrace.from_generation(model, "What is 2+3?", max_new_tokens=40)
+    assert trace.tokens[0, trace.prompt_len :].tolist() == generated.tolist()
+    assert trace.response == model.tokenizer.decode(generated.tolist())
+    trace.save(tmp_path / "t.json")
+    assert torch.equal(ml.ReasoningTrace.load(model, tmp_path / "t.json").tokens, trace.tokens)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mean_reference_given_as_tokenize_output_equals_texts(backend):
+    model = shared(backend)
+    texts = ["one two three", "a much longer one here"]
+    with model.ablate_heads([(1, 2)], mode="mean", reference=texts):
+        a = model(ids())
+    with model.ablate_heads([(1, 2)], mode="mean", reference=model.tokenize(texts)):
+        assert torch.equal(a, model(ids()))
+    with pytest.raises(ValueError, match="no attention_mask"):
+        model.ablate_heads([(1, 2)], mode="mean", reference=model.to_tokens(texts))
+
+
+def test_more_arguments_that_failed_deep_inside():
+    from mechlens.ops.probes import diff_in_means
+    from mechlens.ops.signals import p_true
+
+    model = shared("transformer_lens")
+    with pytest.raises(ValueError, match="NaN"):
+        diff_in_means(torch.tensor([[0.0, 0], [float("nan"), 0], [2.0, 0]]), [0, 1, 1])
+    assert torch.equal(diff_in_means(torch.tensor([[0.0, 0], [2.0, 0]]), torch.tensor([False, True])),
+                       torch.tensor([1.0, 0.0]))  # fmt: skip
+    with pytest.raises(ValueError, match="batch_size"):
+        p_true(model, ["Q?"], ["A"], batch_size=0)
+    trace = ml.ReasoningTrace.from_text(
+        model, "Q", "First add two and three.\n\nSo it is five.", chat_template=False
+    )
+    with pytest.raises(ValueError, match="prompt tokens"):
+        ml.depth.analyze_trace(model, trace)
+
+
+def test_probe_settings_from_numpy_save_and_load(tmp_path):
+    X = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
+    y = (X[:, 0] > 0).long()
+    probe = LinearProbe(l2=np.float64(1e-3), lr=np.float32(0.05), max_epochs=np.int64(30)).fit(X, y)
+    probe.save(tmp_path / "p.pt")
+    back = LinearProbe.load(tmp_path / "p.pt")
+    assert torch.equal(back.predict_proba(X), probe.predict_proba(X))
+
+
+def test_cache_values_and_keys_of_numpy_scalars_and_deep_nesting(tmp_path):
+    store = DiskCache(tmp_path)
+    assert store.cached("s", lambda: {"ok": np.float32(1) > 0}, flag=np.bool_(True)) == {"ok": True}
+    assert store.get("s", {"flag": True}) == {"ok": True}  # NumPy scalars key as Python ones
+    deep: list = []
+    node = deep
+    for _ in range(1500):
+        node.append([])
+        node = node[0]
+    with pytest.raises(TypeError, match="nested this deeply"):
+        store.put("s", {"k": 1}, deep)
+    with pytest.raises(TypeError, match="nested this deeply"):
+        store.cached("s", lambda: 1, key=deep)
+
+
+def test_endpoint_answers_cut_short_or_malformed():
+    from mechlens.rollouts import EndpointEngine
+    from mechlens.rollouts.endpoint import EndpointError
+
+    ok = json.dumps({"choices": [{"index": 0, "token_ids": [7], "finish_reason": "length"}]}).encode()
+    calls = []
+
+    def cut_then_whole(h):
+        calls.append(1)
+        if len(calls) == 1:  # promises the whole body, sends 5 bytes and closes
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(ok)))
+            h.end_headers()
+            h.wfile.write(ok[:5])
+            h.close_connection = True
+        else:
+            _answer(h, ok)
+
+    server = _Server(cut_then_whole)
+    bad = _Server(lambda h: _answer(h, json.dumps({"choices": [{"index": None, "token_ids": [7]}]}).encode()))
+    try:
+        assert EndpointEngine(server.url, "m", retries=1, backoff=0).sample([[5, 6]], ml.Sampling()) == [
+            [[7]]
+        ]
+        with pytest.raises(EndpointError, match="indices"):
+            EndpointEngine(bad.url, "m", retries=0).sample([[5, 6]], ml.Sampling())
+    finally:
+        server.close()
+        bad.close()
+    with pytest.raises(ValueError, match="timeout must be a finite number"):
+        EndpointEngine("http://127.0.0.1:9", "m", timeout=float("inf"))

@@ -32,7 +32,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -192,6 +192,7 @@ class HookedModel:
             if isinstance(backend, str)
             else backend
         )
+        self.hf_model.requires_grad_(False)  # a backend may add parameters (e.g. split q/k/v views)
 
     @property
     def active_interventions(self) -> tuple[Intervention, ...]:
@@ -735,13 +736,14 @@ class HookedModel:
         heads: Sequence[tuple[int, int]],
         mode: str = "zero",
         positions: Sequence[int] | None = None,
-        reference: TokensLike | None = None,
+        reference: TokensLike | tuple[Tensor, Tensor] | None = None,
         rescale: str | None = None,
     ) -> contextlib.AbstractContextManager[None]:
         """Context: replace the outputs (z, before W_O) of `heads` by zero or by a mean.
 
-        `mode="mean"` uses each head's mean z over the real tokens of `reference` (texts, or ids
-        with their mask), taken on the unedited model whatever contexts are active, when given;
+        `mode="mean"` uses each head's mean z over the real tokens of `reference` (texts, ids, or
+        `model.tokenize(texts)`'s `(ids, mask)`), taken on the unedited model whatever contexts
+        are active, when given;
         else each sequence's mean over its own real positions of each forward pass. `positions`
         (default: all) limits where it applies.
         `rescale="norm"` scales each sequence's z in every ablated layer (all heads, positions and
@@ -759,7 +761,10 @@ class HookedModel:
         positions = self._check_positions(positions)
         means = None
         if mode == "mean" and reference is not None:
-            ref, ref_mask = self.prepare_input(reference, fit=False)
+            if isinstance(reference, tuple) and len(reference) == 2 and isinstance(reference[1], Tensor):
+                ref, ref_mask = self.prepare_input(reference[0], reference[1], fit=False)
+            else:
+                ref, ref_mask = self.prepare_input(cast(TokensLike, reference), fit=False)
             active, self._interventions = self._interventions, Interventions()  # the unedited model
             try:
                 _, cache = self.run_with_cache(

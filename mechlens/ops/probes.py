@@ -124,6 +124,7 @@ def diff_in_means(acts: Tensor, labels: Sequence[int], normalize: bool = True) -
         tensor([1., 0.])
     """
     y = torch.as_tensor(labels)
+    y = y.long() if y.dtype == torch.bool else y
     if y.ndim != 1 or acts.ndim < 2 or len(y) != acts.shape[-2]:
         raise ValueError(
             f"labels must be one per row of acts [..., n, d]: {tuple(y.shape)} vs {tuple(acts.shape)}"
@@ -133,6 +134,8 @@ def diff_in_means(acts: Tensor, labels: Sequence[int], normalize: bool = True) -
     y = y.bool()
     if y.all() or not y.any():
         raise ValueError("labels must contain both 0 and 1")
+    if not torch.isfinite(acts).all():
+        raise ValueError("acts hold NaN or inf: drop or fix those rows first")
     d = acts[..., y, :].mean(-2) - acts[..., ~y, :].mean(-2)
     return d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12) if normalize else d
 
@@ -254,8 +257,10 @@ class LinearProbe:
                 raise ValueError(f"{name} must be an int >= 1, got {count!r}")
         if not isinstance(standardize, bool):
             raise TypeError(f"standardize must be True or False, got {standardize!r}")
-        self.l2, self.lr, self.max_epochs = l2, lr, max_epochs
-        self.val_fraction, self.patience = val_fraction, patience
+        seed = check_int("seed", seed, 0)
+        # plain Python numbers, so that `save` writes only what `load` reads back safely
+        self.l2, self.lr, self.max_epochs = float(l2), float(lr), int(max_epochs)
+        self.val_fraction, self.patience = float(val_fraction), int(patience)
         self.standardize, self.seed = standardize, seed
         self.linear: torch.nn.Linear | None = None
         self.mean: Tensor | None = None

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mechlens.models.generation import check_int
 from mechlens.ops.distributions import BLOCK_ROWS, Distributions, jsd_probs
 from mechlens.text.inputs import as_texts
 from mechlens.text.trace import ReasoningTrace, Sentence, format_prompt
@@ -67,9 +68,7 @@ def token_signals(
     last layer a block of 64 positions at a time, so no `[pos, vocab]` tensor is ever held."""
     tokens = trace.tokens
     start, end = trace.prompt_len, trace.n_tokens
-    if start < 2 or end <= start:
-        raise ValueError(f"need >= 2 prompt tokens and >= 1 response token, got {start} and {end - start}")
-    acc = SignalRows(tokens[0], first=start - 2)
+    acc = SignalRows.for_response(trace)
     # rows start-2 .. end-2 predict tokens start-1 .. end-1; the first row only feeds instability
     if logits is not None:
         acc.add(logits[0, start - 2 : end - 1])
@@ -88,9 +87,22 @@ class SignalRows:
     r + 1 of `tokens`; `first` is the first row fed). `result` gives the `TokenSignals`."""
 
     def __init__(self, tokens: Tensor, first: int):
+        if first < 0:
+            raise ValueError(f"the first row fed must be a position >= 0, got {first}")
         self.tokens, self.row = tokens, first
         self.parts: dict[str, list[Tensor]] = {"logprob": [], "entropy": [], "certainty": [], "unstable": []}
         self.prev: Tensor | None = None  # the last row's probabilities, for the next block's instability
+
+    @classmethod
+    def for_response(cls, trace: ReasoningTrace) -> SignalRows:
+        """The rows of `trace`'s response (and the row before, for instability); `ValueError` when
+        the trace has fewer than 2 prompt tokens or no response token."""
+        start, end = trace.prompt_len, trace.n_tokens
+        if start < 2 or end <= start:
+            raise ValueError(
+                f"need >= 2 prompt tokens and >= 1 response token, got {start} and {end - start}"
+            )
+        return cls(trace.tokens[0], first=start - 2)
 
     def add_residual(self, model, resid: Tensor, start: int, stop: int) -> None:
         """Feed the rows of `resid [n, d_model]` (positions `start ..`) that are due, up to row
@@ -211,6 +223,7 @@ def p_true(
         for q, a in zip(questions, answers, strict=True)
     ]
     out = []
+    batch_size = check_int("batch_size", batch_size, 1)
     for i in range(0, len(prompts), batch_size):
         tokens, mask = model.tokenize(prompts[i : i + batch_size])
         last = model(tokens, attention_mask=mask)[:, -1, ids].float()  # [batch, 2], left-padded

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import queue
 import threading
 import time
@@ -84,7 +85,14 @@ class EndpointEngine:
         for arg, value, least in (("concurrency", concurrency, 1), ("retries", retries, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{arg} must be an int >= {least}, got {value!r}")
-        if not backoff >= 0 or not timeout > 0:
+        for arg, seconds in (("backoff", backoff), ("timeout", timeout)):
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not math.isfinite(seconds)
+            ):
+                raise ValueError(f"{arg} must be a finite number of seconds, got {seconds!r}")
+        if backoff < 0 or timeout <= 0:
             raise ValueError(f"backoff must be >= 0 and timeout > 0, got {backoff!r} and {timeout!r}")
         self.urls = [_completions_url(u) for u in urls]
         self.model, self.tokenizer, self.api_key = model, tokenizer, api_key
@@ -205,10 +213,12 @@ class EndpointEngine:
             raise EndpointError(
                 f"expected a completions response with {n} choices, got {json.dumps(answer)[:300]}"
             )
-        out = []
-        for choice in sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0):
-            out.append(self._token_ids(choice, stop))
-        return out
+        indices = [c.get("index", i) if isinstance(c, dict) else None for i, c in enumerate(choices)]
+        valid = [i for i in indices if isinstance(i, int) and not isinstance(i, bool)]
+        if sorted(valid) != list(range(n)) or len(valid) != n:
+            raise EndpointError(f"the choices' indices must be 0..{n - 1}, got {indices}")
+        by_index = dict(zip(valid, choices, strict=True))
+        return [self._token_ids(by_index[i], stop) for i in range(n)]
 
     def _token_ids(self, choice: Any, stop: tuple[str, ...]) -> list[int]:
         if not isinstance(choice, dict):
@@ -257,12 +267,14 @@ def _post(url: str, data: bytes, headers: dict[str, str], timeout: float) -> tup
         path = parts.path + (f"?{parts.query}" if parts.query else "")
         conn.request("POST", path or "/", body=data, headers=headers)
         response = conn.getresponse()
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             if conn.sock is not None:
                 conn.sock.settimeout(left())
             chunk = response.read1(65536)
             if not chunk:
+                if response.length:  # closed before the promised Content-Length: retried
+                    raise http.client.IncompleteRead(b"".join(chunks), response.length)
                 break
             chunks.append(chunk)
             left()

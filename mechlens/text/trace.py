@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -211,10 +213,61 @@ class ReasoningTrace:
         prompt_text = format_prompt(model.tokenizer, prompt, system) if chat_template else prompt
         text = prompt_text + response
         enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        tokens = torch.tensor([enc["input_ids"]])
-        model.check_tokens(tokens)
         offsets = [tuple(o) for o in enc["offset_mapping"]]
         prompt_len = sum(1 for a, _ in offsets if a < len(prompt_text))
+        settings = (system, chat_template, protect_abbreviations, keep_last)
+        return cls._build(
+            model, prompt, response, prompt_text, enc["input_ids"], offsets, prompt_len, settings
+        )
+
+    @classmethod
+    def from_token_ids(
+        cls,
+        model,
+        prompt: str,
+        response_ids: Sequence[int] | Tensor,
+        system: str | None = None,
+        chat_template: bool = True,
+        protect_abbreviations: bool = False,
+        keep_last: bool = False,
+    ) -> ReasoningTrace:
+        """Build a trace from the response token ids exactly as a model produced them after the
+        templated prompt: `trace.tokens` are those ids (never a re-tokenisation of their decoded
+        text, which can differ), `trace.response` their decoded text; each token spans the
+        characters its decoding adds (a token that ends inside a character spans nothing)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        ids = response_ids.reshape(-1).tolist() if isinstance(response_ids, Tensor) else list(response_ids)
+        if not ids:
+            raise ValueError("empty trace: response_ids holds no token")
+        model.check_tokens(torch.tensor([ids]))
+        prompt_text = format_prompt(model.tokenizer, prompt, system) if chat_template else prompt
+        enc = model.tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
+        response, response_offsets = _decoded_offsets(model.tokenizer, ids, len(prompt_text))
+        if not prompt.strip() or not response.strip():
+            raise ValueError("empty trace: both prompt and response must be non-empty")
+        offsets = [tuple(o) for o in enc["offset_mapping"]] + response_offsets
+        settings = (system, chat_template, protect_abbreviations, keep_last)
+        return cls._build(model, prompt, response, prompt_text, [*enc["input_ids"], *ids], offsets,
+                          len(enc["input_ids"]), settings)  # fmt: skip
+
+    @classmethod
+    def _build(
+        cls,
+        model,
+        prompt: str,
+        response: str,
+        prompt_text: str,
+        ids: list[int],
+        offsets: list[tuple[int, int]],
+        prompt_len: int,
+        settings: tuple[str | None, bool, bool, bool],
+    ) -> ReasoningTrace:
+        """The trace of `prompt_text + response` tokenised as `ids` with character `offsets`."""
+        system, chat_template, protect_abbreviations, keep_last = settings
+        text = prompt_text + response
+        tokens = torch.tensor([ids])
+        model.check_tokens(tokens)
         opened = prompt_text.rstrip().endswith(THINK_OPEN)
         thinking = reply_layout(text, len(prompt_text), opened).thinking
         seg_start, seg_end = thinking or (len(prompt_text), len(text))
@@ -239,7 +292,7 @@ class ReasoningTrace:
         gen = model.generate(
             format_prompt(model.tokenizer, prompt, system), sampling.replace(n=1, **settings)
         )
-        return cls.from_text(model, prompt, gen.texts[0], system)
+        return cls.from_token_ids(model, prompt, gen.tokens[0], system)
 
     # ------------------------------------------------------------------ views
     @property
@@ -313,13 +366,29 @@ class ReasoningTrace:
             raise ValueError(f"{path}: field 'settings' must hold only {list(TRACE_SETTINGS)}")
         try:
             trace = cls.from_text(model, data["prompt"], data["response"], **settings)
+            if trace.tokens[0].tolist() != data["tokens"]:  # a generated trace keeps the model's own ids
+                start = data.get("prompt_len")
+                if isinstance(start, int) and 0 < start < len(data["tokens"]):
+                    trace = cls.from_token_ids(model, data["prompt"], data["tokens"][start:], **settings)
         except TypeError as err:
-            raise ValueError(f"{path}: field 'settings' is malformed ({err})") from None
-        if trace.tokens[0].tolist() != data["tokens"]:
+            raise ValueError(f"{path}: field 'settings' or 'tokens' is malformed ({err})") from None
+        if trace.tokens[0].tolist() != data["tokens"] or trace.response != data["response"]:
             raise ValueError(
                 f"{path} was tokenised differently: was it saved with another model or chat template?"
             )
         return trace
+
+
+def _decoded_offsets(tokenizer, ids: list[int], base: int) -> tuple[str, list[tuple[int, int]]]:
+    """`(text, offsets)` of token ids decoded: token i spans the characters of the final text that
+    decoding `ids[: i + 1]` settles beyond token i - 1 (starting at character `base`)."""
+    text = tokenizer.decode(ids)
+    offsets, end = [], 0
+    for i in range(len(ids)):
+        settled = len(os.path.commonprefix([tokenizer.decode(ids[: i + 1]), text]))
+        offsets.append((base + end, base + max(end, settled)))
+        end = max(end, settled)
+    return text, offsets
 
 
 def _token_spans(text: str, offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[Sentence]:

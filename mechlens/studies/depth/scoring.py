@@ -251,7 +251,7 @@ def analyze_trace(
         return t.float().mean(1) if name == "pattern" else t  # [1, heads, q, k] -> [1, q, k]
 
     per_position = torch.full((trace.n_tokens,), float("nan"))
-    signals = SignalRows(trace.tokens[0], first=trace.prompt_len - 2)
+    signals = SignalRows.for_response(trace)
     for start, out in model.forward_chunks(trace.tokens, None, chunk, capture=capture, stop_after=last,
                                            reduce=pool):  # fmt: skip
         resid = out.acts["resid_post"]
