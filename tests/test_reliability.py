@@ -439,6 +439,7 @@ RESPONSES = {
     "second think": "<think>First, add 2 and 3. That gives 5.</think>Five.<think>again?</think>x",
     "no markers": "Just an answer. With two sentences.",
     "close only": "First, add 2 and 3. That gives 5.</think>Five.",
+    "close then think": "First, add 2 and 3. That gives 5.</think>Five.<think>Later, a new thought.</think>x",
 }
 
 
@@ -461,6 +462,7 @@ def test_trace_thinking_and_answer_agree_with_split_thinking(name):
         "second think": answer == "Five.<think>again?</think>x" and thinking.endswith("gives 5."),
         "no markers": answer == response and thinking == "",
         "close only": answer == "Five." and thinking.startswith("First"),
+        "close then think": thinking.startswith("First") and answer.startswith("Five.<think>Later"),
     }[name]
 
 
