@@ -80,13 +80,25 @@ def check_unmasked(tokens: Tensor, tokenizer) -> None:
         )
 
 
+def as_positions(values: Sequence[int], name: str = "positions") -> list[int]:
+    """`values` as Python ints (NumPy and 0-d tensor integers too); `TypeError` naming `name`."""
+    if isinstance(values, str) or not isinstance(values, Sequence | range | Tensor):
+        raise TypeError(f"{name} must be a list of token positions, got {type(values).__name__}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise TypeError(f"{name} entries must be integers, got {v!r}")
+        out.append(int(v.__index__()))
+    return out
+
+
 def row_columns(mask: Tensor, positions: Sequence[int], name: str = "positions") -> Tensor:
     """Columns `[batch, len(positions)]` of each row's own positions: `p >= 0` is its p-th real
     token, `p < 0` counts back from its last real token. `ValueError` when a position lies outside
     the shortest row."""
     lengths = mask.sum(1)  # [batch]
     shortest = int(lengths.min())
-    wanted = list(positions)
+    wanted = as_positions(positions, name)
     if not wanted or any(not -shortest <= p < shortest for p in wanted):
         raise ValueError(
             f"{name} must be a non-empty list in [-{shortest}, {shortest}); got {wanted} (the "

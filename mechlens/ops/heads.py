@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from mechlens.models.generation import check_int
 from mechlens.models.interventions import HeadScaling
-from mechlens.models.padding import row_columns
+from mechlens.models.padding import as_positions, row_columns
 
 METHODS = ("exact", "attribution")
 METRIC_INPUTS = ("logits", "hidden")
@@ -67,7 +67,7 @@ def head_ablation_effects(
     if positions is not None:
         if on != "logits":
             raise ValueError('positions selects positions to unembed; it needs on="logits"')
-        columns = row_columns(mask, _check_positions(positions))  # [batch, n_pos]
+        columns = row_columns(mask, positions)  # [batch, n_pos]
     last = model.n_layers - 1
     stop = on == "hidden" or positions is not None  # run to the last hidden state, not the logits
     hidden = {"capture": {"resid_post": [last]}, "stop_after": last} if stop else {}
@@ -111,18 +111,6 @@ def head_ablation_effects(
     return effects
 
 
-def _check_positions(positions: Sequence[int]) -> list[int]:
-    """`positions` as a list of ints (NumPy and 0-d tensor integers too); `TypeError` naming it."""
-    if isinstance(positions, str) or not isinstance(positions, Sequence | range | Tensor):
-        raise TypeError(f"positions must be a list of token positions, got {type(positions).__name__}")
-    out = []
-    for p in positions:
-        if isinstance(p, bool) or not hasattr(p, "__index__"):
-            raise TypeError(f"positions entries must be integers, got {p!r}")
-        out.append(int(p.__index__()))
-    return out
-
-
 def _check_metric(value: Tensor, batch: int) -> Tensor:
     if not isinstance(value, Tensor) or value.shape != (batch,):
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -156,7 +144,7 @@ def direct_head_scores(
     unit = direction / direction.norm()
     batch_size = check_int("batch_size", batch_size, 1)
     ids, mask = model.prepare_input(tokens, attention_mask)
-    wanted = _check_positions(positions)
+    wanted = as_positions(positions)
     all_columns = row_columns(mask, wanted)  # [batch, n_pos]
     layers = list(range(model.n_layers))
     # [layers, heads, d_head]: the direction read back through each head's slice of W_O

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from mechlens.models.hooked import ActivationCache
-from mechlens.models.padding import row_columns
+from mechlens.models.padding import as_positions, row_columns
 from mechlens.ops.distributions import BLOCK_ROWS, Distributions
 
 STATS = ("entropy", "kl_final", "jsd_final", "top1", "target")
@@ -124,7 +124,7 @@ def logit_lens(
     final = [last] if any(s in stats for s in FINAL_STATS) else []
     needed = sorted({*lens_layers, *(l for p in pair_list for l in p), *final})
     n_pos = ids.shape[1]
-    positions = _as_ints(top_k_positions, "top_k_positions")
+    positions = as_positions(top_k_positions, "top_k_positions")
     columns = (
         row_columns(mask, positions, "top_k_positions").cpu() if positions else None
     )  # [batch, n]: each row's own
@@ -189,21 +189,9 @@ def _check_pairs(model, pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int
     return [(model.check_layer(a, "pairs entry"), model.check_layer(b, "pairs entry")) for a, b in pairs]
 
 
-def _as_ints(values: Sequence[int], name: str) -> list[int]:
-    """`values` as Python ints (NumPy and 0-d tensor integers too); `TypeError` naming `name`."""
-    if isinstance(values, str) or not isinstance(values, Sequence | range | Tensor):
-        raise TypeError(f"{name} must be a list of positions, got {type(values).__name__}")
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise TypeError(f"{name} entries must be integers, got {v!r}")
-        out.append(int(v.__index__()))
-    return out
-
-
 def _check_positions(top_k_positions: Sequence[int], n_pos: int) -> list[int]:
     """Columns `0..n_pos-1` (for `lens_from_cache`, which reads a cache by column)."""
-    positions = _as_ints(top_k_positions, "top_k_positions")
+    positions = as_positions(top_k_positions, "top_k_positions")
     if any(not 0 <= p < n_pos for p in positions):
         raise ValueError(f"top_k_positions must lie in 0..{n_pos - 1}, got {positions}")
     return positions
