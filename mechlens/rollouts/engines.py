@@ -20,7 +20,8 @@ class Engine(Protocol):
     continuations, each a list of new token ids (without the end-of-sequence token), in a
     deterministic order. `seeds` gives each prompt its own seed, so a prompt's samples do not
     depend on which other prompts share the call (without it, each engine seeds its own way:
-    `prompt_seeds` over the prompts' order, or `generate`'s per-row seeds); a continuation ends
+    `prompt_seeds` over the prompts' order, or `sampling.seed` for every prompt, as `generate`
+    does, in `LocalEngine`); a continuation ends
     with the token that completes any string of `stop` (that token kept). `describe()` is a
     JSON-able dict naming the engine and its settings; `prompts_per_call` is how many prompts it
     works on at once (callers that cache per prompt send that many per call).
