@@ -270,6 +270,12 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_weights_digest(model) -> str:
+    """`weights_digest` of a HookedModel's Hugging Face weights (names and values, each name once:
+    `plain_model`), the same under every backend."""
+    return weights_digest(model.plain_model.state_dict())
+
+
 def tokenizer_digest(tokenizer) -> str:
     """SHA-256 (16 hex digits) of what makes a tokenizer tokenise as it does: its vocabulary,
     merges, normaliser and pre-tokeniser (the fast tokenizer's JSON, else its vocabulary), its
@@ -296,7 +302,7 @@ def model_fingerprint(model) -> dict:
         "model": model.name,
         "backend": model.backend,
         "dtype": str(model.dtype),
-        "weights_sha256": weights_digest(model.plain_model.state_dict()),  # the HF names, each once
+        "weights_sha256": model_weights_digest(model),
         "tokenizer": tokenizer_digest(model.tokenizer),
         "interventions": stable_hash(list(model.active_interventions), 32),
     }

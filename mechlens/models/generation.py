@@ -41,9 +41,14 @@ def row_seed(seed: int, sample: int) -> int:
     return (seed * 1_000_003 + sample) % 2**63
 
 
+def is_int(value: Any) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
 def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     """`value` as an int (NumPy integers too) in `low..high`; `TypeError`/`ValueError` naming it."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     value = int(value)
     if value < low or (high is not None and value > high):
@@ -60,11 +65,7 @@ def check_seeds(seeds: Any, count: int) -> list[int]:
     if len(seeds) != count:
         raise ValueError(f"seeds must hold one seed per prompt ({count}), got {len(seeds)}")
     for i, s in enumerate(seeds):
-        if (
-            isinstance(s, bool | np.bool_)
-            or not isinstance(s, numbers.Integral)
-            or not 0 <= int(s) <= MAX_SEED
-        ):
+        if not is_int(s) or not 0 <= int(s) <= MAX_SEED:
             raise ValueError(f"seeds[{i}] must be an int in 0..{MAX_SEED}, got {s!r}")
     return [int(s) for s in seeds]
 

@@ -48,6 +48,7 @@ from mechlens.models.generation import (
     check_int,
     check_seeds,
     hooked_step,
+    is_int,
     plain_step,
     sample_batch,
 )
@@ -88,12 +89,10 @@ def _logits(out: RunOutput) -> Tensor:
 
 
 def _is_integer(value: Any) -> bool:
-    """An int, a NumPy integer or a 0-d integer tensor (not a bool)."""
-    if isinstance(value, bool | np.bool_):
-        return False
+    """An int, a NumPy integer (`is_int`) or a 0-d integer tensor (not a bool)."""
     if isinstance(value, Tensor):
         return value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool
-    return isinstance(value, numbers.Integral)
+    return is_int(value)
 
 
 def _leaves_prefix(item: Intervention, upto: int) -> bool:

@@ -15,7 +15,7 @@ Example:
 import torch
 
 from mechlens.models import load_model
-from mechlens.organism.builder import OrganismBuilder, OrganismRecipe, base_digest
+from mechlens.organism.builder import OrganismBuilder, OrganismRecipe
 from mechlens.organism.reasoning import (
     REASONING,
     REASONING_RECIPE,
@@ -62,7 +62,6 @@ __all__ = [
     "PlantedTrace",
     "PlantingRates",
     "ReasoningRecipe",
-    "base_digest",
     "held_out_factual",
     "held_out_problems",
     "reasoning_organism",

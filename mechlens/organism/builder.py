@@ -25,7 +25,7 @@ from typing import TypedDict
 
 import torch
 
-from mechlens.cache import atomic_folder, cache_dir, stable_hash, weights_digest
+from mechlens.cache import atomic_folder, cache_dir, model_weights_digest, stable_hash
 from mechlens.models import load_model
 from mechlens.ops.adapters import LowRankAdapter
 from mechlens.ops.finetune import finetune, finetune_adapter
@@ -115,7 +115,7 @@ class OrganismBuilder:
 
     def train(self, base, recipe: OrganismRecipe, progress: bool = True):
         """Fine-tune `base` in place by `recipe`; `(info, adapter)` (adapter None for blocks)."""
-        start, before = time.perf_counter(), base_digest(base)
+        start, before = time.perf_counter(), model_weights_digest(base)
         prompts, targets = self.pairs(base, recipe, progress)
         kw = _TrainSettings(train_layers=recipe.train_layers, epochs=recipe.epochs, lr=recipe.lr,
                             batch_size=recipe.batch_size, seed=recipe.seed, progress=progress)  # fmt: skip
@@ -157,16 +157,11 @@ class OrganismBuilder:
         if recipe.rank is None or not path.exists():
             return None
         adapter, info = LowRankAdapter.load(path)
-        if info["base"] != base_digest(base):
+        if info["base"] != model_weights_digest(base):
             warnings.warn(f"{path} was trained on other base weights: training the organism", stacklevel=4)
             return None
         adapter.merge_into(base)
         return {**info, "from": str(path.name)}
-
-
-def base_digest(model) -> str:
-    """SHA-256 of the Hugging Face weights (names and values), the same under every backend."""
-    return weights_digest(model.plain_model.state_dict())
 
 
 def _commit() -> str | None:

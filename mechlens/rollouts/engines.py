@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from mechlens.models.generation import PATHS, Sampling, check_int, check_seeds
+from mechlens.models.generation import PATHS, Sampling, check_int, check_seeds, is_int
 
 
 @runtime_checkable
@@ -45,11 +44,6 @@ class Engine(Protocol):
         ...
 
 
-def _is_token_id(value: object) -> bool:
-    """An int or NumPy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
-
-
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int | None = None) -> list[list[int]]:
     """Prompts as lists of token ids (ints, not bools, in `0..vocab_size-1` when given); a
     `TypeError`/`ValueError` naming the first bad one."""
@@ -60,7 +54,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int | None = Non
         ids = p.tolist() if isinstance(p, torch.Tensor | np.ndarray) else p
         if isinstance(ids, str) or not isinstance(ids, Sequence):
             raise TypeError(f"prompts[{i}] must be a list of token ids (ints), got {type(p).__name__}")
-        bad_type = next((t for t in ids if not _is_token_id(t)), None)
+        bad_type = next((t for t in ids if not is_int(t)), None)
         if bad_type is not None:
             raise TypeError(
                 f"prompts[{i}] must be a list of token ids (ints), got the entry {bad_type!r} "
