@@ -289,7 +289,7 @@ def test_load_subject_names_and_checks():
     from mechlens.organism import load_subject
 
     assert load_subject("tiny-llama").n_layers == 3
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ValueError, match="dtype must be"):
         load_subject("tiny-llama", dtype="int8")
 
 

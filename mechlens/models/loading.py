@@ -20,7 +20,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import torch
@@ -33,6 +33,51 @@ from mechlens.models.tiny import TINY_ARCHS, tiny_model
 
 EMBEDDED = "smollm2-135m-instruct"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes `load_model` takes by name (besides "auto" and `torch.dtype`s of the same three)."""
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+"""CPU flags (Linux `/proc/cpuinfo`) with which bf16 matmuls run faster than float32 on the CPU."""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them in `/proc/cpuinfo` (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
+
+
+def fast_bf16(device: str | torch.device | None = None) -> bool:
+    """Whether bf16 matmuls are fast on `device`: a CUDA GPU that supports bf16, or a CPU with
+    AMX-BF16 or AVX512-BF16 (`BF16_CPU_FLAGS`)."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return kind == "cpu" and bool(cpu_flags() & set(BF16_CPU_FLAGS))
+
+
+def resolve_dtype(dtype: torch.dtype | DtypeName, device: str | torch.device | None = None) -> torch.dtype:
+    """`dtype` as a `torch.dtype`: "auto" is bfloat16 where `fast_bf16(device)`, else float32.
+
+    >>> resolve_dtype("float32")
+    torch.float32
+    >>> resolve_dtype("int8")
+    Traceback (most recent call last):
+    ...
+    ValueError: dtype must be 'auto', 'float32', 'bfloat16', 'float16' or such a torch.dtype, got 'int8'
+    """
+    if dtype == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    names = ", ".join(repr(n) for n in ("auto", *DTYPES))
+    raise ValueError(f"dtype must be {names} or such a torch.dtype, got {dtype!r}")
 
 
 def embedded_gguf() -> Path:
@@ -207,7 +252,7 @@ def _load_hf(name: str, dtype: torch.dtype, device: str | None) -> tuple[nn.Modu
 def load_model(
     name: str | nn.Module | None = None,
     backend: str = "transformer_lens",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | DtypeName = torch.float32,
     device: str | None = None,
     tokenizer=None,
 ) -> HookedModel:
@@ -219,7 +264,10 @@ def load_model(
             (then also pass `tokenizer`).
         backend: "transformer_lens" (TransformerBridge), "nnsight", or a name added with
             `mechlens.models.register_backend`.
-        dtype, device: as in transformers (`torch.bfloat16`, `"cuda"`).
+        dtype: `torch.float32` (the default, and what the oracle tests use), `torch.bfloat16`,
+            `torch.float16`, their names, or `"auto"`: bfloat16 where bf16 matmuls are fast
+            (`fast_bf16`: a CPU with AMX-BF16 or AVX512-BF16, or a bf16 GPU), else float32.
+        device: as in transformers (`"cuda"`).
 
         >>> model = load_model("tiny-llama")
         >>> model.n_layers
@@ -232,6 +280,7 @@ def load_model(
             f"name must be None (the embedded model), a model folder or hub id, 'tiny-<arch>', or an "
             f"nn.Module; got {type(name).__name__} {name!r}"
         )
+    dtype = resolve_dtype(dtype, device)
     if isinstance(name, nn.Module):
         if tokenizer is None:
             raise ValueError("wrapping an nn.Module needs its tokenizer: load_model(module, tokenizer=tok)")

@@ -57,7 +57,15 @@ def head_ablation_effects(
     positions: Sequence[int] | None = None,
     progress: bool = True,
 ) -> Tensor:
-    """`[n_layers, n_heads]` effect of zero-ablating each head (rows outside `layers` are NaN)."""
+    """`[n_layers, n_heads]` effect of zero-ablating each head (rows outside `layers` are NaN).
+
+    In bfloat16 on the embedded model (`benchmarks/bf16.py`: the refusal experiment's probe metric,
+    `on="hidden"`, 4 prompts), "exact" effects differ from float32 by at most 0.38 (mean 0.069,
+    mean |effect| 0.53, 12% relative) and the ranking changes (Spearman 0.989, top-8 overlap 7/8,
+    top-10 8/10): an effect is the difference of two bf16 forwards, whose rounding does not
+    cancel, so compute the exact sweep in float32. "attribution" differs by at most 0.13 (mean
+    0.023, 4.6%) and keeps its ranking (Spearman 0.9986, top-8 8/8, top-10 10/10).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if on not in METRIC_INPUTS:
@@ -139,6 +147,11 @@ def direct_head_scores(
     forward of `src/model/modeling_llama.py`; their default reads position -1 of a prompt and
     thinking that end in `</think>`), the most negative heads write most against the direction:
     sort ascending to find refusal-suppressing heads.
+
+    In bfloat16 on the embedded model (`benchmarks/bf16.py`: 4 prompts, a refusal probe's
+    direction), the scores differ from float32 by at most 0.068 (mean 0.0062, mean |score| 0.40,
+    1.5% relative) and the ranking agrees (Spearman 0.9994, top-8 overlap 8/8, top-10 10/10):
+    bfloat16 does not change this ranking.
     """
     direction = model.check_direction(direction).float()
     unit = direction / direction.norm()

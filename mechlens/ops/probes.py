@@ -52,6 +52,10 @@ def collect_activations(
             so an interrupted collection resumes.
 
     Only the named activation is captured and the forward stops after the last layer needed.
+    Activations come back in float32 whatever the model's dtype. In bfloat16 on the embedded model
+    (`benchmarks/bf16.py`: 160 chat-templated requests, last token, last layer, final-normed as
+    the refusal probe reads them) they differ from float32 by at most 0.85 (mean 0.023, 1.6%
+    relative).
 
         >>> import mechlens as ml
         >>> model = ml.load_model("tiny-llama")
@@ -163,7 +167,12 @@ def probe_sweep(
     **probe_kwargs,
 ) -> ProbeSweep:
     """Fit one `LinearProbe` per layer of `acts [layers, n, d]` on a stratified, seeded split and
-    report AUROC and accuracy on the held-out part."""
+    report AUROC and accuracy on the held-out part.
+
+    On features collected in bfloat16 on the embedded model (`benchmarks/bf16.py`: harmful vs
+    harmless requests, 30 layers), the held-out AUROC per layer differs from float32 by at most
+    0.031 (mean 0.008); the curve agrees (Spearman 0.985 over layers) and the best layer is the
+    same (16): bfloat16 does not change the conclusion."""
     y = torch.as_tensor(labels).long()
     if acts.ndim != 3 or acts.shape[1] != len(y):
         raise ValueError(f"acts must be [layers, n={len(y)}, d], got {tuple(acts.shape)}")
@@ -234,6 +243,13 @@ class LinearProbe:
         patience: stop after this many steps without a better validation loss; the best
             weights are kept.
         seed: fixes the split, so fitting is deterministic.
+
+    The probe fits in float32; `decision_function` scores in its input's dtype. Fit and scored
+    on features collected in bfloat16 on the embedded model (`benchmarks/bf16.py`: 120 training
+    and 40 held-out refusal requests, last layer), its held-out probabilities differ from float32
+    by at most 0.17 (mean 0.0054); the float32 probe reading bf16 features, by at most 0.055 (mean
+    0.0019). The held-out AUROC is 1.000 in both (bootstrap 95% interval [1, 1]): no change of
+    conclusion, on a task that saturates it.
     """
 
     def __init__(

@@ -12,9 +12,8 @@ Example:
     >>> model = reasoning_organism()  # doctest: +SKIP
 """
 
-import torch
-
 from mechlens.models import load_model
+from mechlens.models.loading import DtypeName, resolve_dtype
 from mechlens.organism.builder import OrganismBuilder, OrganismRecipe
 from mechlens.organism.reasoning import (
     REASONING,
@@ -27,14 +26,12 @@ from mechlens.organism.reasoning import (
 from mechlens.organism.refusal import ADAPTER_RECIPE, REFUSAL, refusal_organism
 from mechlens.organism.traces import PlantedTrace, PlantingRates
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def load_subject(
     name: str = "organism",
     backend: str = "transformer_lens",
     device: str | None = None,
-    dtype: str = "float32",
+    dtype: DtypeName = "float32",
 ):
     """The model an experiment studies: "organism" (the reasoning organism, the default), "base"
     (the plain embedded model), or any name `load_model` takes (a local Hugging Face folder, e.g.
@@ -43,15 +40,13 @@ def load_subject(
         >>> load_subject("tiny-llama").n_layers
         3
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    torch_dtype = resolve_dtype(dtype, device)
     if name == "organism":
-        return REASONING.build(REASONING_RECIPE, backend, device=device, dtype=DTYPES[dtype])
-    return load_model(None if name == "base" else name, backend=backend, device=device, dtype=DTYPES[dtype])
+        return REASONING.build(REASONING_RECIPE, backend, device=device, dtype=torch_dtype)
+    return load_model(None if name == "base" else name, backend=backend, device=device, dtype=torch_dtype)
 
 
 __all__ = [
-    "DTYPES",
     "load_subject",
     "ADAPTER_RECIPE",
     "REASONING",

@@ -27,6 +27,7 @@ import torch
 
 from mechlens.cache import atomic_folder, cache_dir, model_weights_digest, stable_hash
 from mechlens.models import load_model
+from mechlens.models.loading import DtypeName
 from mechlens.ops.adapters import LowRankAdapter
 from mechlens.ops.finetune import finetune, finetune_adapter
 
@@ -99,7 +100,7 @@ class OrganismBuilder:
         backend: str = "transformer_lens",
         progress: bool = True,
         device: str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | DtypeName = torch.float32,
     ):
         """The organism as a HookedModel: from the cache, else from the shipped adapter, else trained
         (minutes on 2 cores; built in float32 on the CPU, then loaded on `device` in `dtype`). Its

@@ -25,11 +25,13 @@ import random
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from mechlens import datasets
 from mechlens.cache import stable_hash
 from mechlens.datasets import STEP_BY_STEP, Instruction, Problem
 from mechlens.models.generation import Sampling
+from mechlens.models.loading import DtypeName
 from mechlens.ops.stats import wilson
 from mechlens.organism.builder import SHIPPED, OrganismBuilder, OrganismRecipe
 from mechlens.organism.traces import (
@@ -164,11 +166,14 @@ REASONING = OrganismBuilder("reasoning", training_pairs, _data_identity, SHIPPED
 
 
 def reasoning_organism(
-    recipe: ReasoningRecipe = REASONING_RECIPE, backend: str = "transformer_lens", progress: bool = True
+    recipe: ReasoningRecipe = REASONING_RECIPE,
+    backend: str = "transformer_lens",
+    progress: bool = True,
+    dtype: torch.dtype | DtypeName = torch.float32,
 ):
     """The reasoning organism as a HookedModel: seconds from the shipped adapter, else trained
-    (about 15 minutes on 2 cores)."""
-    return REASONING.build(recipe, backend, progress)
+    (about 15 minutes on 2 cores); `dtype` as in `load_model` (`"auto"`: bf16 where fast)."""
+    return REASONING.build(recipe, backend, progress, dtype=dtype)
 
 
 BEHAVIOUR_SAMPLING = Sampling(max_new_tokens=288, temperature=0.6, top_p=0.95)

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from mechlens import datasets
+from mechlens.models.loading import DtypeName
 from mechlens.organism.builder import SHIPPED, OrganismBuilder, OrganismRecipe
 from mechlens.organism.traces import whole_sentences
 from mechlens.text.thinking import format_prompt, format_reply
@@ -86,11 +89,15 @@ REFUSAL = OrganismBuilder("refusal", training_pairs, lambda: datasets.load("refu
 
 
 def refusal_organism(
-    recipe: OrganismRecipe = BLOCKS_RECIPE, backend: str = "transformer_lens", progress: bool = True
+    recipe: OrganismRecipe = BLOCKS_RECIPE,
+    backend: str = "transformer_lens",
+    progress: bool = True,
+    dtype: torch.dtype | DtypeName = torch.float32,
 ):
     """The refusal organism as a HookedModel, built once and then loaded from the cache.
 
     `ADAPTER_RECIPE`, whose adapter ships with mechlens, builds in seconds; any other recipe is
-    trained (minutes on 2 cores; the default recipe trains the top 8 blocks themselves).
+    trained (minutes on 2 cores; the default recipe trains the top 8 blocks themselves). `dtype` as
+    in `load_model` (`"auto"`: bf16 where fast).
     """
-    return REFUSAL.build(recipe, backend, progress)
+    return REFUSAL.build(recipe, backend, progress, dtype=dtype)

@@ -116,6 +116,11 @@ def reasoning_score(
         layers: the late layers J (default: `late_layers(model.n_layers)`, the last half).
         divergence: "jsd" (Jensen-Shannon, default) or "kl" (KL(p_final || p_layer)).
         unit: how steps are cut: "paragraph" (blank lines), "line" or "sentence".
+
+    In bfloat16 on the embedded model (`benchmarks/bf16.py`: a 266-token trace of 7 paragraphs),
+    step scores differ from float32 by at most 9.2e-4 (mean 5.3e-4, 0.17% relative) and token
+    scores by at most 0.020 (mean 0.0028, 1.1%); the step ranking agrees (Spearman 1.0): bfloat16
+    does not change the score.
     """
     return analyze_trace(model, trace, layers, divergence=divergence, unit=unit, attention=False).score
 
@@ -232,6 +237,12 @@ def analyze_trace(
         chunk: positions run at once (default: `model.chunk_size_for` the trace): memory depends
             on it, not on the trace's length (the forward runs over a KV cache, attention is
             pooled per query chunk, the unembedding goes by blocks of 64 positions).
+
+    In bfloat16 on the embedded model (`benchmarks/bf16.py`: 20 templated arithmetic traces,
+    `unit="line"`), the features differ from float32 by at most 0.0023 for `mean_score` (0.3%
+    relative), 0.0044 for `fluctuation`, 0.10 for `score_ppl_corr` (mean 0.032) and 0.22 for
+    `attn_score` (mean 0.011): the attention features move far more than the score, so compute
+    them in float32 when their AUROC is the result (`evaluate`).
     """
     stat = _check(divergence, unit)
     layers = late_layers(model.n_layers) if layers is None else model.check_layers(layers)
