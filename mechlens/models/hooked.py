@@ -63,6 +63,7 @@ from mechlens.models.interventions import (
     Positions,
     unit_vector,
 )
+from mechlens.models.kv_cache import reserved_cache
 from mechlens.models.padding import check_mask, check_unmasked, left_align
 from mechlens.models.protocol import CACHE_NAMES, Backend, Reducer, RunOutput, RunRequest
 
@@ -529,11 +530,9 @@ class HookedModel:
             ...                                        capture={"resid_post": [5]}):
             ...     use(out.acts["resid_post"][5])        # [batch, <=256, d_model]
         """
-        from transformers import DynamicCache
-
-        if past_key_values is None:
+        if past_key_values is None:  # buffers of the full length: no growth by concatenation
             tokens, attention_mask = self.prepare_input(tokens, attention_mask)
-            past_key_values = DynamicCache(config=self.hf_model.config)
+            past_key_values = reserved_cache(self.hf_model.config, tokens.shape[1])
             done = 0
         else:
             tokens = torch.as_tensor(tokens, device=self.device)

@@ -1,7 +1,8 @@
 """Streaming logit lens: each layer's residual stream read through the final norm and unembedding.
 
 Statistics are computed one layer and one position chunk at a time, so memory holds a few
-`[batch * chunk, vocab]` blocks, never `[layers, pos, vocab]`.
+`[batch * chunk, vocab]` blocks, never `[layers, pos, vocab]`. The unembedding matmuls may run in
+bfloat16 (`unembed_dtype=`), the statistics always run in float32.
 
 Example:
     >>> import mechlens as ml
@@ -18,17 +19,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.nn import functional
 
+from mechlens.models.architecture import require_submodule
 from mechlens.models.hooked import ActivationCache
+from mechlens.models.loading import fast_bf16
 from mechlens.models.padding import as_positions, row_columns
 from mechlens.ops.distributions import BLOCK_ROWS, Distributions
 
 STATS = ("entropy", "kl_final", "jsd_final", "top1", "target")
 """Statistics `logit_lens` can compute. `target` needs `targets=` (token ids or "next")."""
 DEFAULT_STATS = ("entropy", "kl_final", "top1")
+UnembedDtype = Literal["model", "auto", "float32", "bfloat16"]
+UNEMBED_DTYPES = ("model", "auto", "float32", "bfloat16")
+"""Dtypes of the lens's unembedding matmuls (`unembed_dtype=`); statistics are float32 in all."""
+UNEMBED_ROWS = 256
+"""Residual rows unembedded by one matmul (bf16 matmuls on the CPU run best at 128-512 rows)."""
 
 
 @dataclass
@@ -97,6 +107,7 @@ def logit_lens(
     k: int = 5,
     chunk: int | None = None,
     attention_mask: Tensor | None = None,
+    unembed_dtype: UnembedDtype | torch.dtype = "model",
 ) -> LensResult:
     """Logit-lens statistics of `tokens` at every layer in `layers` (default: all).
 
@@ -108,8 +119,27 @@ def logit_lens(
         top_k_positions: positions for the `top_k_ids`/`top_k_probs` view (hover text), each
             row's own (0 = its first real token, negative: back from its last).
         chunk: positions run through the forward at once (default: `model.chunk_size_for` the
-            length: 512, fewer on long inputs). Memory: the KV cache, one chunk's attention and
-            captures, and a few `[256, vocab]` blocks; never `[pos, vocab]`.
+            length: 512, fewer on long inputs, rounded down to whole `UNEMBED_ROWS` blocks).
+            Memory: the KV cache, one chunk's attention and captures, and a few `[256, vocab]`
+            blocks; never `[pos, vocab]`.
+        unembed_dtype: the dtype of the final norm's output and of the unembedding matmuls, one
+            of `UNEMBED_DTYPES` or `torch.float32` / `torch.bfloat16`: "model" (the default: the
+            model's own dtype, so a float32 model gives float32 logits, the exact lens the oracle
+            tests check), "float32", "bfloat16", or "auto": bfloat16 where bf16 matmuls are fast
+            (`mechlens.models.loading.fast_bf16`: a CPU with AVX512-BF16 or AMX-BF16, a bf16
+            GPU), else the model's dtype. The statistics are float32 whatever the choice: each
+            block of at most `BLOCK_ROWS` rows of bf16 logits is upcast before the softmax, and
+            the results are float32 tensors. The forward itself keeps the model's dtype.
+
+    The matmuls are most of the lens's work (30 layers x 49152 x 576 per position on the
+    embedded model), and a CPU with AVX512-BF16 multiplies in bf16 about 5x faster than in
+    float32: `unembed_dtype="auto"` is what `benchmarks/long_trace.py` and `benchmarks/lens.py`
+    run, and the choice for long traces. It stays opt-in because it changes the numbers: on the
+    embedded model (float32 forward, a 509-token trace, all 30 layers) bf16 blocks change the
+    entropy by at most 0.056 nats (mean 0.0057; entropies span 0-7 nats), KL to the output by
+    at most 0.32 nats (mean 0.026; the largest at a KL of 21.7, 1.5%; KLs span 0-48 nats), and
+    the top-1 token at 0.66% of the (layer, position) cells (near-ties of the two most likely
+    tokens). It runs 2.2-2.7x faster there (`benchmarks/long_trace.py`).
 
     The forward runs `chunk` positions at a time over a KV cache (`HookedModel.forward_chunks`),
     stopping after the last layer needed; each chunk's residual stream is read through the final
@@ -117,6 +147,7 @@ def logit_lens(
     is the model's output), so nothing `[pos, vocab]`-sized beyond one chunk is ever held.
     """
     ids, mask = model.prepare_input(tokens, attention_mask)
+    unembed = _Unembed(model, unembed_dtype)
     stats = _check_stats(stats)
     lens_layers = model.check_layers(layers)
     pair_list = _check_pairs(model, pairs)
@@ -131,6 +162,10 @@ def logit_lens(
     target_ids = (
         _targets(targets, ids, ids.shape[0], n_pos, model.d_vocab, mask) if "target" in stats else None
     )
+    if chunk is None:  # whole unembedding blocks per forward chunk (e.g. 303 -> 256 at 4k tokens)
+        rows = max(1, UNEMBED_ROWS // ids.shape[0])
+        chunk = model.chunk_size_for(n_pos)
+        chunk = chunk - chunk % rows if chunk > rows else chunk
     parts, top = [], {}
     for start, out in model.forward_chunks(
         ids, mask, chunk, capture={"resid_post": needed}, stop_after=max(needed)
@@ -141,9 +176,9 @@ def logit_lens(
             {"resid_post": torch.stack([resid[l] for l in needed])}, {"resid_post": needed}
         )
         here = [] if columns is None else sorted({c for c in columns.flatten().tolist() if start <= c < end})
-        part = lens_from_cache(
+        part = _lens_from_cache(
             model, None, cache, lens_layers, stats, None if target_ids is None else target_ids[:, start:end],
-            pair_list, [c - start for c in here], k, None, mask[:, start:end],
+            pair_list, [c - start for c in here], k, None, mask[:, start:end], None, unembed,
         )  # fmt: skip
         if here and part.top_k_ids is not None and part.top_k_probs is not None:
             for i, c in enumerate(here):
@@ -211,11 +246,95 @@ def lens_from_cache(
     chunk: int | None = None,
     attention_mask: Tensor | None = None,
     tokens: Tensor | None = None,
+    unembed_dtype: UnembedDtype | torch.dtype = "model",
 ) -> LensResult:
     """`logit_lens` on an existing forward: a cache holding `resid_post` of the needed layers and
     the output `logits [batch, pos, vocab]`, or None to read the output distribution from the
     last layer's `resid_post` (then it must be in the cache). `chunk` positions are unembedded at
-    once (default: 256 rows), so memory holds a few `[256, vocab]` blocks."""
+    once (default: 256 rows), so memory holds a few `[256, vocab]` blocks. `unembed_dtype` as in
+    `logit_lens` (given `logits` are read in their own dtype, their statistics in float32)."""
+    return _lens_from_cache(
+        model, logits, cache, layers, stats, targets, pairs, top_k_positions, k, chunk, attention_mask,
+        tokens, _Unembed(model, unembed_dtype),
+    )  # fmt: skip
+
+
+class _Unembed:
+    """Final norm + unembedding of residual rows, `[..., d_model] -> [rows, vocab]`, in `dtype`:
+    the model's own `unembed` when that is the model's dtype, else the final norm in the model's
+    dtype and one matmul with a copy of the unembedding matrix in `dtype` (made once per call).
+
+    That matmul returns each row's logits less an estimate `m` of the row's maximum, `mean + 4
+    std` of the row's logits over the vocabulary (from the matrix's column means and covariance,
+    1% of the matmul): it multiplies `[x | 1 | m]` by `[W | b | -1]`, so the shift is summed in
+    the float32 accumulator, and bf16 rounds the result near the top to a spacing of 1/128 or
+    less rather than the 1/8 of logits near 20. The statistics do not depend on a per-row shift
+    (soft-capped models get `m` back before the cap); it halves the entropy difference of bf16
+    blocks on the embedded model and quarters the largest KL difference.
+    """
+
+    SPREAD = 4.0
+    """`m = mean + SPREAD * std`: the largest of ~50k near-Gaussian logits lies ~4 std above the mean."""
+
+    def __init__(self, model, unembed_dtype: UnembedDtype | torch.dtype):
+        self.model, self.dtype = model, _unembed_dtype(model, unembed_dtype)
+        self.weight: Tensor | None = None
+        if self.dtype == model.dtype:
+            return
+        head = require_submodule(model.hf_model, model.arch.head_path)
+        weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != (model.d_vocab, model.d_model):
+            raise ValueError(
+                f"unembed_dtype={unembed_dtype!r} needs a linear unembedding with a weight [d_vocab, "
+                f'd_model]; {model.arch.head_path!r} has none: use unembed_dtype="model"'
+            )
+        self.has_bias = isinstance(bias, Tensor)
+        d = model.d_model + self.has_bias  # the columns of [W | b]
+        self.weight = torch.empty(model.d_vocab, d + 1, dtype=self.dtype, device=weight.device)
+        self.weight[:, : model.d_model] = weight.detach()
+        if isinstance(bias, Tensor):
+            self.weight[:, model.d_model] = bias.detach()
+        self.weight[:, d] = -1.0
+        sample = self.weight[:: max(1, model.d_vocab // 8192), :d].float()  # [<= 8192 rows, d]
+        self.mean = sample.mean(0)  # [d]
+        centered = sample - self.mean
+        self.cov = (centered.T @ centered / len(sample)).to(self.dtype)  # [d, d]
+
+    def __call__(self, resid: Tensor) -> Tensor:
+        x = resid.reshape(-1, resid.shape[-1])  # 2-D: a bf16 matmul on a 3-D slice is 4x slower
+        if self.weight is None:
+            return self.model.unembed(x)
+        x = self.model.final_norm(x).float()
+        if self.has_bias:
+            x = torch.cat([x, x.new_ones(len(x), 1)], 1)
+        low = x.to(self.dtype)
+        var = torch.linalg.vecdot((low @ self.cov).float(), x).clamp_min(0)
+        m = x @ self.mean + self.SPREAD * var.sqrt()  # [rows]
+        z = functional.linear(torch.cat([low, m[:, None].to(self.dtype)], 1), self.weight)
+        cap = self.model.arch.logit_softcap
+        return torch.tanh((z.float() + m.to(self.dtype).float()[:, None]) / cap) * cap if cap else z
+
+
+def _unembed_dtype(model, unembed_dtype) -> torch.dtype:
+    """`unembed_dtype` (see `logit_lens`) as a `torch.dtype` for `model`."""
+    if isinstance(unembed_dtype, torch.dtype) and unembed_dtype in (torch.float32, torch.bfloat16):
+        return unembed_dtype
+    if isinstance(unembed_dtype, str) and unembed_dtype in UNEMBED_DTYPES:
+        if unembed_dtype == "model":
+            return model.dtype
+        if unembed_dtype == "auto":
+            return torch.bfloat16 if fast_bf16(model.device) else model.dtype
+        return torch.float32 if unembed_dtype == "float32" else torch.bfloat16
+    names = ", ".join(repr(n) for n in UNEMBED_DTYPES)
+    raise ValueError(
+        f"unembed_dtype must be one of {names}, torch.float32 or torch.bfloat16; got {unembed_dtype!r}"
+    )
+
+
+def _lens_from_cache(  # lens_from_cache with the caller's unembedding (logit_lens makes one per call)
+    model, logits, cache, layers, stats, targets, pairs, top_k_positions, k, chunk, attention_mask, tokens,
+    unembed: _Unembed,
+) -> LensResult:  # fmt: skip
     stats = _check_stats(stats)
     vocab = model.d_vocab if logits is None else logits.shape[-1]
     batch, n_pos = cache["resid_post"].shape[1:3]
@@ -253,25 +372,25 @@ def lens_from_cache(
     real = torch.ones(batch, n_pos, dtype=torch.bool)  # [batch, pos] positions to report
     if attention_mask is not None:
         real = attention_mask.bool().cpu()
+    last = model.n_layers - 1
     for start in range(0, n_pos, chunk):
         sl = slice(start, start + chunk)
         rows = real[:, sl]  # [batch, chunk]
         tgt = None if target_ids is None else target_ids[:, sl].reshape(-1)  # [rows]
-        final = None
+        final, z_last = None, None
         if needs_final:  # probabilities and entropy only: [rows, vocab] once per chunk
-            z_final = (
-                model.unembed(cache.at("resid_post", model.n_layers - 1)[:, sl])
-                if logits is None
-                else logits[:, sl]
-            )
-            final = [
-                Distributions(b).drop_logits() for b in z_final.float().reshape(-1, vocab).split(BLOCK_ROWS)
-            ]
+            if logits is None:  # the last layer's logits, kept for its own lens below
+                z_last = z_final = unembed(cache.at("resid_post", last)[:, sl])
+            else:
+                z_final = logits[:, sl].reshape(-1, vocab)
+            final = [Distributions(b).drop_logits() for b in z_final.split(BLOCK_ROWS)]
             del z_final
         kept: dict[int, list[Distributions]] = {}  # layers still needed by a pair
         for layer in sorted({*layer_list, *free_after}):
-            resid = cache.at("resid_post", layer)[:, sl]  # [batch, chunk, d_model]
-            z = model.unembed(resid).float().reshape(-1, vocab)  # [rows, vocab]
+            if layer == last and z_last is not None:
+                z, z_last = z_last, None
+            else:  # [rows, vocab] in the unembedding's dtype; statistics upcast block by block
+                z = unembed(cache.at("resid_post", layer)[:, sl])
             wanted = stats if layer in layer_list else []
             values, dists = _layer_stats(z, final, wanted, tgt, keep=layer in free_after)
             del z
@@ -293,7 +412,7 @@ def lens_from_cache(
             kept = {l: d for l, d in kept.items() if free_after[l] > layer}
     result = LensResult(layer_list, pairs=pair_list, top_k_positions=positions, **out)
     if positions:
-        ids, probs = _top_k(model, cache, layer_list, positions, k)  # [layers, batch, n, k]
+        ids, probs = _top_k(unembed, cache, layer_list, positions, k)  # [layers, batch, n, k]
         pad = ~real[:, positions][None, :, :, None]  # padding has no top-k: -1 and NaN, as above
         result.top_k_ids, result.top_k_probs = ids.masked_fill(pad, -1), probs.masked_fill(pad, float("nan"))
     return result
@@ -362,11 +481,14 @@ def _targets(
     return targets
 
 
-def _top_k(model, cache, layers: list[int], positions: list[int], k: int) -> tuple[Tensor, Tensor]:
+def _top_k(
+    unembed: _Unembed, cache, layers: list[int], positions: list[int], k: int
+) -> tuple[Tensor, Tensor]:
     ids, probs = [], []
     for layer in layers:
         resid = cache.at("resid_post", layer)[:, positions]  # [batch, n, d_model]
-        top = torch.softmax(model.unembed(resid).float(), -1).topk(k, -1)
+        z = unembed(resid).float().reshape(*resid.shape[:2], -1)  # [batch, n, vocab]
+        top = torch.softmax(z, -1).topk(k, -1)
         ids.append(top.indices.cpu())
         probs.append(top.values.cpu())
     return torch.stack(ids), torch.stack(probs)  # [layers, batch, n, k]
