@@ -10,6 +10,9 @@ engine and its settings for provenance and cache keys.
   hosted providers), one or many, with bounded concurrency and retries.
 - `VLLMEngine(folder)`: an in-process `vllm.LLM` with prefix caching (a Python that has vLLM).
 - `VLLMServer(folder)`: starts vLLM's server from its own environment (`make vllm`) and stops it.
+- `SharedPrefixEngine(model)`: in-process batched sampling for resampling (prompts that are
+  prefixes of one another share one prefill), in bf16 where the CPU is fast at it; Llama-style
+  decoders, no interventions.
 
 Example:
     >>> import mechlens as ml
@@ -27,12 +30,14 @@ from mechlens.rollouts.endpoint import EndpointEngine, EndpointError, engine_for
 from mechlens.rollouts.engines import Engine, LocalEngine, check_prompts, prompt_seeds
 from mechlens.rollouts.inprocess import VLLMEngine
 from mechlens.rollouts.server import VLLMServer, free_port, vllm_python
+from mechlens.rollouts.shared_prefix import SharedPrefixEngine
 
 __all__ = [
     "EndpointEngine",
     "EndpointError",
     "Engine",
     "LocalEngine",
+    "SharedPrefixEngine",
     "VLLMEngine",
     "VLLMServer",
     "check_prompts",

@@ -30,12 +30,18 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from tqdm.auto import tqdm
 
 from mechlens.models.generation import Sampling
+from mechlens.models.loading import DtypeName
 from mechlens.rollouts.engines import LocalEngine, check_request, cut_at_stop
+from mechlens.rollouts.shared_prefix import MODEL_TYPES as SHARED_PREFIX_TYPES
+from mechlens.rollouts.shared_prefix import SharedPrefixEngine
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -293,18 +299,46 @@ def _completions_url(base: str) -> str:
     return base + ("/completions" if base.endswith("/v1") else "/v1/completions")
 
 
-def engine_for(model, endpoint: str = "", served_model: str = "", batch_size: int = 16, concurrency: int = 8):
-    """The engine an experiment samples with: `LocalEngine(model)` when `endpoint` is empty, else an
-    `EndpointEngine` over its comma-separated base URLs serving `served_model` (the same weights as
-    `model`, whose tokenizer reads the answers).
+LocalKind = Literal["local", "shared-prefix", "auto"]
+LOCAL_KINDS = ("local", "shared-prefix", "auto")
+"""The in-process engines `engine_for` picks from (`local=`)."""
+
+
+def engine_for(
+    model: HookedModel | None,
+    endpoint: str = "",
+    served_model: str = "",
+    batch_size: int = 16,
+    concurrency: int = 8,
+    local: LocalKind = "local",
+    dtype: DtypeName = "auto",
+):
+    """The engine an experiment samples with. With an `endpoint` (comma-separated base URLs
+    serving `served_model`, the same weights as `model`, whose tokenizer reads the answers): an
+    `EndpointEngine`. Without one, by `local`: "local" is `LocalEngine(model, batch_size)` (the
+    model's own `generate`, hooks and interventions included, in the model's dtype);
+    "shared-prefix" is `SharedPrefixEngine(model, dtype)` (Llama-style decoders, no
+    interventions; bf16 where the CPU is fast at it with `dtype="auto"`); "auto" is the
+    shared-prefix engine where the model's architecture has it, else `LocalEngine`.
 
     >>> import mechlens as ml
     >>> engine_for(ml.load_model("tiny-llama")).name
     'mechlens'
+    >>> engine_for(ml.load_model("tiny-llama"), local="auto").name
+    'shared-prefix'
+    >>> engine_for(ml.load_model("tiny-gpt2"), local="auto").name
+    'mechlens'
     >>> engine_for(None, "http://a:8000,http://b:8000", "r1").urls
     ['http://a:8000/v1/completions', 'http://b:8000/v1/completions']
     """
+    if local not in LOCAL_KINDS:
+        raise ValueError(f"local must be one of {LOCAL_KINDS}, got {local!r}")
     if not endpoint:
+        if model is None:
+            raise ValueError("model is needed to sample in-process (no endpoint given)")
+        kind = getattr(model.plain_model.config, "model_type", None)
+        if local == "shared-prefix" or (local == "auto" and kind in SHARED_PREFIX_TYPES):
+            return SharedPrefixEngine(model, dtype)
         return LocalEngine(model, batch_size)
     if not served_model:
         raise ValueError("served_model must name the model the endpoint serves when endpoint is given")

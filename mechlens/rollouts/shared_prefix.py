@@ -1,0 +1,463 @@
+"""`SharedPrefixEngine`: in-process sampling near this machine's bound, for resampling.
+
+Resampling continues many rows from prompts that are prefixes of one another (the cut points of
+one trace), so the engine computes each distinct prompt's keys and values once and every row
+attends to them in place:
+
+- prompts that are prefixes of a longer prompt form one chain; each chain runs one forward, which
+  gives every member's last-position logits and the shared keys and values;
+- rows (prompt, sample) decode in `slots` batch rows at once (continuous batching: a finished row's
+  slot takes the next row), each row's own new tokens in a preallocated cache;
+- attention of a row = softmax over [its prompt's shared keys | its own new keys];
+- sampling draws a counter-based uniform per (row seed, step), so a row's tokens depend only on its
+  seed, not on the batch; top-p samples from a top-`top_k` prefilter, exact whenever the nucleus
+  lies inside it (checked on every row with bounds on the tail mass; the other rows fall back to
+  the full vocabulary).
+
+The forward is written out for Llama-style decoders (Llama, Mistral, Qwen2, Qwen3: RMSNorm, rotary
+positions, grouped-query attention, gated MLP) on the model's own weights, in `dtype` ("auto":
+bfloat16 where the CPU multiplies it fast). In float32 its logits equal the Hugging Face model's
+(`tests/test_shared_prefix.py`). No hooks run: it refuses a model with an intervention in force
+(sample with `LocalEngine` inside the context). The rows are samples of the same distribution as
+`generate`'s, not the same draws.
+
+Example:
+    >>> import mechlens as ml
+    >>> from mechlens.rollouts import SharedPrefixEngine
+    >>> engine = SharedPrefixEngine(ml.load_model("tiny-llama"), dtype="float32")
+    >>> out = engine.sample([[5, 6, 7], [5, 6]], ml.Sampling(max_new_tokens=3, n=2, temperature=0))
+    >>> len(out), len(out[0]), len(out[0][0]) <= 3
+    (2, 2, True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechlens.models.generation import Sampling, check_int, row_seed
+from mechlens.models.loading import DtypeName, resolve_dtype
+from mechlens.rollouts.engines import check_request, cut_at_stop
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+"""The Hugging Face `model_type`s whose forward `SharedPrefixEngine` writes out."""
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def step_uniforms(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """A uniform in [0, 1) for each (row seed, step) pair: splitmix64 of both, 53 bits.
+
+    The same pair always gives the same number, on any machine.
+
+        >>> u = step_uniforms(np.array([1, 1, 2], np.uint64), np.array([0, 1, 0], np.uint64))
+        >>> bool(((0 <= u) & (u < 1)).all()), len(set(u.tolist()))
+        (True, 3)
+    """
+    with np.errstate(over="ignore"):
+        x = seeds.astype(np.uint64) * _GOLDEN + steps.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+        for _ in range(2):
+            x = x + _GOLDEN
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def sample_rows(
+    logits: Tensor,
+    temperature: float,
+    top_p: float,
+    uniforms: Tensor,
+    top_k: int = 64,
+    work: Tensor | None = None,
+) -> Tensor:
+    """One token per row of `logits [rows, vocab]` by inverse transform of `uniforms [rows]`:
+    greedy at temperature 0, else temperature + nucleus (top-p) sampling with the nucleus of
+    `generation.sample_next` (the tokens whose higher-ranked mass is below `top_p`).
+
+    Every row's normaliser is exact (one float32 pass over its vocabulary); the nucleus is looked
+    for among the `top_k` most likely tokens, then among `FALLBACK_K`, and a row whose nucleus is
+    wider still sorts its whole vocabulary. Each step is exact, so `top_k` changes only the time.
+    `work`: a float32 buffer of the logits' shape to compute in (the engine's own, reused every
+    step: a fresh `[rows, vocab]` block costs more in page faults than the pass itself).
+
+        >>> z = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+        >>> sample_rows(z, 0.0, 1.0, torch.tensor([0.5, 0.5])).tolist()
+        [1, 0]
+        >>> sample_rows(z, 1.0, 0.5, torch.tensor([0.99, 0.99]), top_k=2).tolist()  # nucleus: top token
+        [1, 0]
+    """
+    rows_all, vocab = logits.shape
+    top = logits.amax(-1).float()  # [rows]; NaN anywhere in a row propagates here
+    if not torch.isfinite(top).all():
+        raise ValueError("the next-token logits are not finite: nothing can be sampled from them")
+    if temperature == 0:
+        return logits.argmax(-1)
+    if work is None or work.shape != logits.shape or work.dtype != torch.float32:
+        work = torch.empty(logits.shape, dtype=torch.float32)
+    e = work.copy_(logits).sub_(top[:, None]).mul_(1 / temperature).exp_()  # [rows, vocab], max 1
+    z = e.sum(-1).double()  # [rows], exact normalisers (float32 pairwise sums of terms <= 1)
+    u = uniforms.to(torch.float64) * z  # the inverse-transform targets, in unnormalised mass
+    if top_p >= 1:
+        cdf = e.cumsum(-1, dtype=torch.float64)
+        return torch.searchsorted(cdf, u[:, None], right=True)[:, 0].clamp(max=vocab - 1)
+    out = torch.empty(rows_all, dtype=torch.long)
+    todo = torch.arange(rows_all)
+    for k in (min(top_k, vocab), min(max(top_k, FALLBACK_K), vocab), vocab):
+        if len(todo) == 0:
+            break
+        rows = e if len(todo) == rows_all else e[todo]  # [len(todo), vocab]
+        vals, idx = rows.topk(k, -1) if k < vocab else rows.sort(-1, descending=True)
+        mass = vals.double()
+        before = mass.cumsum(-1) - mass  # mass ranked above each candidate
+        kept = (before < top_p * z[todo, None]).sum(-1)  # [len(todo)] >= 1
+        inside = (kept < k) | (k == vocab)
+        if inside.any():
+            r = inside.nonzero()[:, 0]
+            cdf = (mass[r] * (torch.arange(k)[None] < kept[r, None])).cumsum(-1)
+            target = u[todo[r]] * (cdf[:, -1] / z[todo[r]])  # the same uniform, on the nucleus's mass
+            pick = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+            out[todo[r]] = idx[r, torch.minimum(pick, kept[r] - 1)]
+        todo = todo[~inside]
+    return out
+
+
+FALLBACK_K = 1024
+"""The second, wider candidate set of `sample_rows` (before a full sort)."""
+
+
+@dataclass
+class _Weights:
+    """One decoder's weights in the engine's dtype (views of the model's when the dtypes agree)."""
+
+    embed: Tensor  # [vocab, d]
+    layers: list[dict[str, Tensor | None]]
+    norm: Tensor  # [d]
+    unembed: Tensor  # [vocab, d]
+    eps: float
+    n_heads: int
+    n_kv: int
+    head_dim: int
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return torch.nn.functional.linear(x, w, b)
+
+
+def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """RMSNorm as Hugging Face computes it: statistics in float32, weight in the model's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+class SharedPrefixEngine:
+    """Batched sampling on shared prompt keys and values (see the module docstring).
+
+    Args:
+        model: a `HookedModel` of a Llama-style decoder (`MODEL_TYPES`).
+        dtype: the dtype it computes in: "auto" (bfloat16 where fast, `load_model`'s rule),
+            "float32", "bfloat16", "float16". Weights are converted at each `sample` call when it
+            differs from the model's (so later weight edits are seen).
+        slots: rows decoded at once.
+        top_k: the nucleus prefilter's width (any value gives the same distribution; it changes
+            only how often a row falls back to its whole vocabulary).
+        progress: a progress bar of sampled rows (stderr).
+    """
+
+    name = "shared-prefix"
+    prompts_per_call = 256
+
+    def __init__(
+        self,
+        model: HookedModel,
+        dtype: DtypeName | torch.dtype = "auto",
+        slots: int = 256,
+        top_k: int = 64,
+        progress: bool = False,
+    ):
+        config = model.plain_model.config
+        kind = getattr(config, "model_type", None)
+        if kind not in MODEL_TYPES:
+            raise ValueError(
+                f"SharedPrefixEngine writes out the forward of {MODEL_TYPES} decoders; model {model.name!r} "
+                f"is {kind!r}: sample it with LocalEngine"
+            )
+        self.model, self.dtype = model, resolve_dtype(dtype, model.device)
+        self.slots = check_int("slots", slots, 1)
+        self.top_k = check_int("top_k", top_k, 1)
+        self.progress = progress
+        self._window: int | None = None  # the sliding window, read with the weights
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "engine": self.name,
+            "model": self.model.name,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "sampler": "splitmix64-inverse-cdf",
+        }
+
+    # -- weights and forward -------------------------------------------------------------------
+    def _weights(self) -> _Weights:
+        hf: Any = self.model.plain_model  # a Hugging Face *ForCausalLM (checked in __init__)
+        config, core = hf.config, hf.model
+        window = getattr(config, "sliding_window", None)
+        if window is not None and getattr(config, "use_sliding_window", True):
+            self._window = int(window)
+        else:
+            self._window = None
+        dt = self.dtype
+
+        def cast(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().to(dt)
+
+        layers = []
+        for block in core.layers:
+            attn, mlp = block.self_attn, block.mlp
+            layers.append(
+                {
+                    "ln1": cast(block.input_layernorm.weight),
+                    "ln2": cast(block.post_attention_layernorm.weight),
+                    "q": cast(attn.q_proj.weight), "qb": cast(attn.q_proj.bias),
+                    "k": cast(attn.k_proj.weight), "kb": cast(attn.k_proj.bias),
+                    "v": cast(attn.v_proj.weight), "vb": cast(attn.v_proj.bias),
+                    "o": cast(attn.o_proj.weight), "ob": cast(attn.o_proj.bias),
+                    "qn": cast(getattr(getattr(attn, "q_norm", None), "weight", None)),
+                    "kn": cast(getattr(getattr(attn, "k_norm", None), "weight", None)),
+                    "gate": cast(mlp.gate_proj.weight), "gb": cast(mlp.gate_proj.bias),
+                    "up": cast(mlp.up_proj.weight), "ub": cast(mlp.up_proj.bias),
+                    "down": cast(mlp.down_proj.weight), "db": cast(mlp.down_proj.bias),
+                }
+            )  # fmt: skip
+        self._act = core.layers[0].mlp.act_fn
+        self._rotary = core.rotary_emb
+        n_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        embed, unembed, norm = cast(core.embed_tokens.weight), cast(hf.lm_head.weight), cast(core.norm.weight)
+        assert embed is not None and unembed is not None and norm is not None
+        return _Weights(embed, layers, norm, unembed, float(config.rms_norm_eps), n_heads,
+                        config.num_key_value_heads, head_dim)  # fmt: skip
+
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin `[len(positions), head_dim]` in the engine's dtype."""
+        probe = torch.zeros(1, dtype=torch.float32)
+        cos, sin = self._rotary(probe, positions[None].long())
+        return cos[0].to(self.dtype), sin[0].to(self.dtype)
+
+    def _qkv(self, w: _Weights, layer: dict, x: Tensor, cos: Tensor, sin: Tensor):
+        """Queries `[..., heads, hd]`, keys and values `[..., kv, hd]` of residuals `x [..., d]`."""
+        h = _rms(x, layer["ln1"], w.eps)
+        q = _linear(h, layer["q"], layer["qb"]).unflatten(-1, (w.n_heads, w.head_dim))
+        k = _linear(h, layer["k"], layer["kb"]).unflatten(-1, (w.n_kv, w.head_dim))
+        v = _linear(h, layer["v"], layer["vb"]).unflatten(-1, (w.n_kv, w.head_dim))
+        if layer["qn"] is not None:
+            q, k = _rms(q, layer["qn"], w.eps), _rms(k, layer["kn"], w.eps)
+        return (
+            _rotate(q, cos[..., None, :], sin[..., None, :]),
+            _rotate(k, cos[..., None, :], sin[..., None, :]),
+            v,
+        )
+
+    def _finish(self, w: _Weights, layer: dict, x: Tensor, attn: Tensor) -> Tensor:
+        """The residual after the attention output `attn [..., heads*hd]` and the MLP."""
+        x = x + _linear(attn, layer["o"], layer["ob"])
+        h = _rms(x, layer["ln2"], w.eps)
+        gate = self._act(_linear(h, layer["gate"], layer["gb"]))
+        return x + _linear(gate * _linear(h, layer["up"], layer["ub"]), layer["down"], layer["db"])
+
+    def _prefill(self, w: _Weights, ids: list[int]) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """Keys and values `[kv, len, hd]` per layer of one prompt, and its logits `[len, vocab]`
+        (float32)."""
+        tokens = torch.tensor(ids)
+        x = w.embed[tokens]  # [len, d]
+        cos, sin = self._rope(torch.arange(len(ids)))
+        group = w.n_heads // w.n_kv
+        causal = torch.full((len(ids), len(ids)), float("-inf")).triu(1)
+        kv = []
+        for layer in w.layers:
+            q, k, v = self._qkv(w, layer, x, cos, sin)  # [len, heads|kv, hd]
+            k, v = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()  # [kv, len, hd]
+            kv.append((k, v))
+            qg = q.transpose(0, 1).unflatten(0, (w.n_kv, group))  # [kv, group, len, hd]
+            scores = (qg @ k[:, None].transpose(-1, -2)).float() / math.sqrt(w.head_dim) + causal
+            out = scores.softmax(-1).to(self.dtype) @ v[:, None]  # [kv, group, len, hd]
+            x = self._finish(w, layer, x, out.flatten(0, 1).transpose(0, 1).flatten(1))
+        logits = _linear(_rms(x, w.norm, w.eps), w.unembed, None).float()
+        return kv, logits
+
+    # -- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: Sampling,
+        seeds: Sequence[int] | None = None,
+        stop: Sequence[str] = (),
+    ) -> list[list[list[int]]]:
+        """`sampling.n` continuations (token ids) of each prompt (token ids); sample j of prompt i
+        draws from `row_seed(seeds[i], j)` (default seeds: `prompt_seeds`)."""
+        if self.model.active_interventions:
+            raise ValueError(
+                "an intervention is active on the model, but SharedPrefixEngine runs no hooks: sample "
+                "with LocalEngine(model) inside the context, or leave the context"
+            )
+        ids, seeds, stop = check_request(prompts, sampling, seeds, stop, self.model.d_vocab)
+        longest = max(len(p) for p in ids) + sampling.max_new_tokens
+        if longest > self.model.n_ctx:
+            raise ValueError(
+                f"a prompt of {longest - sampling.max_new_tokens} tokens + max_new_tokens "
+                f"({sampling.max_new_tokens}) exceeds the context window ({self.model.n_ctx})"
+            )
+        w = self._weights()
+        if self._window is not None and longest > self._window:
+            raise ValueError(
+                f"prompt + max_new_tokens ({longest}) exceeds the sliding window ({self._window})"
+            )
+        out = self._decode(w, ids, seeds, sampling)
+        decode = self.model.tokenizer.decode
+        return [[cut_at_stop(row, decode, stop) for row in rows] for rows in out]
+
+    def _decode(
+        self, w: _Weights, ids: list[list[int]], seeds: list[int], sampling: Sampling
+    ) -> list[list[list[int]]]:
+        # chains: each distinct prompt joins the longest prompt it is a prefix of
+        heads: list[list[int]] = []
+        chain_of: dict[tuple[int, ...], int] = {}
+        for p in sorted({tuple(p) for p in ids}, key=len, reverse=True):
+            c = next((j for j, h in enumerate(heads) if len(h) >= len(p) and tuple(h[: len(p)]) == p), None)
+            if c is None:
+                c = len(heads)
+                heads.append(list(p))
+            chain_of[p] = c
+        kv, first_logits = [], {}
+        for c, head in enumerate(heads):
+            layers_kv, logits = self._prefill(w, head)
+            kv.append(layers_kv)
+            for p, cc in chain_of.items():
+                if cc == c:
+                    first_logits[p] = logits[len(p) - 1]
+        n, max_new = sampling.n, sampling.max_new_tokens
+        queue = [(i, j) for i in range(len(ids)) for j in range(n)]  # rows, prompt-major
+        results: list[list[list[int]]] = [[[] for _ in range(n)] for _ in ids]
+        eos = self.model.tokenizer.eos_token_id if sampling.stop_at_eos else None
+        slots = min(self.slots, len(queue))
+        group, hd = w.n_heads // w.n_kv, w.head_dim
+        layers = len(w.layers)
+        cache_k = torch.zeros(layers, slots, w.n_kv, max_new, hd, dtype=self.dtype)
+        cache_v = torch.zeros_like(cache_k)
+        row = [-1] * slots  # queue index in each slot (-1: idle)
+        chain = torch.zeros(slots, dtype=torch.long)
+        plen = torch.zeros(slots, dtype=torch.long)  # prompt length
+        t = torch.zeros(slots, dtype=torch.long)  # new tokens so far
+        seed = np.zeros(slots, dtype=np.uint64)
+        # [slots, vocab] buffers reused every step (fresh blocks of this size cost page faults)
+        logits = torch.zeros(slots, w.embed.shape[0], dtype=self.dtype)
+        spare = torch.empty_like(logits)  # the next step's logits, swapped with `logits`
+        work = torch.empty(logits.shape, dtype=torch.float32)  # sample_rows's
+        fed = torch.zeros(slots, dtype=torch.long)  # each slot's token for the next forward
+        nxt = 0
+        bar = tqdm(total=len(queue), desc="sample", disable=not self.progress)
+
+        def fill(s: int) -> None:
+            nonlocal nxt
+            if nxt >= len(queue):
+                row[s] = -1
+                return
+            i, j = queue[nxt]
+            p = tuple(ids[i])
+            row[s], chain[s], plen[s], t[s] = nxt, chain_of[p], len(p), 0
+            seed[s] = np.uint64(row_seed(seeds[i], j))
+            logits[s] = first_logits[p].to(logits.dtype)
+            nxt += 1
+
+        for s in range(slots):
+            fill(s)
+        scale = 1 / math.sqrt(hd)
+        while any(r >= 0 for r in row):
+            live = torch.tensor([r >= 0 for r in row])
+            u = torch.from_numpy(step_uniforms(seed, t.numpy().astype(np.uint64)))
+            tokens = sample_rows(logits, sampling.temperature, sampling.top_p, u, self.top_k, work)
+            fresh = []
+            for s in live.nonzero()[:, 0].tolist():
+                i, j = queue[row[s]]
+                tok = int(tokens[s])
+                if tok == eos:
+                    done = True
+                else:
+                    results[i][j].append(tok)
+                    done = len(results[i][j]) >= max_new
+                if done:
+                    bar.update(1)
+                    fill(s)
+                    fresh.append(s)
+                else:
+                    fed[s] = tok
+            if not any(r >= 0 for r in row):
+                break
+            # one decode step for every slot (idle and fresh slots compute and are ignored)
+            step_slots = [s for s in range(slots) if row[s] >= 0 and s not in fresh]
+            if not step_slots:
+                continue
+            pos = plen + t  # [slots]
+            cos, sin = self._rope(pos)
+            x = w.embed[fed]  # [slots, d]
+            slot_ix = torch.arange(slots)
+            new_valid = torch.arange(max_new)[None] <= t[:, None]  # [slots, max_new]
+            width = int(t.max()) + 1
+            new_mask = torch.where(new_valid[:, :width], 0.0, float("-inf"))[:, None, None]  # [s,1,1,w]
+            for li, layer in enumerate(w.layers):
+                q, k, v = self._qkv(w, layer, x, cos, sin)  # [slots, heads|kv, hd]
+                cache_k[li, slot_ix, :, t] = k
+                cache_v[li, slot_ix, :, t] = v
+                qg = q.unflatten(1, (w.n_kv, group))  # [slots, kv, group, hd]
+                ks, vs = cache_k[li, :, :, :width], cache_v[li, :, :, :width]  # [slots, kv, w, hd]
+                own = (qg @ ks.transpose(-1, -2)).float() * scale + new_mask  # [slots, kv, group, w]
+                attn = torch.empty(slots, w.n_kv, group, hd, dtype=self.dtype)
+                for c in range(len(heads)):
+                    members = slot_ix if len(heads) == 1 else (chain == c).nonzero()[:, 0]
+                    if len(members) == 0:
+                        continue
+                    pk, pv = kv[c][li]  # [kv, L, hd]
+                    length = int(plen[members].max())
+                    qc = qg[members].permute(1, 0, 2, 3).reshape(w.n_kv, -1, hd)  # [kv, m*group, hd]
+                    shared = (qc @ pk[:, :length].transpose(-1, -2)).float() * scale  # [kv, m*group, L]
+                    shared = shared.unflatten(1, (len(members), group)).permute(1, 0, 2, 3)  # [m, kv, g, L]
+                    ok = torch.arange(length)[None] < plen[members, None]  # [m, L]
+                    shared = shared.masked_fill(~ok[:, None, None], float("-inf"))
+                    everyone = len(members) == slots
+                    probs = (
+                        torch.cat([shared, own if everyone else own[members]], -1).softmax(-1).to(self.dtype)
+                    )
+                    ps, po = probs[..., :length], probs[..., length:]
+                    part = ps.permute(1, 0, 2, 3).reshape(w.n_kv, -1, length) @ pv[:, :length]
+                    part = part.unflatten(1, (len(members), group)).permute(1, 0, 2, 3)  # [m, kv, g, hd]
+                    if everyone:
+                        attn = part + po @ vs
+                    else:
+                        attn[members] = part + po @ vs[members]
+                x = self._finish(w, layer, x, attn.flatten(1))
+            torch.mm(_rms(x, w.norm, w.eps), w.unembed.T, out=spare)  # [slots, vocab]
+            if fresh:  # fresh slots sample their first token from their prompt's logits
+                keep = torch.tensor(fresh)
+                spare[keep] = logits[keep]
+            logits, spare = spare, logits
+            t[torch.tensor(step_slots)] += 1
+        bar.close()
+        return results
