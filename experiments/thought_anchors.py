@@ -11,7 +11,8 @@ trace); `--model PATH --device cuda --dtype bfloat16` runs a local reasoning mod
     python experiments/thought_anchors.py [--quick] [--model organism|base|PATH] [--backend nnsight]
 
 Writes figures/anchors/: importance_by_sentence, importance_by_category, receiver_kurtosis,
-receiver_head_matrix, suppression_matrix, method_correlations, planted_recovery (organism) (HTML,
+receiver_head_matrix, suppression_matrix, method_correlations, planted_recovery and rollouts_curve
+(organism) (HTML,
 plus PNG/SVG with a Chromium) with provenance, and results.json. Rollouts are cached per trace and
 position, so an interrupted run resumes.
 """
@@ -32,7 +33,14 @@ from mechlens.datasets import STEP_BY_STEP
 from mechlens.organism import held_out_problems, load_subject
 from mechlens.organism.recovery import rank_recovery
 from mechlens.organism.traces import DECISIVE, label_roles
-from mechlens.plots import category_scatter, correlation_scatter, grouped_bars, head_heatmap, sentence_heatmap
+from mechlens.plots import (
+    category_scatter,
+    correlation_scatter,
+    grouped_bars,
+    head_heatmap,
+    mean_ci_lines,
+    sentence_heatmap,
+)
 from mechlens.rollouts import engine_for
 from mechlens.rollouts.engines import sample_texts
 from mechlens.runs import Run, parse_config
@@ -45,17 +53,22 @@ class AnchorsConfig:
     backend: Literal["transformer_lens", "nnsight"] = "transformer_lens"
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    n_candidates: int = 24  # problems whose solve rate is measured (organism: held-out 2-3 step
+    n_candidates: int = 48  # problems whose solve rate is measured (organism: held-out 2-3 step
     # word problems; base: arithmetic levels 1-2, it solves almost no two-step problem)
     n_select: int = 8  # samples per problem for the solve rate (25-75% kept)
     problem_steps: str = "2,3"  # the organism's candidate problems: numbers of steps (comma-separated)
     closest_if_none: bool = False  # no problem in the 25-75% band: take the closest one solved at
     # least once (the quick run's few candidates), said in the output
-    n_traces: int = 3  # traces analysed (one correct base solution per selected problem)
-    min_sentences: int = 5
+    n_traces: int = 10  # traces analysed (one correct base solution per selected problem)
+    min_sentences: int = 12
     long_trace: int = 15  # the methods' agreement is also reported on traces this long or longer
     strict_similarity: float = 0.95  # a second counterfactual KL in the planted-structure recovery
-    n_rollouts: int = 16  # per sentence (the paper: 100)
+    n_rollouts: int = 100  # per sentence, the paper's number
+    curve: str = "8,16,32,64,100"  # planted-structure recovery from the first n rollouts of each
+    # sentence (a paired curve: the first n are the rollouts a run at n samples)
+    engine: Literal["auto", "local", "shared-prefix"] = "auto"  # in-process sampling (`engine_for`):
+    # "auto" is the shared-prefix engine on Llama-style models; attributions stay in --dtype
+    sample_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # the shared-prefix engine's dtype
     max_new_tokens: int = 288
     temperature: float = 0.6
     top_p: float = 0.95
@@ -72,6 +85,7 @@ class AnchorsConfig:
     def __post_init__(self):
         if self.quick:
             self.n_candidates, self.n_select, self.n_traces, self.n_rollouts = 2, 4, 1, 3
+            self.min_sentences, self.curve = 5, "2,3"
             self.top_k, self.proximity, self.problem_steps, self.closest_if_none = 10, 2, "2", True
             if self.model == "base":
                 self.n_candidates, self.max_new_tokens = 12, 128  # short traces: a narrower band
@@ -121,7 +135,7 @@ def select_traces(run: Run, model, cfg: AnchorsConfig, engine) -> tuple[list, li
 def main(cfg: AnchorsConfig) -> dict:
     model = load_subject(cfg.model, cfg.backend, cfg.device, cfg.dtype)
     run = Run("thought_anchors", cfg, cfg.out, model=model, seed=cfg.seed, images=not cfg.quick)
-    engine = engine_for(model, cfg.endpoint, cfg.served_model)
+    engine = engine_for(model, cfg.endpoint, cfg.served_model, local=cfg.engine, dtype=cfg.sample_dtype)
     chosen, rates = select_traces(run, model, cfg, engine)
     print(
         f"{len(chosen)} traces from {sum(0.25 <= r['solve_rate'] <= 0.75 for r in rates)} problems in range"
@@ -287,6 +301,49 @@ def main(cfg: AnchorsConfig) -> dict:
     return results
 
 
+def resampling_scores(per_trace: list, strict: float, n: int | None = None) -> dict[str, list]:
+    """The sampling-based attributions per trace, from the first `n` rollouts (default: all):
+    the paper's counterfactual KL and its accuracy form, the resampling importance (accuracy
+    difference) and KL without the similarity filter, counterfactual KL with the stricter filter
+    (ours: a decisive plan's alternatives differ from it in one word, which cosine 0.8 calls
+    similar), and forced-answer importance."""
+    res = [t.resampling if n is None else t.resampling.first(n) for t in per_trace]
+    out = {
+        "counterfactual KL": [r.counterfactual_kl for r in res],
+        "counterfactual accuracy": [r.counterfactual_accuracy for r in res],
+        "resampling importance": [r.resampling_importance for r in res],
+        "resampling KL (no filter)": [r.resampling_kl for r in res],
+        f"counterfactual KL, cosine < {strict}": [
+            replace(r, threshold=strict).counterfactual_kl for r in res
+        ],
+    }
+    if all(t.forced is not None for t in per_trace):
+        out["forced-answer importance"] = [
+            (t.forced if n is None else t.forced.first(n)).importance for t in per_trace
+        ]
+    return out
+
+
+def rollout_curve(per_trace: list, planted: list, cfg: AnchorsConfig) -> dict:
+    """Planted-structure recovery of each sampling-based attribution from the first n rollouts of
+    every sentence, n in `cfg.curve` (at most `n_rollouts`)."""
+    ns = [n for n in (int(k) for k in cfg.curve.split(",")) if n <= cfg.n_rollouts]
+    curve: dict[str, dict] = {}
+    for n in ns:
+        for name, v in resampling_scores(per_trace, cfg.strict_similarity, n).items():
+            r = rank_recovery(v, planted, k=3, seed=cfg.seed)
+            curve.setdefault(name, {})[n] = {
+                key: r[key] for key in ("mean_rank", "mean_rank_ci", "top_k_hits", "top_k_rate", "top_k_ci",
+                                        "n_traces", "n_nan", "random_mean_rank", "random_top_k_rate")
+            }  # fmt: skip
+    return curve
+
+
+MONTE_CARLO_TOP3 = {8: 0.44, 32: 0.70, 64: 0.83, 100: 0.91}
+"""P(the plan ranks in the top 3) by accuracy difference, from a Monte Carlo of the planted
+generator at n rollouts per sentence (the issue's prediction; by answer KL: 0.42, 0.75, 0.92, 0.99)."""
+
+
 def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict:
     """How each method ranks the organism's planted decisive sentences (plan, repairing check),
     read back from each trace's text, against seeded random rankings; and a figure."""
@@ -295,10 +352,7 @@ def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict:
     # beside the paper's three: resampling importance without the similarity filter (the paper's
     # "resampling importance", as a KL), and counterfactual KL with a stricter filter (ours): a
     # decisive plan's alternatives differ from it in one word, which cosine 0.8 calls "similar"
-    scores["resampling KL (no filter)"] = [t.resampling.resampling_kl for t in per_trace]
-    scores[f"counterfactual KL, cosine < {cfg.strict_similarity}"] = [
-        replace(t.resampling, threshold=cfg.strict_similarity).counterfactual_kl for t in per_trace
-    ]
+    scores.update(resampling_scores(per_trace, cfg.strict_similarity))
     out = {name: rank_recovery(v, planted, k=3, seed=cfg.seed) for name, v in scores.items()}
     for name, r in out.items():
         print(f"planted decisive sentences, {name}: mean rank {r['mean_rank']:.2f} {r['mean_rank_ci']} "
@@ -321,7 +375,27 @@ def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict:
     run.save_figure(
         fig, "planted_recovery", caption="Top-3 hit rate of planted decisive sentences vs random."
     )
-    return out
+    curve = rollout_curve(per_trace, planted, cfg)
+    for name, rows in curve.items():
+        cells = [f"n={n}: rank {r['mean_rank']:.2f}, top-3 {r['top_k_hits']}/{r['n_traces']}"
+                 for n, r in rows.items()]  # fmt: skip
+        print(f"rollouts curve, {name}: " + ", ".join(cells))
+    ns = sorted({n for rows in curve.values() for n in rows})
+    lines = {}
+    for name in ("counterfactual KL", "resampling importance", "forced-answer importance"):
+        if name in curve:
+            rate = [curve[name][n]["top_k_rate"] for n in ns]
+            low, high = ([curve[name][n]["top_k_ci"][i] for n in ns] for i in (0, 1))
+            lines[name] = (rate, low, high)
+    prediction = [MONTE_CARLO_TOP3.get(n, np.nan) for n in ns]
+    lines["Monte Carlo prediction (accuracy difference)"] = (prediction, prediction, prediction)
+    fig = mean_ci_lines(
+        ns, lines, "rollouts per sentence", "share of traces with a planted sentence in the top 3",
+        title=f"Recovery against rollouts per sentence ({len(per_trace)} traces, first n of "
+        f"{cfg.n_rollouts})",
+    )  # fmt: skip
+    run.save_figure(fig, "rollouts_curve", caption="Top-3 recovery from the first n rollouts per sentence.")
+    return {"by_method": out, "rollouts_curve": curve}
 
 
 if __name__ == "__main__":

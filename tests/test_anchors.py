@@ -113,6 +113,15 @@ def test_resampling_metrics_on_fixed_rollouts():
     binary = res.counterfactual_kl_of(binary=True)[0]  # {False: 2} vs {True: 5}
     assert binary == pytest.approx(want)
     assert len(res.table()) == 2 and res.table()[0]["sentence"] == "S0"
+    two = res.first(2)  # the first two rollouts of each position: D_0 = {8, 8}, nothing similar
+    np.testing.assert_allclose(two.accuracy, [0.0, 1.0, 1.0])
+    assert two.similarity.shape == (2, 2) and res.accuracy[0] == 0.5  # the original is unchanged
+    assert two.counterfactual_accuracy[0] == -1.0
+    forced = anchors.ForcedAnswers(rollouts).first(1)
+    np.testing.assert_allclose(forced.accuracy, [0.0, 1.0, 1.0])
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="n must be"):
+            res.first(bad)
 
 
 def fake_embed(texts):

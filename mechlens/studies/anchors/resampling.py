@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import cast
@@ -155,6 +155,13 @@ class Rollout:
     correct: bool
 
 
+def _check_first(n: int, rollouts: list[list[Rollout]]) -> int:
+    most = min((len(rows) for rows in rollouts), default=0)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+        raise ValueError(f"n must be an int in 1..{most} (the rollouts per position), got {n!r}")
+    return n
+
+
 def _accuracy(rows: Sequence[Rollout]) -> float:
     """Share correct among rollouts that gave an answer (NaN when none did)."""
     answered = [r.correct for r in rows if r.answer is not None]
@@ -181,6 +188,13 @@ class Resampling:
     similarity: np.ndarray  # [n_sentences, n]
     threshold: float = 0.8
     alpha: float = 1e-9
+
+    def first(self, n: int) -> Resampling:
+        """The same metrics from the first `n` rollouts of each position: rollout k of a position
+        draws from its own seed (`row_seed(position seed, k)`), so these are the rollouts a run with
+        `n` per sentence samples, and a curve over `n` is paired."""
+        n = _check_first(n, self.rollouts)
+        return replace(self, rollouts=[rows[:n] for rows in self.rollouts], similarity=self.similarity[:, :n])
 
     def different(self, i: int) -> list[Rollout]:
         """D_i: rollouts at i whose resampled sentence differs in meaning from S_i."""
@@ -382,6 +396,10 @@ class ForcedAnswers:
 
     rollouts: list[list[Rollout]]
     alpha: float = 1e-9
+
+    def first(self, n: int) -> ForcedAnswers:
+        """The first `n` forced answers of each prefix (as `Resampling.first`)."""
+        return replace(self, rollouts=[rows[: _check_first(n, self.rollouts)] for rows in self.rollouts])
 
     @property
     def accuracy(self) -> np.ndarray:
