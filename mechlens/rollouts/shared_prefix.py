@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.functional import linear
 from tqdm.auto import tqdm
 
 from mechlens.models.generation import Sampling, check_int, row_seed
@@ -151,10 +152,6 @@ class _Weights:
     head_dim: int
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return torch.nn.functional.linear(x, w, b)
-
-
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
     """RMSNorm as Hugging Face computes it: statistics in float32, weight in the model's dtype."""
     h = x.float()
@@ -264,9 +261,9 @@ class SharedPrefixEngine:
     def _qkv(self, w: _Weights, layer: dict, x: Tensor, cos: Tensor, sin: Tensor):
         """Queries `[..., heads, hd]`, keys and values `[..., kv, hd]` of residuals `x [..., d]`."""
         h = _rms(x, layer["ln1"], w.eps)
-        q = _linear(h, layer["q"], layer["qb"]).unflatten(-1, (w.n_heads, w.head_dim))
-        k = _linear(h, layer["k"], layer["kb"]).unflatten(-1, (w.n_kv, w.head_dim))
-        v = _linear(h, layer["v"], layer["vb"]).unflatten(-1, (w.n_kv, w.head_dim))
+        q = linear(h, layer["q"], layer["qb"]).unflatten(-1, (w.n_heads, w.head_dim))
+        k = linear(h, layer["k"], layer["kb"]).unflatten(-1, (w.n_kv, w.head_dim))
+        v = linear(h, layer["v"], layer["vb"]).unflatten(-1, (w.n_kv, w.head_dim))
         if layer["qn"] is not None:
             q, k = _rms(q, layer["qn"], w.eps), _rms(k, layer["kn"], w.eps)
         return (
@@ -277,10 +274,10 @@ class SharedPrefixEngine:
 
     def _finish(self, w: _Weights, layer: dict, x: Tensor, attn: Tensor) -> Tensor:
         """The residual after the attention output `attn [..., heads*hd]` and the MLP."""
-        x = x + _linear(attn, layer["o"], layer["ob"])
+        x = x + linear(attn, layer["o"], layer["ob"])
         h = _rms(x, layer["ln2"], w.eps)
-        gate = self._act(_linear(h, layer["gate"], layer["gb"]))
-        return x + _linear(gate * _linear(h, layer["up"], layer["ub"]), layer["down"], layer["db"])
+        gate = self._act(linear(h, layer["gate"], layer["gb"]))
+        return x + linear(gate * linear(h, layer["up"], layer["ub"]), layer["down"], layer["db"])
 
     def _prefill(self, w: _Weights, ids: list[int]) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
         """Keys and values `[kv, len, hd]` per layer of one prompt, and its logits `[len, vocab]`
@@ -299,7 +296,7 @@ class SharedPrefixEngine:
             scores = (qg @ k[:, None].transpose(-1, -2)).float() / math.sqrt(w.head_dim) + causal
             out = scores.softmax(-1).to(self.dtype) @ v[:, None]  # [kv, group, len, hd]
             x = self._finish(w, layer, x, out.flatten(0, 1).transpose(0, 1).flatten(1))
-        logits = _linear(_rms(x, w.norm, w.eps), w.unembed, None).float()
+        logits = linear(_rms(x, w.norm, w.eps), w.unembed, None).float()
         return kv, logits
 
     # -- sampling ------------------------------------------------------------------------------
