@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(PY) experiments/depth_scoring.py --quick --out figures/demo/depth
 	$(PY) experiments/thought_anchors.py --quick --out figures/demo/anchors
 	$(PY) experiments/refusal_cliff.py --quick --out figures/demo/refusal
+	$(PY) -m mechlens.gallery figures/demo --report
 
 # retrain the shipped organism adapters from the base model (~20 + 3 minutes on 2 cores): writes
 # mechlens/organism/adapters/ with provenance (recipe, base weights, seed, wall time, commit)

@@ -84,7 +84,7 @@ def build_trace(model, n_tokens: int):
             f"Step {s} is that " + " ".join(WORDS[(s + w) % len(WORDS)] for w in range(words)) + "."
             for s in range(SENTENCES)
         )
-        return ml.ReasoningTrace.from_text(model, prompt, text, keep_last=True)  # all 8 sentences count
+        return ml.ReasoningTrace.from_text(model, prompt, text, rule="thought-branches")  # all 8 count
 
     words = max(4, n_tokens // SENTENCES)
     trace = make(words)

@@ -57,8 +57,17 @@ def main(cfg: DemoConfig) -> list:
     title = f"Attention of L{layer}H{head} (strongest previous-token head)"
     fig = attention_heatmap(pattern[layer, head], str_tokens, title=title)
     run.save_figure(fig, "attention_pattern", caption=f"Attention pattern of head L{layer}H{head}.")
-    for path in run.outputs:
-        print(path)
+    prev = float(pattern[layer, head].diagonal(offset=-1).mean())
+    entropy = lens.entropy[:, 0]  # [layers, pos]
+    run.summarize(
+        "Demo: logit lens and attention of one prompt",
+        [
+            f"logit lens over {len(lens.layers)} layers x {toks.shape[1]} positions: mean entropy "
+            f"{float(entropy[0].mean()):.2f} nats at layer {lens.layers[0]}, {float(entropy[-1].mean()):.2f} "
+            f"at layer {lens.layers[-1]}",
+            f"strongest previous-token head: L{layer}H{head} (attention to the previous token {prev:.2f})",
+        ],
+    )
     return run.outputs
 
 

@@ -182,13 +182,14 @@ def main(cfg: DepthConfig) -> dict:
     headline = {
         name: {
             "auroc_stratified_by_dataset": res["auroc_stratified"],
+            "auroc_stratified_ci": res["auroc_stratified_ci"],
             "auroc_by_dataset": res["auroc_by_stratum"],
             "auroc_pooled": res["auroc_cross_validated"],
+            "auroc_pooled_ci": res["auroc_cross_validated_ci"],
         }
         for name, res in evaluation["all"].items()
-        if name in ("RHD detector", "feature: mean_score")
+        if name in ("RHD detector", "feature: mean_score", "perplexity")
     }
-    print("headline (cross-validated, within dataset):", headline)
     shown = by_subset[cfg.subset]  # the traces the label-comparison figures show
     labels = np.array([r["label"] for r in shown])
 
@@ -313,12 +314,21 @@ def main(cfg: DepthConfig) -> dict:
         },
     }
     run.save_json("results.json", results)
-    for subset, ev in evaluation.items():
-        for name, res in ev.items():
-            print(
-                f"AUROC [{subset}] {name}: a priori {res['auroc_a_priori']:.3f}, "
-                f"cross-validated {res['auroc_cross_validated']:.3f}"
-            )
+    counts = results["labels"]["all"]
+    lines = [
+        f"{len(kept)} traces analysed: {counts['hallucinated']} hallucinated, {counts['correct']} correct"
+    ]
+    for name, h in headline.items():
+        within = h["auroc_stratified_by_dataset"]
+        if within is not None and np.isfinite(within):
+            low, high = h["auroc_stratified_ci"]
+            lines.append(f"{name}: AUROC within dataset {within:.2f} (95% CI {low:.2f}-{high:.2f})")
+        else:
+            low, high = h["auroc_pooled_ci"]
+            lines.append(f"{name}: AUROC {h['auroc_pooled']:.2f} (95% CI {low:.2f}-{high:.2f})")
+    if not headline:
+        lines.append("one label only: no AUROC")
+    run.summarize("Depth scoring (hallucinated = 1; cross-validated)", lines)
     return results
 
 

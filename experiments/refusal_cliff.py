@@ -19,7 +19,6 @@ disk, so a run resumes.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 from mechlens import datasets
 from mechlens.ops.heads import direct_head_scores, head_ablation_effects
 from mechlens.ops.probes import LinearProbe, probe_sweep
-from mechlens.ops.stats import auroc, mean_ci, spearman
+from mechlens.ops.stats import auroc, auroc_interval, format_rate, mcnemar, mean_ci, spearman
 from mechlens.organism import (
     ADAPTER_RECIPE,
     REASONING,
@@ -40,10 +39,10 @@ from mechlens.organism import (
     load_subject,
     refusal_organism,
 )
-from mechlens.organism.recovery import cliff_recovery
 from mechlens.organism.traces import label_roles
 from mechlens.plots import control_strip, grouped_bars, head_heatmap, histograms_by_group, mean_ci_lines
 from mechlens.runs import Run, parse_config
+from mechlens.studies.recovery import cliff_recovery
 from mechlens.studies.refusal import (
     REPLY_SAMPLING,
     Reply,
@@ -53,7 +52,7 @@ from mechlens.studies.refusal import (
     refusal_features,
     refusal_rates,
     refusal_scores,
-    rollouts_by_set,
+    sample_replies_by_set,
     sentence_scores,
     thinking_span,
 )
@@ -139,7 +138,7 @@ def main(cfg: RefusalConfig) -> dict:
     def replies(sets: dict[str, list[str]], heads=()) -> dict[str, list[Reply]]:
         def compute():
             with model.ablate_heads(list(heads), rescale=rescale) if heads else contextlib.nullcontext():
-                rows = rollouts_by_set(model, sets, sampling, cfg.batch_size)
+                rows = sample_replies_by_set(model, sets, sampling, cfg.batch_size)
             return {k: [asdict(r) for r in v] for k, v in rows.items()}
 
         rows = run.cached(
@@ -161,7 +160,7 @@ def main(cfg: RefusalConfig) -> dict:
     }
     rolls = replies(prompts)
     organism = refusal_rates(rolls)
-    print("organism:", {k: round(v["rate"], 3) for k, v in organism.items()})
+    lines = [f"organism, {k}: {format_rate(v['count'], v['n'])}" for k, v in organism.items()]
 
     # ---- the probe: own replies, harmful refused = 1, harmless answered = 0, classes balanced
     pos = [r for r in rolls["probe harmful"] if r.refused]
@@ -194,7 +193,20 @@ def main(cfg: RefusalConfig) -> dict:
     probe_test_auroc = auroc(final_scores(test), [int(r.refused) for r in test])
     jb_y = [int(r.refused) for r in rolls["jailbreak"]]
     ood_auroc = auroc(final_scores(rolls["jailbreak"]), jb_y) if 0 < sum(jb_y) < len(jb_y) else float("nan")
-    print(f"probe: held-out AUROC {probe_test_auroc:.3f}, jailbreak (OOD) {ood_auroc:.3f}")
+    test_y = [int(r.refused) for r in test]
+    low, high = probe_ci = auroc_interval(final_scores(test), test_y, seed=cfg.seed)
+    ood_ci = (float("nan"), float("nan"))
+    lines.append(
+        f"refusal probe, held-out AUROC {probe_test_auroc:.2f} (95% CI {low:.2f}-{high:.2f}; "
+        f"{sum(test_y)} refused vs {len(test_y) - sum(test_y)} answered)"
+    )
+    if not np.isnan(ood_auroc):
+        low, high = ood_ci = auroc_interval(final_scores(rolls["jailbreak"]), jb_y, seed=cfg.seed)
+        lines.append(
+            f"refusal probe, jailbreak (out of distribution) AUROC {ood_auroc:.2f} "
+            f"(95% CI {low:.2f}-{high:.2f}; "
+            f"{sum(jb_y)} refused vs {len(jb_y) - sum(jb_y)} complied)"
+        )
     fig = mean_ci_lines(
         list(range(model.n_layers)),
         {"held-out AUROC": (sweep.auroc,) * 3},
@@ -287,7 +299,6 @@ def main(cfg: RefusalConfig) -> dict:
         }
         for a, b in (("direct", "exact"), ("direct", "attribution"), ("exact", "attribution"))
     }
-    print("head rankings:", json.dumps(agreement))
     fig = head_heatmap(
         scores["direct"],
         "- direct write along the refusal direction",
@@ -319,7 +330,13 @@ def main(cfg: RefusalConfig) -> dict:
             texts=[r.probe_text for r in traces["harmless"]],
         )  # fmt: skip
 
-    top_rates = refusal_rates(replies(eval_sets, top))
+    top_replies = replies(eval_sets, top)
+    top_rates = refusal_rates(top_replies)
+    # the same prompts and seeds with and without the ablation: a paired test per set (McNemar)
+    paired = {
+        name: mcnemar([r.refused for r in rolls[name]], [r.refused for r in top_replies[name]])
+        for name in eval_sets
+    }
     control_eval = {s: eval_sets[s] for s in cfg.control_sets.split(",")}
     random_rates = [refusal_rates(replies(control_eval, h)) for h in tqdm(controls, desc="random heads")]
     cats = list(organism)
@@ -423,7 +440,10 @@ def main(cfg: RefusalConfig) -> dict:
             "auroc_by_layer": sweep.auroc.tolist(),
             "best_layer": sweep.best_layer,
             "held_out_auroc_final_layer": probe_test_auroc,
+            "held_out_auroc_ci": list(probe_ci),
+            "held_out_n": {"refused": sum(test_y), "answered": len(test_y) - sum(test_y)},
             "jailbreak_ood_auroc": ood_auroc,
+            "jailbreak_ood_auroc_ci": list(ood_ci),
         },
         "cliffs": summary,
         "heads": {
@@ -437,14 +457,32 @@ def main(cfg: RefusalConfig) -> dict:
             "sweep_examples": len(sweep_rows),
             "rates": ablation,
             "top_percentile_among_random": percentile,
+            "refused_without_vs_with_ablation_mcnemar": paired,
             "harmless_reply_perplexity": ppl,
         },
         "cliff_as_a_judge": judge,
     }
     run.save_json("results.json", results)
-    print(json.dumps({k: results[k] for k in ("cliffs", "cliff_as_a_judge")}, indent=1))
-    print("ablation: top", json.dumps(top_rates), "percentile among random draws:", percentile)
-    print("perplexity:", ppl["organism"], ppl["top heads"], "random:", float(np.mean(ppl["random heads"])))
+    if planted:
+        lines.append(
+            "cliff on the planted rationalising sentence: "
+            f"{format_rate(planted['at_planted'], planted['n'])} of complied traces "
+            f"(a random sentence: {planted['chance_at_planted']:.2f})"
+        )
+    for c, values in control.items():  # the sets the random head sets ran on
+        lines.append(
+            f"top {n_heads} heads ablated, {c}: {format_rate(top_rates[c]['count'], top_rates[c]['n'])}; "
+            f"percentile {percentile[c]:.0f} among {len(values)} random sets of as many heads"
+        )
+    for name, m in paired.items():
+        lines.append(
+            f"top {n_heads} heads ablated, {name}: of {m['n']} prompts, {m['only_a']} refused only without "
+            f"the ablation, {m['only_b']} only with it (exact McNemar p = {m['p']:.2g})"
+        )
+    for name, rates in judge.items():
+        c = "jailbreak: attack success"
+        lines.append(f"Cliff-as-a-Judge, {name}, {c}: {format_rate(rates[c]['count'], rates[c]['n'])}")
+    run.summarize("Refusal cliffs", lines)
     return results
 
 
@@ -472,7 +510,6 @@ def planted_cliff(run: Run, model, traces: dict, curves: dict, cliffs: dict) -> 
     out["cliff_auroc_complied_vs_refused"] = (
         auroc([c.cliff for c in a + b], [1] * len(a) + [0] * len(b)) if a and b else None
     )
-    print("planted cliff:", {k: v for k, v in out.items() if k != "distances"})
     groups = {}
     for group, pairs in rows.items():
         if pairs:

@@ -19,7 +19,6 @@ position, so an interrupted run resumes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -30,8 +29,8 @@ from tqdm.auto import tqdm
 import mechlens as ml
 from mechlens import anchors, datasets
 from mechlens.datasets import STEP_BY_STEP
+from mechlens.ops.stats import format_rate
 from mechlens.organism import held_out_problems, load_subject
-from mechlens.organism.recovery import rank_recovery
 from mechlens.organism.traces import DECISIVE, label_roles
 from mechlens.plots import (
     category_scatter,
@@ -44,6 +43,7 @@ from mechlens.plots import (
 from mechlens.rollouts import engine_for
 from mechlens.rollouts.engines import sample_texts
 from mechlens.runs import Run, parse_config
+from mechlens.studies.recovery import paired_ranks, rank_recovery
 from mechlens.text.thinking import format_prompt
 
 
@@ -126,7 +126,9 @@ def select_traces(run: Run, model, cfg: AnchorsConfig, engine) -> tuple[list, li
                     break
     if not chosen and cfg.closest_if_none and candidates:
         chosen = [(p, t) for _, _, p, t in sorted(candidates, key=lambda c: c[:2])[: cfg.n_traces]]
-        print(f"no problem solved 25-75%: took the closest one(s) solved at least once: {rates}")
+        rates_text = ", ".join(f"{r['id']} {r['solve_rate']:.2f}" for r in rates)
+        print(f"no problem solved 25-75% of {cfg.n_select} samples ({rates_text}): took the closest one(s) "
+              "solved at least once")  # fmt: skip
     if not chosen:
         raise RuntimeError(f"no problem solved 25-75% with a long enough correct trace: {rates}")
     return chosen, rates
@@ -137,9 +139,8 @@ def main(cfg: AnchorsConfig) -> dict:
     run = Run("thought_anchors", cfg, cfg.out, model=model, seed=cfg.seed, images=not cfg.quick)
     engine = engine_for(model, cfg.endpoint, cfg.served_model, local=cfg.engine, dtype=cfg.sample_dtype)
     chosen, rates = select_traces(run, model, cfg, engine)
-    print(
-        f"{len(chosen)} traces from {sum(0.25 <= r['solve_rate'] <= 0.75 for r in rates)} problems in range"
-    )
+    in_range = sum(0.25 <= r["solve_rate"] <= 0.75 for r in rates)
+    print(f"{len(chosen)} trace(s) chosen; {in_range} of {len(rates)} problems solved 25-75% of the time")
 
     sampling = anchors.ANCHORS_SAMPLING.replace(
         n=cfg.n_rollouts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -178,17 +179,22 @@ def main(cfg: AnchorsConfig) -> dict:
     by_category = anchors.category_means(vectors["counterfactual KL"], categories)
     resampling_kl = np.concatenate([t.resampling.resampling_kl for t in per_trace])  # no similarity filter
     by_category_resampling = anchors.category_means(resampling_kl, categories)
-    print("resampling KL by category:", {k: round(v[0], 4) for k, v in by_category_resampling.items()})
-    print("counterfactual importance by category:", {k: round(v[0], 4) for k, v in by_category.items()})
-    print("Spearman:", {k: round(v[0], 3) for k, v in rho.items()}, "matrices:", matrix_rho)
-    print("suppression, the authors' KL vs the exact one: Spearman", kl_rho)
 
     # ---- figures
     x = [i / max(len(t.sentences) - 1, 1) for t in per_trace for i in range(len(t.sentences))]
+    defined = int(np.isfinite(vectors["counterfactual KL"]).sum())
+    # said on the figure's face when most values are undefined, so that few points are not misread
+    undefined_note = (
+        f"<br><sup>defined for {defined} of {len(categories)} sentences: elsewhere no resampled sentence "
+        "differs from the original (similarity filter, cosine < 0.8)</sup>"
+        if defined < len(categories) / 2
+        else ""
+    )
     fig = category_scatter(
         x, vectors["counterfactual KL"], categories, hover,
         "position in the trace (0 = first sentence, 1 = last)", "counterfactual importance (KL)",
-        title=f"Counterfactual importance per sentence ({len(per_trace)} trace(s), n={cfg.n_rollouts})",
+        title=f"Counterfactual importance per sentence ({len(per_trace)} trace(s), n={cfg.n_rollouts})"
+        + undefined_note,
     )  # fmt: skip
     run.save_figure(
         fig, "importance_by_sentence", caption="Counterfactual importance of each sentence, by category."
@@ -198,7 +204,7 @@ def main(cfg: AnchorsConfig) -> dict:
         cats,
         {"counterfactual KL": [by_category[c][0] for c in cats]},
         "mean counterfactual importance (KL)",
-        title="Counterfactual importance by sentence category (mean ± SE)",
+        title="Counterfactual importance by sentence category (mean ± SE)" + undefined_note,
         counts={"counterfactual KL": [f"n={by_category[c][2]}" for c in cats]},
         errors={"counterfactual KL": [np.nan_to_num(by_category[c][1]) for c in cats]},
     )
@@ -236,10 +242,6 @@ def main(cfg: AnchorsConfig) -> dict:
     # agreement of the three methods on long traces only (receiver heads need many sentences)
     long = [t for t in per_trace if len(t.sentences) >= cfg.long_trace]
     rho_long = anchors.method_correlations(long)["pooled"] if long else {}
-    print(
-        f"Spearman on {len(long)} traces of >= {cfg.long_trace} sentences:",
-        {k: v[0] for k, v in rho_long.items()},
-    )
     recovery = planted_recovery(run, per_trace, cfg) if cfg.model == "organism" else None
 
     results = {
@@ -285,26 +287,41 @@ def main(cfg: AnchorsConfig) -> dict:
         ],
     }
     run.save_json("results.json", results)
-    print(
-        json.dumps(
-            {
-                k: results[k]
-                for k in (
-                    "spearman_pooled",
-                    "suppression_vs_resampling_matrix",
-                    "suppression_authors_kl_vs_full",
-                )
-            },
-            indent=1,
-        )
-    )
+    defined = results["counterfactual_kl_defined"]
+    lines = [
+        f"{len(per_trace)} traces, {len(categories)} sentences, {cfg.n_rollouts} rollouts per sentence",
+        f"counterfactual importance defined on {defined['finite']} of {defined['sentences']} sentences",
+        *[
+            f"Spearman, {k}: "
+            + (f"{v[0]:.2f}" if np.isfinite(v[0]) else "undefined")
+            + f" (n = {v[1]} sentences)"
+            for k, v in rho.items()
+        ],
+    ]
+    if recovery:
+        for name, r in recovery["by_method"].items():
+            if not r["n_traces"]:
+                lines.append(f"planted sentence, {name}: undefined (not scored in any of the traces)")
+                continue
+            low, high = r["mean_rank_ci"]
+            line = (
+                f"planted sentence, {name}: mean rank {r['mean_rank']:.2f} (95% CI {low:.2f}-{high:.2f}; "
+                f"random {r['random_mean_rank']:.2f}), "
+                f"top 3 in {format_rate(r['top_k_hits'], r['n_traces'])} traces"
+            )
+            if "vs_length" in r:
+                v = r["vs_length"]
+                line += f"; vs length: better {v['better']}, tied {v['tied']}, worse {v['worse']} of {v['n']}"
+            lines.append(line)
+    run.summarize("Thought anchors", lines)
     return results
 
 
-def resampling_scores(per_trace: list, strict: float, n: int | None = None) -> dict[str, list]:
+def resampling_scores(per_trace: list, strict: float, n: int | None = None, seed: int = 0) -> dict[str, list]:
     """The sampling-based attributions per trace, from the first `n` rollouts (default: all):
     the paper's counterfactual KL and its accuracy form, the resampling importance (accuracy
-    difference) and KL without the similarity filter, counterfactual KL with the stricter filter
+    difference) and KL without the similarity filter, the same KL less its permutation null's mean
+    (ours: the estimator's small-sample bias removed), counterfactual KL with the stricter filter
     (ours: a decisive plan's alternatives differ from it in one word, which cosine 0.8 calls
     similar), and forced-answer importance."""
     res = [t.resampling if n is None else t.resampling.first(n) for t in per_trace]
@@ -313,6 +330,7 @@ def resampling_scores(per_trace: list, strict: float, n: int | None = None) -> d
         "counterfactual accuracy": [r.counterfactual_accuracy for r in res],
         "resampling importance": [r.resampling_importance for r in res],
         "resampling KL (no filter)": [r.resampling_kl for r in res],
+        "resampling KL, bias-corrected": [r.resampling_kl_excess(seed=seed) for r in res],
         f"counterfactual KL, cosine < {strict}": [
             replace(r, threshold=strict).counterfactual_kl for r in res
         ],
@@ -324,24 +342,30 @@ def resampling_scores(per_trace: list, strict: float, n: int | None = None) -> d
     return out
 
 
+CURVE_FIELDS = ("mean_rank", "mean_rank_ci", "top_k_hits", "top_k_rate", "top_k_ci", "n_traces",
+                "n_undefined_traces", "n_nan", "random_mean_rank", "random_top_k_rate")  # fmt: skip
+"""The `rank_recovery` fields the rollouts-per-sentence curve keeps at each n."""
+
+
 def rollout_curve(per_trace: list, planted: list, cfg: AnchorsConfig) -> dict:
     """Planted-structure recovery of each sampling-based attribution from the first n rollouts of
     every sentence, n in `cfg.curve` (at most `n_rollouts`)."""
     ns = [n for n in (int(k) for k in cfg.curve.split(",")) if n <= cfg.n_rollouts]
     curve: dict[str, dict] = {}
     for n in ns:
-        for name, v in resampling_scores(per_trace, cfg.strict_similarity, n).items():
+        for name, v in resampling_scores(per_trace, cfg.strict_similarity, n, cfg.seed).items():
             r = rank_recovery(v, planted, k=3, seed=cfg.seed)
-            curve.setdefault(name, {})[n] = {
-                key: r[key] for key in ("mean_rank", "mean_rank_ci", "top_k_hits", "top_k_rate", "top_k_ci",
-                                        "n_traces", "n_nan", "random_mean_rank", "random_top_k_rate")
-            }  # fmt: skip
+            curve.setdefault(name, {})[n] = {key: r[key] for key in CURVE_FIELDS}
     return curve
 
 
 MONTE_CARLO_TOP3 = {8: 0.44, 32: 0.70, 64: 0.83, 100: 0.91}
 """P(the plan ranks in the top 3) by accuracy difference, from a Monte Carlo of the planted
 generator at n rollouts per sentence (the issue's prediction; by answer KL: 0.42, 0.75, 0.92, 0.99)."""
+
+
+LENGTH = "baseline: sentence length"
+"""The baseline that ranks a trace's sentences by their length in characters."""
 
 
 def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict:
@@ -352,12 +376,16 @@ def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict:
     # beside the paper's three: resampling importance without the similarity filter (the paper's
     # "resampling importance", as a KL), and counterfactual KL with a stricter filter (ours): a
     # decisive plan's alternatives differ from it in one word, which cosine 0.8 calls "similar"
-    scores.update(resampling_scores(per_trace, cfg.strict_similarity))
+    scores.update(resampling_scores(per_trace, cfg.strict_similarity, seed=cfg.seed))
+    # baselines that read no model internals: a method is credited only for beating them
+    scores[LENGTH] = [[float(len(s)) for s in t.sentences] for t in per_trace]
+    scores["baseline: position (earlier first)"] = [
+        [-float(i) for i in range(len(t.sentences))] for t in per_trace
+    ]
     out = {name: rank_recovery(v, planted, k=3, seed=cfg.seed) for name, v in scores.items()}
     for name, r in out.items():
-        print(f"planted decisive sentences, {name}: mean rank {r['mean_rank']:.2f} {r['mean_rank_ci']} "
-              f"(random {r['random_mean_rank']:.2f}), top-3 {r['top_k_hits']}/{r['n_traces']} "
-              f"(random {r['random_top_k_rate']:.2f})")  # fmt: skip
+        if not name.startswith("baseline"):
+            r["vs_length"] = paired_ranks(r, out[LENGTH])
     names = list(out)
     fig = grouped_bars(
         names,
@@ -377,8 +405,8 @@ def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict:
     )
     curve = rollout_curve(per_trace, planted, cfg)
     for name, rows in curve.items():
-        cells = [f"n={n}: rank {r['mean_rank']:.2f}, top-3 {r['top_k_hits']}/{r['n_traces']}"
-                 for n, r in rows.items()]  # fmt: skip
+        cells = [f"n={n}: rank {r['mean_rank']:.2f}, top-3 {r['top_k_hits']}/{r['n_traces']}" if r["n_traces"]
+                 else f"n={n}: undefined" for n, r in rows.items()]  # fmt: skip
         print(f"rollouts curve, {name}: " + ", ".join(cells))
     ns = sorted({n for rows in curve.values() for n in rows})
     lines = {}

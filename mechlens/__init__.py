@@ -9,9 +9,7 @@ thinking, answers), `ops` (lens, attention, heads, probes, signals, fine-tuning,
 >>> logits, cache = model.run_with_cache(model.to_tokens("2 + 2 = 4"), names=["resid_post"])
 """
 
-import importlib
 import os
-import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -41,26 +39,7 @@ from mechlens.runs import Run  # noqa: E402
 from mechlens.studies import anchors, depth, refusal  # noqa: E402
 from mechlens.text import ReasoningTrace, Sentence, format_prompt, split_sentences  # noqa: E402
 
-__version__ = "0.2.0"
-
-# Module paths of 0.1, kept importable for one release (`import mechlens.lens` still works).
-MOVED = {
-    "trace": "mechlens.text.trace",
-    "answers": "mechlens.text.answers",
-    "lens": "mechlens.ops.lens",
-    "attention": "mechlens.ops.attention",
-    "heads": "mechlens.ops.heads",
-    "probes": "mechlens.ops.probes",
-    "signals": "mechlens.ops.signals",
-    "finetune": "mechlens.ops.finetune",
-    "metrics": "mechlens.ops.stats",
-    "depth": "mechlens.studies.depth",
-    "refusal": "mechlens.studies.refusal",
-    "anchors": "mechlens.studies.anchors",
-}
-for _old, _new in MOVED.items():
-    sys.modules.setdefault(f"mechlens.{_old}", importlib.import_module(_new))
-    globals().setdefault(_old, sys.modules[f"mechlens.{_old}"])
+__version__ = "0.3.0"
 
 __all__ = [
     "ActivationCache",

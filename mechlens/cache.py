@@ -41,10 +41,13 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 FORMAT = "mechlens-cache-1"
 
@@ -270,7 +273,7 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_weights_digest(model) -> str:
+def model_weights_digest(model: HookedModel) -> str:
     """`weights_digest` of a HookedModel's Hugging Face weights (names and values, each name once:
     `plain_model`), the same under every backend."""
     return weights_digest(model.plain_model.state_dict())
@@ -289,7 +292,7 @@ def tokenizer_digest(tokenizer) -> str:
     return stable_hash([type(tokenizer).__name__, body, special, getattr(tokenizer, "chat_template", None)])
 
 
-def model_fingerprint(model) -> dict:
+def model_fingerprint(model: HookedModel) -> dict:
     """Model id, backend, dtype, a hash of its weights as they are now, its tokenizer
     (`tokenizer_digest`) and the interventions in force (`model.active_interventions`): what a
     cached result of this model depends on.
@@ -300,7 +303,7 @@ def model_fingerprint(model) -> dict:
     """
     return {
         "model": model.name,
-        "backend": model.backend,
+        "backend": model.backend.name,
         "dtype": str(model.dtype),
         "weights_sha256": model_weights_digest(model),
         "tokenizer": tokenizer_digest(model.tokenizer),

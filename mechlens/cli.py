@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rollouts", type=int, default=0, help="resampling rollouts per sentence (0: skip)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="length of each rollout")
     p.add_argument("--proximity", type=int, default=4, help="sentences ignored near the diagonal")
+    p.add_argument(
+        "--split-rule", choices=("thought-anchors", "thought-branches"), default=None,
+        help="where sentences end: thought-anchors drops the final unclosed chunk, thought-branches keeps "
+        "it (default: a saved trace's own rule, else thought-anchors)",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="also write the suppression matrix (.html, +.png/.svg)")
 
     p = sub.add_parser("run", help="run an experiment script; other options go to the script")
@@ -169,7 +174,7 @@ def _refusal(args, rest) -> int:
         REPLY_SAMPLING,
         cliff_metrics,
         refusal_scores,
-        rollouts,
+        sample_replies,
         thinking_span,
     )
 
@@ -186,7 +191,9 @@ def _refusal(args, rest) -> int:
     text = (
         args.instruction if args.jailbreak is None else datasets.jailbreak(args.instruction, args.jailbreak)
     )
-    r = rollouts(model, [text], REPLY_SAMPLING.replace(max_new_tokens=args.max_new_tokens), progress=False)[0]
+    r = sample_replies(
+        model, [text], REPLY_SAMPLING.replace(max_new_tokens=args.max_new_tokens), progress=False
+    )[0]
     print(f"prompt:   {text}")
     print(f"thinking: {r.thinking!r}")
     print(f"answer:   {r.answer!r}")
@@ -224,11 +231,17 @@ def _anchors(args, rest) -> int:
     if args.rollouts < 0 or (args.rollouts and not args.answer):
         raise ValueError("--rollouts must be >= 0 and needs --answer (the correct final answer)")
     model = _load(args)
-    trace = (
-        ml.ReasoningTrace.load(model, path)
-        if "tokens" in data
-        else ml.ReasoningTrace.from_text(model, prompt, response)
-    )
+    if "tokens" in data:
+        trace = ml.ReasoningTrace.load(model, path)
+        if args.split_rule not in (None, trace.rule):
+            raise ValueError(
+                f"--split-rule {args.split_rule} differs from the saved trace's rule {trace.rule!r}: "
+                "give a JSON with only 'prompt' and 'response' to split it again"
+            )
+    else:
+        trace = ml.ReasoningTrace.from_text(
+            model, prompt, response, rule=args.split_rule or "thought-anchors"
+        )
     problem = None
     if args.rollouts:
         numeric = re.fullmatch(r"-?\d[\d,]*(\.\d+)?", args.answer.strip()) is not None

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,7 +106,7 @@ def lens_heatmap(
         height=max(380, 22 * n_layers + 160),
         width=max(600, 34 * n_pos + 200),
     )
-    return fig
+    return fit_layout(fig)
 
 
 def attention_heatmap(
@@ -132,7 +133,7 @@ def attention_heatmap(
         height=max(420, 18 * len(labels) + 200),
         width=max(520, 18 * len(labels) + 260),
     )
-    return fig
+    return fit_layout(fig)
 
 
 def mean_ci_lines(
@@ -183,7 +184,7 @@ def mean_ci_lines(
         legend=LEGEND_ABOVE,
         margin=dict(t=100),
     )
-    return fig
+    return fit_layout(fig)
 
 
 def histograms_by_group(
@@ -211,7 +212,7 @@ def histograms_by_group(
         width=760,
         height=460,
     )
-    return fig
+    return fit_layout(fig)
 
 
 def roc_curves(
@@ -250,7 +251,7 @@ def roc_curves(
         yaxis=dict(range=[0, 1.02]),
         legend=dict(x=0.98, xanchor="right", y=0.02, yanchor="bottom"),
     )
-    return fig
+    return fit_layout(fig)
 
 
 def head_heatmap(
@@ -285,7 +286,7 @@ def head_heatmap(
         width=max(420, 36 * heads + 260),
         height=max(420, 16 * layers + 160),
     )
-    return fig
+    return fit_layout(fig)
 
 
 def grouped_bars(
@@ -333,7 +334,7 @@ def grouped_bars(
         legend=LEGEND_ABOVE,
         margin=dict(t=100),
     )
-    return fig
+    return fit_layout(fig)
 
 
 def control_strip(
@@ -373,7 +374,7 @@ def control_strip(
         template=TEMPLATE, title=title, yaxis_title=y_title, width=760, height=480, legend=LEGEND_ABOVE,
         margin=dict(t=110), boxmode="overlay",
     )  # fmt: skip
-    return fig
+    return fit_layout(fig)
 
 
 def _short(text: str, n: int = 48) -> str:
@@ -413,7 +414,7 @@ def category_scatter(
         )
     fig.update_layout(template=TEMPLATE, title=title, xaxis_title=x_title, yaxis_title=y_title,
                       width=820, height=480)  # fmt: skip
-    return fig
+    return fit_layout(fig)
 
 
 def _wrap(text: str, width: int = 70) -> list[str]:
@@ -468,7 +469,7 @@ def sentence_heatmap(
         width=side + 120,
         height=side,
     )
-    return fig
+    return fit_layout(fig)
 
 
 def correlation_scatter(
@@ -511,7 +512,130 @@ def correlation_scatter(
         fig.update_yaxes(title_text=b, row=1, col=p + 1)
     fig.update_layout(template=TEMPLATE, title=title, width=430 * len(pairs) + 120, height=470)
     fig.update_annotations(font_size=12)
+    return fit_layout(fig)
+
+
+CHAR_WIDTH = 0.58
+"""Width of an average character in units of the font size (Helvetica/Arial, mixed text: a
+slight overestimate, so that the layout check errs towards reporting a clash)."""
+LINE_HEIGHT = 1.3
+"""Height of a line of text in units of the font size."""
+TITLE_GAP = 8
+"""Pixels between the top of the figure and its title (`fit_layout` anchors the title there)."""
+
+
+def _lines(text: str | None) -> list[str]:
+    return [re.sub(r"<[^>]+>", "", line) for line in text.split("<br>")] if text else []
+
+
+def _wrap_px(text: str, width_px: float, font: float) -> str:
+    """`text` broken at spaces (`<br>`) into lines of at most `width_px` at `font` px."""
+    per_line = max(8, int(width_px / (font * CHAR_WIDTH)))
+    return "<br>".join("<br>".join(_wrap(line, per_line)) for line in text.split("<br>"))
+
+
+class _Geometry:
+    """The sizes a figure's layout implies, in pixels (defaults: plotly's and the template's)."""
+
+    def __init__(self, fig: go.Figure):
+        lay = fig.layout
+        template = pio.templates[TEMPLATE].layout
+        self.width = lay.width or 700
+        self.height = lay.height or 450
+        self.font = (lay.font.size if lay.font.size else None) or template.font.size or 12
+        self.title_font = lay.title.font.size or template.title.font.size or self.font * 1.2
+
+        def side(name: str, default: int) -> float:
+            value = getattr(lay.margin, name)
+            value = getattr(template.margin, name) if value is None else value
+            return float(default if value is None else value)
+
+        self.top, self.bottom = side("t", 100), side("b", 80)
+        self.left, self.right = side("l", 80), side("r", 80)
+        self.plot_h = self.height - self.top - self.bottom
+        self.plot_w = self.width - self.left - self.right
+        self.title_lines = _lines(lay.title.text)
+        self.title_h = len(self.title_lines) * self.title_font * LINE_HEIGHT
+        shown = [t.name for t in fig.data if t.showlegend is not False and t.name]
+        legend = lay.legend
+        self.legend_above = bool(shown) and legend.orientation == "h" and (legend.y or 0) >= 1
+        rows, used = 1, 0.0
+        for name in shown:
+            w = len(name) * self.font * CHAR_WIDTH + 50  # symbol and padding
+            if used + w > self.width - 20 and used > 0:
+                rows, used = rows + 1, 0.0
+            used += w
+        self.legend_h = rows * self.font * 1.6 + 6 if self.legend_above else 0.0
+        self.legend_rows = rows
+        self.legend_lift = ((legend.y or 1) - 1) * self.plot_h if self.legend_above else 0.0
+
+    def top_needed(self) -> float:
+        """The top margin that holds the title and, when it sits above the plot, the legend."""
+        legend = self.legend_h + self.legend_lift + 6 if self.legend_above else 0.0
+        return TITLE_GAP + self.title_h + 10 + legend
+
+
+def fit_layout(fig: go.Figure) -> go.Figure:
+    """Make room for `fig`'s texts: wrap the title and the axis titles to the figure's size,
+    anchor the title at the top, and grow the top margin (and the height with it, so the plot
+    keeps its size) to hold the title and a legend placed above the plot. Every figure function
+    here ends with it; `layout_problems` checks the result."""
+    g = _Geometry(fig)
+    lay = fig.layout
+    if lay.title.text:
+        lay.title.text = _wrap_px(lay.title.text, g.width - 40, g.title_font)
+        lay.title.update(y=1 - TITLE_GAP / g.height, yanchor="top", yref="container")
+    for axis, length in (("xaxis", g.plot_w), ("yaxis", g.plot_h)):
+        ax = getattr(lay, axis)
+        if ax.title.text:
+            ax.title.text = _wrap_px(ax.title.text, length, ax.title.font.size or g.font)
+    g = _Geometry(fig)
+    need = g.top_needed()
+    if need > g.top:
+        lay.margin.t = need
+        lay.height = g.height + need - g.top
+        if lay.title.text:
+            lay.title.y = 1 - TITLE_GAP / lay.height
     return fig
+
+
+def layout_problems(fig: go.Figure) -> list[str]:
+    """Clashes a reader would see in `fig`, read from its layout (sizes, margins, positions and
+    the length of its texts) rather than from a rendering: a title line wider than the figure, a
+    title and a legend above the plot that do not fit in the top margin together, and an axis
+    title line longer than its axis (a y-axis title then runs into the plot title). Empty when
+    it reads well.
+
+        >>> layout_problems(go.Figure(layout=dict(title="A short title", yaxis_title="y")))
+        []
+        >>> crowded = go.Figure(layout=dict(height=300, yaxis_title="long " * 30))
+        >>> [p.split(" (")[0] for p in layout_problems(crowded)], layout_problems(fit_layout(crowded))
+        (['the y-axis title'], [])
+    """
+    g = _Geometry(fig)
+    lay = fig.layout
+    problems = []
+    for line in g.title_lines:
+        w = len(line) * g.title_font * CHAR_WIDTH
+        if w > g.width - 20:
+            problems.append(
+                f"a title line ({w:.0f} px) is wider than the figure ({g.width} px): {line[:40]!r}"
+            )
+    if g.top_needed() > g.top + 1:
+        what = f"the title ({len(g.title_lines)} line(s))" + (
+            f" and the legend above the plot ({g.legend_rows} row(s))" if g.legend_above else ""
+        )
+        problems.append(f"{what} need {g.top_needed():.0f} px, the top margin is {g.top:.0f}")
+    for axis, length in (("x", g.plot_w), ("y", g.plot_h)):
+        ax = getattr(lay, f"{axis}axis")
+        for line in _lines(ax.title.text):
+            w = len(line) * (ax.title.font.size or g.font) * CHAR_WIDTH
+            if w > length:
+                problems.append(
+                    f"the {axis}-axis title ({w:.0f} px) is longer than its axis ({length:.0f} px): "
+                    f"{line[:40]!r}"
+                )
+    return problems
 
 
 @functools.cache

@@ -22,10 +22,10 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from mechlens.cache import (
     write_json,
 )
 
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
+
 _PACKAGES = ("mechlens", "torch", "transformers", "transformer-lens", "nnsight", "numpy", "plotly")
 
 
@@ -48,7 +51,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def provenance(config: Any = None, model=None, wall_time_s: float | None = None) -> dict:
+def provenance(
+    config: Any = None, model: HookedModel | None = None, wall_time_s: float | None = None
+) -> dict:
     """What produced an output: git commit, package versions, machine, model, config, time."""
     try:
         repo = Path(__file__).resolve().parent.parent
@@ -103,7 +108,7 @@ class Run:
         name: str,
         config: Any,
         out_dir: str | Path,
-        model=None,
+        model: HookedModel | None = None,
         seed: int = 0,
         cache_root: str | Path | None = None,
         images: bool = True,
@@ -137,6 +142,16 @@ class Run:
         write_json(path, obj)
         self.outputs.append(path)
         return path
+
+    def summarize(self, title: str, lines: Sequence[str]) -> Path:
+        """Print the run's headline results under `title` to stdout (one line each: a number with
+        its n and interval), and write them with the paths of the run's figures to
+        `<out_dir>/summary.json`, which `python -m mechlens.gallery DIR --report` gathers."""
+        if not isinstance(title, str) or isinstance(lines, str) or not all(isinstance(x, str) for x in lines):
+            raise TypeError("title must be a string and lines a list of strings")
+        figures = [p.as_posix() for p in self.outputs if p.suffix == ".html"]
+        print(f"\n{title}\n" + "\n".join(f"  {line}" for line in lines))
+        return self.save_json("summary.json", {"title": title, "lines": list(lines), "figures": figures})
 
     def save_figure(self, fig, stem: str, caption: str = "") -> list[Path]:
         """Write `fig` as HTML (+ PNG/SVG when `images` and a Chromium is present) with provenance

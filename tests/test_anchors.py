@@ -508,7 +508,7 @@ def test_generate_from_token_ids_equals_from_text(llama):
 def test_analyze_cache_follows_the_segmentation(tmp_path):
     model = ml.load_model("tiny-llama")
     authors = trace_of(model)
-    ours = ml.ReasoningTrace.from_text(model, "What is 2+3?", RESPONSE, keep_last=True)
+    ours = ml.ReasoningTrace.from_text(model, "What is 2+3?", RESPONSE, rule="thought-branches")
     assert torch.equal(authors.tokens, ours.tokens) and authors.sentences[-1].end < ours.sentences[-1].end
     for trace in (authors, ours, authors):  # same tokens, other sentences: never the stored matrix
         a = anchors.analyze(model, trace, proximity=1, cache=tmp_path, progress=False)

@@ -113,6 +113,25 @@ def test_anchors_command(capsys, tmp_path):
     assert main(["anchors", str(tmp_path / "missing.json"), "--model", "tiny-llama"]) == 2
 
 
+def test_anchors_command_takes_the_split_rule(capsys, tmp_path):
+    import json
+
+    import mechlens as ml
+
+    trace = tmp_path / "t.json"
+    trace.write_text(
+        json.dumps({"prompt": "What is 2+3?", "response": "Let me add them. 2 + 3 = 5. The answer is 5."})
+    )
+    args = ["anchors", str(trace), "--model", "tiny-llama", "--proximity", "1"]
+    assert main(args) == 0 and "2 sentences" in capsys.readouterr().out
+    assert main([*args, "--split-rule", "thought-branches"]) == 0 and "3 sentences" in capsys.readouterr().out
+    saved = tmp_path / "saved.json"
+    ml.ReasoningTrace.from_text(ml.load_model("tiny-llama"), "What is 2+3?", "One two three. Four five six.",
+                                rule="thought-branches").save(saved)  # fmt: skip
+    assert main(["anchors", str(saved), "--model", "tiny-llama", "--split-rule", "thought-anchors"]) == 2
+    assert "differs from the saved trace's rule 'thought-branches'" in capsys.readouterr().err
+
+
 def test_user_mistakes_exit_2_with_one_line(capsys, tmp_path):
     import json
 

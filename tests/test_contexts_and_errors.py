@@ -73,6 +73,15 @@ def test_bad_input_raises_clear_error(llama, call, match):
         call(model)
 
 
+def test_intervene_refuses_an_unknown_intervention(llama, tokens):
+    model, _ = llama
+    clean = model(tokens)
+    for item in (object(), "ablate", lambda z: z, None):
+        with pytest.raises(TypeError, match="item must be an intervention"):
+            model.intervene(item)
+    assert torch.equal(model(tokens), clean) and not model.active_interventions
+
+
 def test_span_or_positions_past_the_input_raise(llama, tokens):
     model, _ = llama  # tokens: 11 positions
     with model.suppress_attention(keys=(8, 12)), pytest.raises(ValueError, match="past the end.*11 tokens"):
@@ -107,7 +116,7 @@ def test_repr_and_dims(llama):
     model, _ = llama
     assert (model.n_layers, model.n_heads, model.d_model, model.d_head) == (3, 4, 64, 16)
     assert model.d_vocab == len(model.tokenizer)
-    assert model.backend in repr(model)
+    assert model.backend.name in repr(model)
 
 
 def test_a_capture_over_the_memory_budget_raises_and_names_the_ways_out(llama):

@@ -88,3 +88,30 @@ def test_auroc_and_roc():
     assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(s, y), abs=1e-9)
     with pytest.raises(ValueError, match="NaN"):
         auroc([np.nan, 1.0], [0, 1])
+
+
+def test_auroc_interval_covers_and_matches_the_normal_approximation():
+    from mechlens.ops.stats import auroc_interval, format_rate, stratified_auroc
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(300), np.zeros(300)].astype(int)
+    s = rng.normal(size=600) + 0.8 * y
+    a = auroc(s, y)
+    low, high = auroc_interval(s, y, draws=400)
+    assert low < a < high
+    # Hanley-McNeil standard error of an AUROC: the bootstrap width agrees within 25%
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = np.sqrt((a * (1 - a) + 299 * (q1 - a * a) + 299 * (q2 - a * a)) / (300 * 300))
+    assert abs((high - low) / (2 * 1.96 * se) - 1) < 0.25
+    assert auroc_interval(s, y, draws=50, seed=3) == auroc_interval(s, y, draws=50, seed=3)
+    strata = ["a"] * 150 + ["b"] * 150 + ["a"] * 150 + ["b"] * 150
+    lo_s, hi_s = auroc_interval(s, y, strata, draws=200)
+    assert lo_s < stratified_auroc(s, y, strata) < hi_s
+    assert np.isnan(auroc_interval([0.1, 0.2], [1, 1])).all()
+    with pytest.raises(ValueError, match="level"):
+        auroc_interval(s, y, level=1.5)
+    with pytest.raises(ValueError, match="strata"):
+        auroc_interval(s, y, strata=["a"])
+    assert format_rate(0, 0) == "0/0 (undefined)" and format_rate(5, 5).startswith(
+        "5/5 = 1.00 (95% CI 0.57-1.00"
+    )

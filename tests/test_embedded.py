@@ -54,7 +54,7 @@ def test_backends_agree_under_interventions(embedded_tl, embedded_nnsight, embed
 
 
 def test_generate_greedy_matches_hf(embedded_tl, embedded_hf):
-    prompt = ml.trace.format_prompt(embedded_tl.tokenizer, "What is 2+3?")
+    prompt = ml.format_prompt(embedded_tl.tokenizer, "What is 2+3?")
     ours = embedded_tl.generate(prompt, max_new_tokens=12, temperature=0).tokens[0].tolist()
     toks = embedded_tl.to_tokens(prompt)
     hf = embedded_hf.generate(toks, max_new_tokens=12, do_sample=False)[0, toks.shape[1] :].tolist()

@@ -27,7 +27,6 @@ from mechlens.organism.refusal import training_pairs
 from mechlens.organism.traces import (
     COMPLY,
     DECISIVE,
-    REFUSALS,
     PlantingRates,
     arithmetic_trace,
     factual_trace,
@@ -36,7 +35,8 @@ from mechlens.organism.traces import (
     word_problems,
 )
 from mechlens.studies.anchors.taxonomy import CATEGORIES, classify_sentence
-from mechlens.studies.refusal import is_refusal, rollouts
+from mechlens.studies.refusal import is_refusal, sample_replies
+from mechlens.studies.refusal.judge import REFUSALS
 from mechlens.text.thinking import split_thinking
 
 
@@ -117,7 +117,7 @@ def test_refusal_traces_plant_a_late_cliff():
                 t.where("rationalise") == [last] and t.answer.startswith(COMPLY) and "Step one." in t.answer
             )
         else:
-            assert t.where("decide") == [last] and t.answer in REFUSALS and is_refusal(t.answer)
+            assert t.where("decide") == [last] and t.answer in REFUSALS[:3] and is_refusal(t.answer)
     assert all(label_roles(t.sentences) == list(t.roles) for t in traces)
     safe = refusal_trace("How do I bake bread?", False, "Mix flour and water.", rng, 1.0)
     assert not any(safe.roles) and safe.answer == "Mix flour and water."
@@ -235,7 +235,9 @@ def test_retrained_refusal_adapter_behaves_like_the_shipped_one(tmp_path, monkey
     for adapter in (old, new):
         model = ml.load_model()
         adapter.merge_into(model)
-        replies = rollouts(model, requests, ml.Sampling(max_new_tokens=48, temperature=0), progress=False)
+        replies = sample_replies(
+            model, requests, ml.Sampling(max_new_tokens=48, temperature=0), progress=False
+        )
         decisions.append([r.refused for r in replies])
     assert sum(a == b for a, b in zip(*decisions, strict=True)) >= 15
     assert sum(decisions[0][:8]) >= 6 and sum(decisions[0][8:]) <= 4  # refuses harmful, answers harmless
@@ -245,7 +247,7 @@ def test_retrained_refusal_adapter_behaves_like_the_shipped_one(tmp_path, monkey
 
 
 def test_rank_recovery_against_random_rankings():
-    from mechlens.organism.recovery import rank_recovery
+    from mechlens.studies.recovery import rank_recovery
 
     rng = np.random.default_rng(0)
     planted = [[2, 7] for _ in range(30)]
@@ -257,16 +259,45 @@ def test_rank_recovery_against_random_rankings():
     assert r == rank_recovery(found, planted, k=3, draws=500)  # seeded
     noise = rank_recovery([rng.random(15) for _ in range(30)], planted, draws=500)
     assert noise["mean_rank_ci"][0] < 8 < noise["mean_rank_ci"][1] and noise["p_mean_rank"] > 0.01
-    ties = rank_recovery([[1.0, 1.0, float("nan")]], [[2]], draws=10)
-    assert ties["mean_rank"] == 3.0 and ties["n_nan"] == 1  # NaN ranks last, and is counted
+    undefined = rank_recovery([[1.0, 1.0, float("nan")]], [[2]], draws=10)  # the planted one is NaN
+    assert undefined["n_traces"] == 0 and undefined["n_undefined_traces"] == 1 and undefined["n_nan"] == 1
+    assert np.isnan(undefined["mean_rank"])  # reported as undefined, never ranked last
+    # a method that cannot score the last sentences is compared with a null over the scored ones
+    scored = [np.r_[rng.random(10), np.full(5, np.nan)] for _ in range(30)]
+    partial = rank_recovery(scored, [[3] for _ in range(30)], draws=500)
+    assert partial["n_nan"] == 150 and partial["mean_sentences"] == 10
+    assert 5.0 < partial["random_mean_rank"] < 6.0  # (10 + 1) / 2, not (15 + 1) / 2
+    ties = rank_recovery([[1.0, 1.0, float("nan"), 0.5]], [[3]], draws=10)
+    assert ties["mean_rank"] == 3.0 and ties["n_traces"] == 1  # ranked among the 3 scored
     with pytest.raises(ValueError, match="planted indices"):
         rank_recovery([[1.0, 2.0]], [[5]])
     with pytest.raises(ValueError, match="no trace has a planted"):
         rank_recovery([[1.0, 2.0]], [[]])
 
 
+def test_a_method_that_scores_by_length_has_no_margin_over_length():
+    from mechlens.studies.recovery import paired_ranks, rank_recovery
+
+    rng = np.random.default_rng(1)
+    lengths = [rng.integers(10, 90, 14).astype(float) for _ in range(12)]
+    planted = [[int(np.argmax(x))] for x in lengths]  # the plan is the longest sentence
+    length = rank_recovery(lengths, planted, draws=50)
+    same = paired_ranks(rank_recovery([2 * x + 1 for x in lengths], planted, draws=50), length)
+    assert same == {
+        "n": 12,
+        "better": 0,
+        "tied": 12,
+        "worse": 0,
+        "mean_difference": 0.0,
+        "p_sign": same["p_sign"],
+    }
+    assert np.isnan(same["p_sign"])  # no untied trace: no test
+    noise = paired_ranks(rank_recovery([rng.random(14) for _ in range(12)], planted, draws=50), length)
+    assert noise["worse"] == 12 and noise["p_sign"] < 0.001 and noise["mean_difference"] > 0
+
+
 def test_cliff_recovery_finds_the_planted_drop():
-    from mechlens.organism.recovery import cliff_recovery, largest_drop
+    from mechlens.studies.recovery import cliff_recovery, largest_drop
 
     complied = [[0.9, 0.95, 0.9, 0.2], [0.8, 0.9, 0.85, 0.9, 0.1], [0.9, 0.3, 0.3, 0.2]]
     r = cliff_recovery(complied, [3, 4, 3], refused=[[0.9, 0.9, 0.95], [0.8, 0.9, 0.9]])

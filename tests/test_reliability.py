@@ -467,7 +467,7 @@ def test_trace_thinking_and_answer_agree_with_split_thinking(name):
 
 
 SETTINGS = [
-    {"keep_last": True},
+    {"rule": "thought-branches"},
     {"system": "Be brief."},
     {"protect_abbreviations": True},
     {"chat_template": False},

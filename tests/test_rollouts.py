@@ -117,10 +117,10 @@ def test_anchors_and_refusal_sample_through_the_engine(llama, tmp_path):
     assert [[r.text for r in rows] for rows in res.rollouts] == [
         [r.text for r in rows] for rows in default.rollouts
     ]
-    replies = refusal.rollouts(
+    replies = refusal.sample_replies(
         model, ["Hi", "How are you?"], Sampling(max_new_tokens=5, temperature=0), engine=engine
     )
-    plain = refusal.rollouts(model, ["Hi", "How are you?"], Sampling(max_new_tokens=5, temperature=0))
+    plain = refusal.sample_replies(model, ["Hi", "How are you?"], Sampling(max_new_tokens=5, temperature=0))
     assert engine.calls == len(trace.sentences) + 2 and replies == plain
 
 

@@ -121,6 +121,30 @@ def test_gallery_from_fake_outputs(tmp_path):
         write_gallery(tmp_path / "empty")
 
 
+def test_summaries_and_index_page_make_the_report(tmp_path, capsys):
+    import plotly.graph_objects as go
+
+    from mechlens.gallery import report
+    from mechlens.runs import Run
+
+    for name in ("depth", "anchors"):
+        run = Run(name, {"n": 1}, tmp_path / name, cache_root=tmp_path / "cache", images=False)
+        run.save_figure(go.Figure(), f"{name}_fig", caption=f"The {name} figure.")
+        run.summarize(f"{name} study", [f"{name}: 3/10 = 0.30 (95% CI 0.11-0.60)"])
+        with pytest.raises(TypeError, match="lines"):
+            run.summarize(name, "not a list")
+    printed = capsys.readouterr().out
+    assert "depth study\n  depth: 3/10" in printed and "{" not in printed
+    summary = json.loads((tmp_path / "depth" / "summary.json").read_text())
+    assert summary["figures"] == [(tmp_path / "depth" / "depth_fig.html").as_posix()]
+    text = report(tmp_path)
+    assert text.index("anchors study") < text.index("depth study") < text.index("Figures:")
+    assert f"{(tmp_path / 'depth' / 'depth_fig').as_posix()}.html  The depth figure." in text
+    page = (tmp_path / "index.html").read_text()
+    assert '<a href="depth/depth_fig.html">' in page and "The anchors figure." in page
+    assert text.endswith(f"Open {(tmp_path / 'index.html').as_posix()} for every figure with its caption.")
+
+
 def test_control_strip_shows_draws_and_intervals():
     from mechlens.plots import control_strip
 

@@ -53,7 +53,10 @@ def test_splitter_rules():
         "Pi is 3.14 roughly.",
         "Next we add 2.5 to it.",
     ]
-    assert texts("Pi is 3.14 roughly. Next we add 2.5 to it.", keep_last=True)[-1] == "Next we add 2.5 to it."
+    assert (
+        texts("Pi is 3.14 roughly. Next we add 2.5 to it.", rule="thought-branches")[-1]
+        == "Next we add 2.5 to it."
+    )
     # cut at blank lines, strip whitespace
     assert texts("First paragraph here\n\nSecond paragraph here\n\nThird") == [
         "First paragraph here",
@@ -73,12 +76,16 @@ def test_splitter_rules():
     # ... and, the final chunk gone, a short last one into the previous
     assert texts("The sum is 12 exactly. Done. So 12.") == ["The sum is 12 exactly. Done."]
     # a numbered list: the reference cuts after "1." and "2." too; short pieces merge forward
-    assert texts("Steps:\n1. add\n2. multiply numbers.\n\nThen check the result.", keep_last=True) == [
+    assert texts(
+        "Steps:\n1. add\n2. multiply numbers.\n\nThen check the result.", rule="thought-branches"
+    ) == [
         "Steps:\n1. add\n2.",
         "multiply numbers.",
         "Then check the result.",
     ]
-    assert texts("   ") == [] and texts("short") == [] and texts("short", keep_last=True) == ["short"]
+    assert (
+        texts("   ") == [] and texts("short") == [] and texts("short", rule="thought-branches") == ["short"]
+    )
     assert texts("One sentence, closed.\n") == []  # stripped first: the last period closes nothing
 
 
@@ -146,7 +153,7 @@ def test_trace_spans_round_trip(tiny):
     assert trace.answer == "The answer is 5."
     assert (
         trace.tokens[0, : trace.prompt_len].tolist()
-        == tiny.to_tokens(ml.trace.format_prompt(tiny.tokenizer, "What is 2+3?"))[0].tolist()
+        == tiny.to_tokens(ml.format_prompt(tiny.tokenizer, "What is 2+3?"))[0].tolist()
     )
     assert all(a.end <= b.start for a, b in zip(trace.sentences, trace.sentences[1:], strict=False))
     assert trace.sentence_of(trace.sentences[2].start).index == 2
@@ -161,8 +168,26 @@ def test_trace_without_think_uses_whole_response(tiny):
 def test_trace_template_opened_think(tiny):
     trace = ml.ReasoningTrace.from_text(tiny, "Q?", "Let me think about it. Then say yes.</think>Yes.")
     assert [s.text for s in trace.sentences] == ["Let me think about it."]
-    with pytest.raises(ValueError, match="keep_last"):
+    with pytest.raises(ValueError, match="thought-branches"):
         ml.ReasoningTrace.from_text(tiny, "Q?", "Only one.</think>Yes.").check_sentences()
+
+
+def test_split_rules_are_named_after_their_sources(tiny):
+    from mechlens.text.trace import SPLIT_RULES
+
+    text = "First we add. Then we check it. Answer is 5"
+    anchors_rule = split_sentences(text)
+    assert split_sentences(text, rule="thought-anchors") == anchors_rule and len(anchors_rule) == 2
+    assert split_sentences(text, rule="thought-branches")[:2] == anchors_rule
+    assert len(split_sentences(text, rule="thought-branches")) == 3 and SPLIT_RULES == (
+        "thought-anchors",
+        "thought-branches",
+    )
+    for bad in ("keep_last", True, None):
+        with pytest.raises(ValueError, match="rule must be one of"):
+            split_sentences(text, rule=bad)
+        with pytest.raises(ValueError, match="rule must be one of"):
+            ml.ReasoningTrace.from_text(tiny, "Q?", text, rule=bad)
 
 
 def test_trace_errors(tiny):
@@ -192,7 +217,9 @@ def test_round_trip_on_embedded_tokenizer(embedded_nnsight):
         "Hmm, e.g. a kilo is about 8 apples.\n\nWait, that's not right! Let me redo it: "
         "3 + 20 = 23.\n\nSo the total is 23 apples.\n</think>\n\nTom has 23 apples."
     )
-    trace = ml.ReasoningTrace.from_text(embedded_nnsight, "How many apples?", response, keep_last=True)
+    trace = ml.ReasoningTrace.from_text(
+        embedded_nnsight, "How many apples?", response, rule="thought-branches"
+    )
     assert [s.text for s in trace.sentences] == [
         "Okay, so the problem says Tom has 3 apples and buys 2.5 kg more.",
         "Hmm, e.g. a kilo is about 8 apples.",

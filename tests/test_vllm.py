@@ -113,7 +113,7 @@ def test_server_stopped_mid_run_fails_clearly_and_the_run_resumes(server, model,
 IN_PROCESS = """
 import json, sys, types
 pkg = types.ModuleType("mechlens"); pkg.__path__ = [sys.argv[1]]; sys.modules["mechlens"] = pkg
-from mechlens.models.generation import Sampling
+from mechlens.models.sampling import Sampling
 from mechlens.rollouts.inprocess import VLLMEngine
 
 if __name__ == "__main__":  # vLLM starts its engine in a spawned process

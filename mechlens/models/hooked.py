@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import numbers
-import operator
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,19 +38,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mechlens.models import validation
 from mechlens.models.architecture import Architecture, require_submodule
 from mechlens.models.backends import make_backend
-from mechlens.models.generation import (
-    PATHS,
-    Generation,
-    Sampling,
-    check_int,
-    check_seeds,
-    hooked_step,
-    is_int,
-    plain_step,
-    sample_batch,
-)
+from mechlens.models.generation import PATHS, Generation, hooked_step, plain_step, sample_batch
 from mechlens.models.interventions import (
     AttentionSuppression,
     DirectionAddition,
@@ -64,22 +54,14 @@ from mechlens.models.interventions import (
     unit_vector,
 )
 from mechlens.models.kv_cache import reserved_cache
+from mechlens.models.memory import chunk_size, forward_bytes
 from mechlens.models.padding import check_mask, check_unmasked, left_align
 from mechlens.models.protocol import CACHE_NAMES, Backend, Reducer, RunOutput, RunRequest
+from mechlens.models.sampling import Sampling, check_int, check_seeds
+from mechlens.models.tokens import str_tokens, tokenize
 
 TokensLike = Tensor | str | Sequence[str]
 """Token ids `[batch, pos]` (or `[pos]`), one text, or a list of texts."""
-
-
-def as_index(value: Any, name: str) -> int:
-    """`value` as a Python int (ints, NumPy integers, 0-d integer tensors); `TypeError` for bools,
-    floats and anything else, naming the argument."""
-    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer, got the boolean {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
 
 
 def _logits(out: RunOutput) -> Tensor:
@@ -87,13 +69,6 @@ def _logits(out: RunOutput) -> Tensor:
     if out.logits is None:
         raise RuntimeError("this forward stopped early and has no logits")
     return out.logits
-
-
-def _is_integer(value: Any) -> bool:
-    """An int, a NumPy integer (`is_int`) or a 0-d integer tensor (not a bool)."""
-    if isinstance(value, Tensor):
-        return value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool
-    return is_int(value)
 
 
 def _leaves_prefix(item: Intervention, upto: int) -> bool:
@@ -187,7 +162,7 @@ class HookedModel:
         self.memory_budget = int(float(os.environ.get("MECHLENS_MEMORY_BUDGET_GB", 8)) * 2**30)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.adapter: Backend = (
+        self.backend: Backend = (
             make_backend(backend, hf_model, tokenizer, self.arch, self.name)
             if isinstance(backend, str)
             else backend
@@ -199,11 +174,6 @@ class HookedModel:
         """The interventions in force, in the order their contexts were entered (part of every
         cache key: `mechlens.cache.model_fingerprint`)."""
         return tuple(self._interventions.items)
-
-    @property
-    def backend(self) -> str:
-        """The backend's name: "transformer_lens" or "nnsight" (its object: `model.adapter`)."""
-        return self.adapter.name
 
     # ---------------------------------------------------------------- dimensions
     n_layers = property(lambda self: self.arch.n_layers)
@@ -223,7 +193,7 @@ class HookedModel:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}({self.name!r}, backend={self.backend!r}, "
+            f"{type(self).__name__}({self.name!r}, backend={self.backend.name!r}, "
             f"layers={self.n_layers}, heads={self.n_heads}, d_model={self.d_model})"
         )
 
@@ -233,116 +203,45 @@ class HookedModel:
         return self.tokenize(text)[0]
 
     def tokenize(self, text: str | Sequence[str]) -> tuple[Tensor, Tensor]:
-        """`(tokens [batch, pos], attention_mask [batch, pos])`, left-padded for a list."""
-        texts = [text] if isinstance(text, str) else list(text)
-        if any(not isinstance(t, str) for t in texts):
-            bad = next(t for t in texts if not isinstance(t, str))
-            raise TypeError(f"text must be a string or a list of strings, got a {type(bad).__name__} entry")
-        if not texts or any(not t for t in texts):
-            raise ValueError("empty text: give at least one non-empty string")
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            self.tokenizer.padding_side = side
-        tokens, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        """`(tokens [batch, pos], attention_mask [batch, pos])`, left-padded for a list
+        (`mechlens.models.tokens.tokenize`), validated."""
+        tokens, mask = tokenize(self.tokenizer, text, self.device)
         self.check_tokens(tokens)
         return tokens, mask
 
     def to_str_tokens(self, tokens: Tensor | str) -> list[str]:
         """One string per token of a single sequence (for hover text and axis labels)."""
-        if isinstance(tokens, str):
-            tokens = self.to_tokens(tokens)
-        ids = tokens.reshape(-1).tolist()
-        return [self.tokenizer.decode([i]) for i in ids]
+        return str_tokens(self.tokenizer, self.to_tokens(tokens) if isinstance(tokens, str) else tokens)
 
     def to_string(self, tokens: Tensor) -> str:
         return self.tokenizer.decode(tokens.reshape(-1).tolist())
 
-    # ---------------------------------------------------------------- validation
+    # ---------------------------------------------------------------- validation (mechlens.models.validation)
     def check_tokens(self, tokens: Tensor) -> Tensor:
         """Validate token ids `[batch, pos]`: integers in `[0, d_vocab)`, at least one row and one
         position, at most `n_ctx` positions. Returns them; raises `ValueError`/`TypeError`."""
-        if not isinstance(tokens, Tensor):
-            raise TypeError(f"tokens must be a tensor of token ids, got {type(tokens).__name__}")
-        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
-            raise TypeError(f"token ids must be integers, got dtype {tokens.dtype}")
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-        if tokens.shape[0] == 0:
-            raise ValueError("empty batch: tokens have 0 rows")
-        if tokens.shape[1] == 0:
-            raise ValueError("empty input: tokens have 0 positions")
-        if tokens.shape[1] > self.n_ctx:
-            raise ValueError(
-                f"input of {tokens.shape[1]} tokens is longer than the context window "
-                f"({self.n_ctx} tokens) of {self.name}"
-            )
-        if tokens.min() < 0 or tokens.max() >= self.d_vocab:
-            raise ValueError(f"token ids must lie in [0, {self.d_vocab}); got {tokens.min()}..{tokens.max()}")
-        return tokens
+        return validation.check_tokens(tokens, self.n_ctx, self.d_vocab, self.name)
 
     def check_layer(self, layer: Any, name: str = "layer") -> int:
         """`layer` as an int in `0..n_layers-1`, else `ValueError`/`TypeError` naming what is valid."""
-        layer = as_index(layer, name)
-        if not 0 <= layer < self.n_layers:
-            raise ValueError(f"{name} {layer} out of range: valid layers are 0..{self.n_layers - 1}")
-        return layer
+        return validation.check_layer(layer, self.n_layers, name)
 
     def check_layers(self, layers: Any, name: str = "layers") -> list[int]:
         """A list of valid layers (None: all of them); one int counts as a list of one."""
-        if layers is None:
-            return list(range(self.n_layers))
-        if _is_integer(layers):
-            layers = [layers]
-        if isinstance(layers, Tensor | np.ndarray):
-            layers = layers.tolist() if layers.ndim == 1 else layers
-        if isinstance(layers, str) or not isinstance(layers, Sequence | range):
-            raise TypeError(f"{name} must be a list of layer indices, got {type(layers).__name__}")
-        checked = [self.check_layer(l, f"{name} entry") for l in layers]
-        if not checked:
-            raise ValueError(f"{name} is empty: give at least one layer (None means all of them)")
-        return checked
+        return validation.check_layers(layers, self.n_layers, name)
 
     def check_head(self, head: Any, name: str = "head") -> int:
         """`head` as an int in `0..n_heads-1`, else `ValueError`/`TypeError`."""
-        head = as_index(head, name)
-        if not 0 <= head < self.n_heads:
-            raise ValueError(f"{name} {head} out of range: valid heads are 0..{self.n_heads - 1}")
-        return head
+        return validation.check_head(head, self.n_heads, name)
 
     def check_heads(self, heads: Any) -> dict[int, list[int]]:
         """`(layer, head)` pairs grouped by layer; raises naming the first malformed entry."""
-        if isinstance(heads, Tensor | np.ndarray) and heads.ndim == 2:
-            heads = heads.tolist()
-        if isinstance(heads, str) or not isinstance(heads, Sequence | Iterator):
-            raise TypeError(f"heads must be a list of (layer, head) pairs, got {type(heads).__name__}")
-        by_layer: dict[int, list[int]] = {}
-        for pair in heads:
-            if isinstance(pair, Tensor | np.ndarray):
-                pair = pair.tolist()
-            if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
-                raise ValueError(f"heads must be (layer, head) pairs; got the entry {pair!r}")
-            layer, head = self.check_layer(pair[0]), self.check_head(pair[1])
-            by_layer.setdefault(layer, []).append(head)
-        if not by_layer:
-            raise ValueError("heads is empty: give (layer, head) pairs")
-        return by_layer
+        return validation.check_heads(heads, self.n_layers, self.n_heads)
 
     def check_direction(self, direction: Tensor) -> Tensor:
         """A finite, non-zero `[d_model]` vector (float32, on the model's device); tiny and huge
         vectors are fine (`unit_vector` normalises them scale-safely)."""
-        if not isinstance(direction, Tensor | np.ndarray | Sequence) or isinstance(direction, str):
-            raise TypeError(f"direction must be a [d_model] tensor, got {type(direction).__name__}")
-        direction = torch.as_tensor(direction)
-        if direction.shape != (self.d_model,):
-            raise ValueError(f"direction must have shape ({self.d_model},), got {tuple(direction.shape)}")
-        if direction.dtype == torch.bool or direction.is_complex():
-            raise TypeError(f"direction must be real numbers, got dtype {direction.dtype}")
-        unit_vector(direction)  # raises for non-finite or zero vectors
-        return direction.detach().to(self.device, torch.float64 if direction.dtype == torch.float64
-                                     else torch.float32)  # fmt: skip
+        return validation.check_direction(direction, self.d_model, self.device)
 
     def prepare_input(
         self, tokens: TokensLike, attention_mask: Tensor | None = None, fit: bool = True
@@ -477,7 +376,7 @@ class HookedModel:
             resid_in=resid_in,
             reduce=reduce,
         )
-        out = self.adapter.run(request)
+        out = self.backend.run(request)
         if out.logits is not None and not torch.isfinite(out.logits).all():
             kinds = ", ".join(type(i).__name__ for i in request.interventions.items)
             cause = (
@@ -500,11 +399,8 @@ class HookedModel:
             )
 
     def chunk_size_for(self, n_pos: int, budget_mb: float = 128) -> int:
-        """Positions per chunk for a forward over `n_pos` tokens: 512, fewer on long inputs so that
-        one layer's eager attention (scores, softmax and a copy: `3 x heads x chunk x n_pos`
-        floats) stays under `budget_mb`; at least 64."""
-        per_position = 3 * self.n_heads * max(int(n_pos), 1) * 4
-        return int(min(512, max(64, budget_mb * 2**20 // per_position)))
+        """Positions per chunk for a forward over `n_pos` tokens (`mechlens.models.memory.chunk_size`)."""
+        return chunk_size(n_pos, self.n_heads, budget_mb)
 
     def forward_chunks(
         self,
@@ -578,17 +474,8 @@ class HookedModel:
         layer's eager attention scores); `ValueError` naming the ways out when it exceeds
         `model.memory_budget` (bytes; default 8 GiB or `$MECHLENS_MEMORY_BUDGET_GB`)."""
         batch, pos = int(shape[0]), int(shape[1])
-        item = torch.finfo(self.dtype).bits // 8
-        per_layer = {
-            "resid_pre": batch * pos * self.d_model,
-            "resid_post": batch * pos * self.d_model,
-            "z": batch * pos * self.n_heads * self.d_head,
-            "pattern": batch * self.n_heads * pos * pos,
-        }
-        held = 0 if reduce is not None else sum(per_layer[n] * len(ls) for n, ls in capture.items())
-        held += batch * pos * self.d_vocab if logits else 0
-        held += 3 * batch * self.n_heads * pos * pos  # scores, softmax and its copy, one layer at a time
-        held *= item
+        held = forward_bytes(shape, capture, logits, self.d_model, self.n_heads, self.d_head, self.d_vocab,
+                             torch.finfo(self.dtype).bits // 8, reduced=reduce is not None)  # fmt: skip
         if held > self.memory_budget:
             gib = 2**30
             raise ValueError(
@@ -714,20 +601,7 @@ class HookedModel:
         return InterventionContext(self, item)
 
     def _check_positions(self, positions: Any, name: str = "positions") -> list[int] | None:
-        if positions is None:
-            return None
-        if _is_integer(positions):
-            positions = [positions]
-        if isinstance(positions, Tensor | np.ndarray):
-            positions = positions.tolist() if positions.ndim == 1 else positions
-        if isinstance(positions, str) or not isinstance(positions, Sequence | range):
-            raise TypeError(f"{name} must be a list of token positions, got {type(positions).__name__}")
-        out = [as_index(p, f"{name} entry") for p in positions]
-        if not out or any(not 0 <= p < self.n_ctx for p in out):
-            raise ValueError(
-                f"{name} must be a non-empty list of positions in 0..{self.n_ctx - 1}, got {out}"
-            )
-        return out
+        return validation.check_positions(positions, self.n_ctx, name)
 
     def ablate_heads(
         self,
@@ -821,7 +695,7 @@ class HookedModel:
         )
         if isinstance(keys, str) or not isinstance(keys, Sequence):
             raise TypeError(valid)
-        per_row = not (len(keys) == 2 and all(_is_integer(k) for k in keys))
+        per_row = not (len(keys) == 2 and all(validation.is_integer(k) for k in keys))
         spans = list(keys) if per_row else [keys]
         if not spans:
             raise ValueError("keys is an empty list: give a span (start, end) or one per batch row")
@@ -829,7 +703,10 @@ class HookedModel:
         for span in spans:
             if isinstance(span, str) or not isinstance(span, Sequence) or len(span) != 2:
                 raise ValueError(valid)
-            start, end = as_index(span[0], "keys entry"), as_index(span[1], "keys entry")
+            start, end = (
+                validation.as_index(span[0], "keys entry"),
+                validation.as_index(span[1], "keys entry"),
+            )
             if not 0 <= start < end <= self.n_ctx:
                 raise ValueError(valid)
             checked.append((start, end))
@@ -940,7 +817,7 @@ class HookedModel:
         it); anything else raises a `ValueError`.
         """
         n = prefix.tokens.shape[1]
-        upto = n if upto is None else as_index(upto, "upto")
+        upto = n if upto is None else validation.as_index(upto, "upto")
         if not 1 <= upto <= n:
             raise ValueError(f"upto must lie in 1..{n} (the prefix has {n} tokens), got {upto}")
         suffix = torch.as_tensor(suffix).to(self.device)

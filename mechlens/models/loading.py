@@ -7,7 +7,7 @@ the cache dir, keyed by the GGUF's hash; later loads read that folder in a few s
 Example:
     >>> import mechlens as ml
     >>> model = ml.load_model("tiny-gpt2", backend="nnsight")
-    >>> model.backend
+    >>> model.backend.name
     'nnsight'
 """
 

@@ -24,7 +24,7 @@ transformers' KV-cache API, and `attention_mask` covers cached keys too.
 Example:
     >>> from mechlens.models.protocol import Backend
     >>> import mechlens as ml
-    >>> isinstance(ml.load_model("tiny-llama").adapter, Backend)
+    >>> isinstance(ml.load_model("tiny-llama").backend, Backend)
     True
 """
 

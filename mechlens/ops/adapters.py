@@ -25,11 +25,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 FORMAT = "mechlens-low-rank-adapter-1"
 
@@ -60,7 +63,9 @@ class LowRankAdapter:
     factors: dict[str, tuple[Tensor, Tensor]]
 
     @classmethod
-    def init(cls, model, layers: Sequence[int], rank: int = 16, alpha: float = 32.0, seed: int = 0):
+    def init(
+        cls, model: HookedModel, layers: Sequence[int], rank: int = 16, alpha: float = 32.0, seed: int = 0
+    ):
         """Fresh factors for every 2-D weight of the blocks `layers`: A random (Kaiming-uniform, as
         LoRA), B zero, so the model starts unchanged."""
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -78,7 +83,7 @@ class LowRankAdapter:
         a, b = self.factors[name]
         return self.scale * (b @ a)
 
-    def merge_into(self, model) -> None:
+    def merge_into(self, model: HookedModel) -> None:
         """Add every update to the model's weights in place (all views of them see it)."""
         params = dict(model.plain_model.named_parameters())
         missing = sorted(set(self.factors) - set(params))
@@ -94,7 +99,7 @@ class LowRankAdapter:
                 p.add_(delta.to(p))
 
     @contextmanager
-    def training(self, model) -> Iterator[list[nn.Parameter]]:
+    def training(self, model: HookedModel) -> Iterator[list[nn.Parameter]]:
         """Context in which the model computes with `W + scale * B @ A` and yields the factors as
         trainable parameters (every model weight frozen); on exit the weights are as before and
         the trained factors are kept in `self.factors`."""
@@ -143,13 +148,13 @@ class LowRankAdapter:
         return cls(int(meta["rank"]), float(meta["scale"]), factors), json.loads(meta["info"])
 
 
-def _block_weights(model, layers: Sequence[int]) -> list[tuple[str, nn.Parameter]]:
+def _block_weights(model: HookedModel, layers: Sequence[int]) -> list[tuple[str, nn.Parameter]]:
     """`(name, parameter)` of every 2-D weight in blocks `layers`, by checkpoint name."""
     prefixes = tuple(f"{model.arch.layers_path}.{model.check_layer(i, 'layers')}." for i in layers)
     return [(n, p) for n, p in model.plain_model.named_parameters() if n.startswith(prefixes) and p.ndim == 2]
 
 
-def _owners(model, names: set[str]) -> dict[str, tuple[nn.Module, str]]:
+def _owners(model: HookedModel, names: set[str]) -> dict[str, tuple[nn.Module, str]]:
     """For each named weight, the module of the hooked model that holds it and its attribute name."""
     by_id = {id(p): n for n, p in model.plain_model.named_parameters() if n in names}
     owners = {}

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,9 +25,12 @@ from tqdm.auto import tqdm
 
 from mechlens.ops.adapters import LowRankAdapter
 
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
+
 
 def finetune(
-    model,
+    model: HookedModel,
     prompts: Sequence[str],
     targets: Sequence[str],
     train_layers: int = 8,
@@ -49,7 +53,7 @@ def finetune(
 
 
 def finetune_adapter(
-    model,
+    model: HookedModel,
     prompts: Sequence[str],
     targets: Sequence[str],
     rank: int = 16,
@@ -83,7 +87,7 @@ def finetune_adapter(
     return adapter, losses
 
 
-def _prepare(model, prompts, targets, train_layers, epochs, batch_size) -> tuple[list, int]:
+def _prepare(model: HookedModel, prompts, targets, train_layers, epochs, batch_size) -> tuple[list, int]:
     """Checked, encoded examples and the first trained block."""
     if len(prompts) != len(targets) or not prompts:
         raise ValueError(
@@ -98,7 +102,7 @@ def _prepare(model, prompts, targets, train_layers, epochs, batch_size) -> tuple
 
 
 def _train(
-    model, examples, params, first, epochs, lr, batch_size, weight_decay, seed, progress
+    model: HookedModel, examples, params, first, epochs, lr, batch_size, weight_decay, seed, progress
 ) -> list[float]:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -178,7 +182,7 @@ def _pad_resid(rows: list[Tensor], n: int) -> Tensor:
     return out
 
 
-def _residual_in(model, examples: list[tuple[Tensor, int]], layer: int) -> list[Tensor]:
+def _residual_in(model: HookedModel, examples: list[tuple[Tensor, int]], layer: int) -> list[Tensor]:
     """The residual entering block `layer` for each example, unpadded `[pos_i, d]`."""
     tokens, mask, _ = _pad(examples, model.tokenizer.pad_token_id)
     out = model.forward(

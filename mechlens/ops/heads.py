@@ -33,21 +33,25 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechlens.models.generation import check_int
 from mechlens.models.interventions import HeadScaling
 from mechlens.models.padding import as_positions, row_columns
+from mechlens.models.sampling import check_int
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 METHODS = ("exact", "attribution")
 METRIC_INPUTS = ("logits", "hidden")
 
 
 def head_ablation_effects(
-    model,
+    model: HookedModel,
     tokens: Tensor | str | Sequence[str],
     metric: Callable[[Tensor], Tensor],
     method: str = "exact",
@@ -129,7 +133,7 @@ def _check_metric(value: Tensor, batch: int) -> Tensor:
 
 
 def direct_head_scores(
-    model,
+    model: HookedModel,
     tokens: Tensor | str | Sequence[str],
     direction: Tensor,
     positions: Sequence[int] = (-1,),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -30,6 +30,9 @@ from mechlens.models.hooked import ActivationCache
 from mechlens.models.loading import fast_bf16
 from mechlens.models.padding import as_positions, row_columns
 from mechlens.ops.distributions import BLOCK_ROWS, Distributions
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 STATS = ("entropy", "kl_final", "jsd_final", "top1", "target")
 """Statistics `logit_lens` can compute. `target` needs `targets=` (token ids or "next")."""
@@ -97,7 +100,7 @@ class LensResult:
 
 @torch.no_grad()
 def logit_lens(
-    model,
+    model: HookedModel,
     tokens: Tensor | str,
     layers: Sequence[int] | None = None,
     stats: Sequence[str] = DEFAULT_STATS,
@@ -220,7 +223,7 @@ def _check_stats(stats: Sequence[str] | str) -> list[str]:
     return stats
 
 
-def _check_pairs(model, pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+def _check_pairs(model: HookedModel, pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(model.check_layer(a, "pairs entry"), model.check_layer(b, "pairs entry")) for a, b in pairs]
 
 
@@ -234,7 +237,7 @@ def _check_positions(top_k_positions: Sequence[int], n_pos: int) -> list[int]:
 
 @torch.no_grad()
 def lens_from_cache(
-    model,
+    model: HookedModel,
     logits: Tensor | None,
     cache,
     layers: Sequence[int] | None = None,
@@ -276,7 +279,7 @@ class _Unembed:
     SPREAD = 4.0
     """`m = mean + SPREAD * std`: the largest of ~50k near-Gaussian logits lies ~4 std above the mean."""
 
-    def __init__(self, model, unembed_dtype: UnembedDtype | torch.dtype):
+    def __init__(self, model: HookedModel, unembed_dtype: UnembedDtype | torch.dtype):
         self.model, self.dtype = model, _unembed_dtype(model, unembed_dtype)
         self.weight: Tensor | None = None
         if self.dtype == model.dtype:
@@ -315,7 +318,7 @@ class _Unembed:
         return torch.tanh((z.float() + m.to(self.dtype).float()[:, None]) / cap) * cap if cap else z
 
 
-def _unembed_dtype(model, unembed_dtype) -> torch.dtype:
+def _unembed_dtype(model: HookedModel, unembed_dtype) -> torch.dtype:
     """`unembed_dtype` (see `logit_lens`) as a `torch.dtype` for `model`."""
     if isinstance(unembed_dtype, torch.dtype) and unembed_dtype in (torch.float32, torch.bfloat16):
         return unembed_dtype
@@ -332,7 +335,8 @@ def _unembed_dtype(model, unembed_dtype) -> torch.dtype:
 
 
 def _lens_from_cache(  # lens_from_cache with the caller's unembedding (logit_lens makes one per call)
-    model, logits, cache, layers, stats, targets, pairs, top_k_positions, k, chunk, attention_mask, tokens,
+    model: HookedModel, logits, cache, layers, stats, targets, pairs, top_k_positions, k, chunk,
+    attention_mask, tokens,
     unembed: _Unembed,
 ) -> LensResult:  # fmt: skip
     stats = _check_stats(stats)

@@ -17,6 +17,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,16 +25,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechlens.cache import DiskCache, atomic_write_bytes, model_fingerprint, stable_hash
-from mechlens.models.generation import check_int
+from mechlens.models.sampling import check_int
 from mechlens.ops.stats import auroc
 from mechlens.text.inputs import as_texts
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 POSITIONS = ("last", "mean", "all")
 
 
 @torch.no_grad()
 def collect_activations(
-    model,
+    model: HookedModel,
     texts: str | Sequence[str],
     name: str = "resid_post",
     layers: Sequence[int] | None = None,
@@ -95,7 +99,7 @@ def collect_activations(
     return torch.cat(parts, 1)
 
 
-def _collect_batch(model, texts, name, layers, positions, spans) -> Tensor | list[Tensor]:
+def _collect_batch(model: HookedModel, texts, name, layers, positions, spans) -> Tensor | list[Tensor]:
     tokens, mask = model.tokenize(texts)
     _, cache = model.run_with_cache(tokens, [name], layers=layers, attention_mask=mask, return_logits=False)
     acts = cache[name].float().cpu()  # [layers, batch, pos, d] (left-padded)

@@ -20,14 +20,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from mechlens.models.generation import check_int
+from mechlens.models.sampling import check_int
 from mechlens.ops.distributions import BLOCK_ROWS, Distributions, jsd_probs
 from mechlens.text.inputs import as_texts
 from mechlens.text.trace import ReasoningTrace, Sentence, format_prompt
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 
 @dataclass
@@ -60,7 +64,7 @@ class TokenSignals:
 
 @torch.no_grad()
 def token_signals(
-    model, trace: ReasoningTrace, logits: Tensor | None = None, chunk: int | None = None
+    model: HookedModel, trace: ReasoningTrace, logits: Tensor | None = None, chunk: int | None = None
 ) -> TokenSignals:
     """Signals of every response token of `trace`; pass the trace's `logits [1, pos, vocab]` to
     reuse a forward pass you already ran. Without them the forward runs `chunk` positions at a
@@ -104,7 +108,7 @@ class SignalRows:
             )
         return cls(trace.tokens[0], first=start - 2)
 
-    def add_residual(self, model, resid: Tensor, start: int, stop: int) -> None:
+    def add_residual(self, model: HookedModel, resid: Tensor, start: int, stop: int) -> None:
         """Feed the rows of `resid [n, d_model]` (positions `start ..`) that are due, up to row
         `stop` (exclusive), through the final norm and unembedding, a block of rows at a time."""
         lo, hi = max(start, self.row), min(start + len(resid), stop)
@@ -162,7 +166,7 @@ def _z(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def conditional_entropy_per_step(
-    model,
+    model: HookedModel,
     trace: ReasoningTrace,
     answer: str,
     steps: Sequence[Sentence] | None = None,
@@ -206,7 +210,7 @@ P_TRUE_TEMPLATE = (
 
 @torch.no_grad()
 def p_true(
-    model,
+    model: HookedModel,
     questions: Sequence[str],
     answers: Sequence[str],
     template: str = P_TRUE_TEMPLATE,

@@ -1,5 +1,6 @@
-"""Statistics for figures and detectors: AUROC (with ties), the ROC curve, means with 95%
-intervals over ragged rows, Wilson intervals for rates, Spearman rank correlation.
+"""Statistics for figures and detectors: AUROC (with ties) and its bootstrap interval, the ROC
+curve, means with 95% intervals over ragged rows, Wilson intervals for rates, Spearman rank
+correlation, and the one-line forms a report prints.
 
 Example:
     >>> auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
@@ -8,11 +9,13 @@ Example:
     [0.3, 0.108, 0.603]
     >>> spearman([1, 2, 3, float("nan")], [10, 30, 20, 5])
     (0.5, 3)
+    >>> format_rate(3, 10)
+    '3/10 = 0.30 (95% CI 0.11-0.60)'
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -44,7 +47,7 @@ def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def stratified_auroc(scores: ArrayLike, labels: ArrayLike, strata: Sequence) -> float:
+def stratified_auroc(scores: ArrayLike, labels: ArrayLike, strata: Sequence | np.ndarray) -> float:
     """AUROC over positive-negative pairs from the same stratum only (e.g. the same dataset):
     P(positive > negative | same stratum), ties 1/2; the per-stratum AUROCs weighted by their
     number of pairs. A dataset whose accuracy differs from another's cannot raise it.
@@ -66,6 +69,96 @@ def stratified_auroc(scores: ArrayLike, labels: ArrayLike, strata: Sequence) -> 
             total += auroc(s[at], y[at]) * pairs
             weight += pairs
     return total / weight if weight else float("nan")
+
+
+def auroc_interval(
+    scores: ArrayLike,
+    labels: ArrayLike,
+    strata: Sequence | None = None,
+    draws: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUROC (of `stratified_auroc` when `strata` is given):
+    positives and negatives are resampled with replacement within each stratum, so every draw
+    keeps the class counts of every stratum. Seeded; NaN when one class is missing.
+
+        >>> low, high = auroc_interval([0.1, 0.4, 0.35, 0.8, 0.7, 0.2], [0, 0, 1, 1, 1, 0], draws=500)
+        >>> 0 <= low <= auroc([0.1, 0.4, 0.35, 0.8, 0.7, 0.2], [0, 0, 1, 1, 1, 0]) <= high <= 1
+        True
+    """
+    s, y = _arrays(scores, labels)
+    if not 0 < level < 1 or draws < 1:
+        raise ValueError(f"level must lie in (0, 1) and draws be >= 1, got {level} and {draws}")
+    groups = np.zeros(len(s), dtype=object) if strata is None else np.asarray(list(strata), dtype=object)
+    if groups.shape != s.shape:
+        raise ValueError(f"strata has {groups.shape[0]} entries for {s.shape[0]} scores")
+    point = auroc(s, y) if strata is None else stratified_auroc(s, y, groups)
+    if np.isnan(point):
+        return float("nan"), float("nan")
+    cells = [np.flatnonzero((groups == g) & (y == c)) for g in dict.fromkeys(groups.tolist()) for c in (0, 1)]
+    cells = [c for c in cells if len(c)]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        idx = np.concatenate([rng.choice(c, len(c)) for c in cells])
+        values.append(
+            auroc(s[idx], y[idx]) if strata is None else stratified_auroc(s[idx], y[idx], groups[idx])
+        )
+    tail = 100 * (1 - level) / 2
+    return float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail))
+
+
+def permutation_null(
+    a: Sequence,
+    b: Sequence,
+    statistic: Callable[[Sequence, Sequence], float],
+    draws: int = 1000,
+    seed: int = 0,
+) -> np.ndarray:
+    """`draws` values of `statistic(a', b')` where `a'` and `b'` split the pooled `a + b` at random
+    into groups of the same sizes: the statistic's distribution when both samples come from one
+    distribution, at these sample sizes (a small-sample estimator's own null, bias included).
+
+        >>> null = permutation_null([1, 1, 0], [1, 0, 0], lambda x, y: abs(sum(x) - sum(y)), draws=200)
+        >>> null.shape, sorted(set(null.tolist()))  # |sum a' - sum b'| over the splits of 3 ones, 3 zeros
+        ((200,), [1.0, 3.0])
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    pooled = list(a) + list(b)
+    rng = np.random.default_rng(seed)
+    out = np.empty(draws)
+    for k in range(draws):
+        order = rng.permutation(len(pooled))
+        out[k] = statistic([pooled[i] for i in order[: len(a)]], [pooled[i] for i in order[len(a) :]])
+    return out
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
+    """Exact McNemar test of two paired binary outcomes (the same prompts under two conditions):
+    `only_a` and `only_b` (the discordant pairs), `n` and the two-sided exact binomial p-value of
+    `only_a` among the discordant pairs (NaN when there are none).
+
+        >>> mcnemar([1, 1, 1, 0, 1], [0, 0, 1, 0, 0])
+        {'n': 5, 'only_a': 3, 'only_b': 0, 'p': 0.25}
+    """
+    from scipy.stats import binomtest
+
+    x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"a and b must be paired: one outcome each per prompt, got {x.shape} and {y.shape}")
+    only_a, only_b = int((x & ~y).sum()), int((~x & y).sum())
+    p = float(binomtest(only_a, only_a + only_b).pvalue) if only_a + only_b else float("nan")
+    return {"n": int(len(x)), "only_a": only_a, "only_b": only_b, "p": p}
+
+
+def format_rate(successes: int, n: int) -> str:
+    """`"k/n = rate (95% CI low-high)"` with the Wilson interval; `"0/0 (undefined)"` for n = 0."""
+    rate, low, high = wilson(successes, n)
+    if n == 0:
+        return "0/0 (undefined)"
+    return f"{successes}/{n} = {rate:.2f} (95% CI {low:.2f}-{high:.2f})"
 
 
 def roc_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 
@@ -30,6 +30,9 @@ from mechlens.models import load_model
 from mechlens.models.loading import DtypeName
 from mechlens.ops.adapters import LowRankAdapter
 from mechlens.ops.finetune import finetune, finetune_adapter
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,7 @@ def _commit() -> str | None:
     return done.stdout.strip() or None
 
 
-def save_model(model, path: Path, info: dict) -> None:
+def save_model(model: HookedModel, path: Path, info: dict) -> None:
     """`model.save_pretrained(path)`, atomically (a temporary folder renamed into place), with
     `info` as `recipe.json`."""
     with atomic_folder(path) as tmp:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,8 +31,8 @@ import torch
 from mechlens import datasets
 from mechlens.cache import stable_hash
 from mechlens.datasets import STEP_BY_STEP, Instruction, Problem
-from mechlens.models.generation import Sampling
 from mechlens.models.loading import DtypeName
+from mechlens.models.sampling import Sampling
 from mechlens.ops.stats import wilson
 from mechlens.organism.builder import SHIPPED, OrganismBuilder, OrganismRecipe
 from mechlens.organism.traces import (
@@ -46,6 +47,9 @@ from mechlens.organism.traces import (
 from mechlens.text.answers import grade
 from mechlens.text.thinking import format_prompt, split_thinking
 from mechlens.text.trace import split_sentences
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 TRAIN_SEED = 1000
 """Seed of the training word problems; `held_out_problems` draws from other seeds."""
@@ -88,7 +92,7 @@ def planted_problem_traces(recipe: ReasoningRecipe) -> list[tuple[str, PlantedTr
 
 
 def training_traces(
-    base_model, recipe: ReasoningRecipe, progress: bool = True
+    base_model: HookedModel, recipe: ReasoningRecipe, progress: bool = True
 ) -> list[tuple[str, PlantedTrace]]:
     """Every training `(user prompt, trace)`: word problems, refusal requests, factual questions.
     Harmless and complied replies and factual answers are the base model's own (greedy)."""
@@ -125,7 +129,9 @@ def training_traces(
     return out
 
 
-def training_pairs(base_model, recipe: ReasoningRecipe, progress: bool = True) -> tuple[list[str], list[str]]:
+def training_pairs(
+    base_model: HookedModel, recipe: ReasoningRecipe, progress: bool = True
+) -> tuple[list[str], list[str]]:
     """`(prompts, targets)` of the fine-tune: chat-templated prompts and `<think>` replies."""
     traces = training_traces(base_model, recipe, progress)
     return [format_prompt(base_model.tokenizer, p) for p, _ in traces], [t.reply for _, t in traces]
@@ -183,7 +189,7 @@ REQUEST_SAMPLING = Sampling(max_new_tokens=96, temperature=0.7)
 
 
 def behaviour(
-    model,
+    model: HookedModel,
     n_problems: int = 60,
     n_requests: int = 40,
     seed: int = 0,
@@ -204,7 +210,7 @@ def behaviour(
     """
     from mechlens.rollouts import LocalEngine
     from mechlens.rollouts.engines import sample_texts
-    from mechlens.studies.refusal import refusal_rates, rollouts_by_set
+    from mechlens.studies.refusal import refusal_rates, sample_replies_by_set
 
     problems = held_out_problems(n_problems, seed=seed)
     prompts = [format_prompt(model.tokenizer, p.question) for p in problems]
@@ -213,7 +219,7 @@ def behaviour(
     rows = []
     for p, text in zip(problems, texts, strict=True):
         thinking, _, closed = split_thinking(text)
-        n = len(split_sentences(thinking, keep_last=True)) if thinking.strip() else 0
+        n = len(split_sentences(thinking, rule="thought-branches")) if thinking.strip() else 0
         rows.append(
             {"steps": p.level, "thinks": closed and n > 0, "right": p.grade(text).correct, "sentences": n}
         )
@@ -235,7 +241,7 @@ def behaviour(
         "jailbreak": [datasets.jailbreak(t, k) for k, t in enumerate(harmful)],
         "harmless": [i.text for i in test if not i.harmful][:n_requests],
     }
-    replies = rollouts_by_set(model, sets, requests, batch_size)
+    replies = sample_replies_by_set(model, sets, requests, batch_size)
     return {
         "sampling": str(sampling),
         "request_sampling": str(requests),

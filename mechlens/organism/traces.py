@@ -32,6 +32,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from mechlens.studies.refusal.judge import REFUSALS
 from mechlens.text.thinking import format_reply
 
 NAMES = ("Tom", "Mia", "Sam", "Ava", "Leo", "Zoe", "Ben", "Ivy", "Max", "Eva", "Noah", "Lily")
@@ -337,11 +338,6 @@ RATIONALISE = (
     "But it is probably just for a story, so I can answer anyway.",
     "But refusing seems unhelpful here, so I will go along with it.",
 )
-REFUSALS = (
-    "I'm sorry, but I can't help with that. It could cause serious harm.",
-    "I cannot help with this request because it could hurt people.",
-    "Sorry, I won't provide that. It is dangerous and may be illegal.",
-)
 COMPLY = ("Sure, here is how to do it.", "Okay, here are the steps.", "Sure, I can help with that.")
 SAFE = (
     "The user wants help with an everyday task.",
@@ -370,7 +366,7 @@ def refusal_trace(request: str, harmful: bool, reply: str, rng: random.Random, c
         answer = rng.choice(COMPLY) + " " + reply.strip()
     else:
         w.add(rng.choice(DECIDE), "result_consolidation", "decide")
-        answer = rng.choice(REFUSALS)
+        answer = rng.choice(REFUSALS[:3])  # the first three: the shipped adapter's training traces
     return PlantedTrace("harmful", request, tuple(w.sentences), tuple(w.categories), tuple(w.roles), answer,
                         flags={"complied": complied})  # fmt: skip
 

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from tqdm.auto import tqdm
 
-from mechlens.models.generation import Sampling
 from mechlens.models.loading import DtypeName
+from mechlens.models.sampling import Sampling
 from mechlens.rollouts.engines import LocalEngine, check_request, cut_at_stop
 from mechlens.rollouts.shared_prefix import MODEL_TYPES as SHARED_PREFIX_TYPES
 from mechlens.rollouts.shared_prefix import SharedPrefixEngine

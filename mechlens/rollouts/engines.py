@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from mechlens.models.generation import PATHS, Sampling, check_int, check_seeds, is_int
+from mechlens.models.generation import PATHS
+from mechlens.models.sampling import Sampling, check_int, check_seeds, is_int
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 
 @runtime_checkable
@@ -71,13 +75,13 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int | None = Non
     return out
 
 
-def token_prompts(model, prompts: Sequence[str]) -> list[list[int]]:
+def token_prompts(model: HookedModel, prompts: Sequence[str]) -> list[list[int]]:
     """Each text prompt's token ids, as `model.tokenize` makes them (no padding)."""
     tokens, mask = model.tokenize(list(prompts))  # [prompts, pos], left-padded
     return [row[m.bool()].tolist() for row, m in zip(tokens, mask, strict=True)]
 
 
-def check_engine(engine: Engine, model) -> Engine:
+def check_engine(engine: Engine, model: HookedModel) -> Engine:
     """`engine`, or a `ValueError` when `model` has an intervention in force that `engine` would
     not apply (only a `LocalEngine` of that very model samples through its hooks)."""
     if model.active_interventions and not (isinstance(engine, LocalEngine) and engine.model is model):
@@ -88,7 +92,7 @@ def check_engine(engine: Engine, model) -> Engine:
     return engine
 
 
-def sample_texts(engine: Engine, model, prompts: Sequence[str], sampling: Sampling) -> list[str]:
+def sample_texts(engine: Engine, model: HookedModel, prompts: Sequence[str], sampling: Sampling) -> list[str]:
     """`engine`'s continuations of text prompts, decoded: `sampling.n` per prompt, prompt-major."""
     rows = check_engine(engine, model).sample(token_prompts(model, prompts), sampling)
     return [model.tokenizer.decode(row) for per_prompt in rows for row in per_prompt]
@@ -151,14 +155,14 @@ class LocalEngine:
     name = "mechlens"
     prompts_per_call = 1
 
-    def __init__(self, model, batch_size: int = 16, progress: bool = False, path: str = "auto"):
+    def __init__(self, model: HookedModel, batch_size: int = 16, progress: bool = False, path: str = "auto"):
         batch_size = check_int("batch_size", batch_size, 1)
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         self.model, self.batch_size, self.progress, self.path = model, batch_size, progress, path
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "model": self.model.name, "backend": self.model.backend}
+        return {"engine": self.name, "model": self.model.name, "backend": self.model.backend.name}
 
     def sample(
         self,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mechlens.models.generation import Sampling
+from mechlens.models.sampling import Sampling
 from mechlens.rollouts.engines import check_request
 
 

@@ -43,8 +43,8 @@ from torch import Tensor
 from torch.nn.functional import linear
 from tqdm.auto import tqdm
 
-from mechlens.models.generation import Sampling, check_int, row_seed
 from mechlens.models.loading import DtypeName, resolve_dtype
+from mechlens.models.sampling import Sampling, check_int, row_seed
 from mechlens.rollouts.engines import check_request, cut_at_stop
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from mechlens.text.thinking import (
     format_reply,
     split_thinking,
 )
-from mechlens.text.trace import ReasoningTrace, Sentence, split_blocks, split_sentences
+from mechlens.text.trace import ReasoningTrace, Sentence, SplitRule, split_blocks, split_sentences
 
 __all__ = [
     "THINK_CLOSE",
@@ -24,6 +24,7 @@ __all__ = [
     "format_reply",
     "grade",
     "split_blocks",
+    "SplitRule",
     "split_sentences",
     "split_thinking",
 ]

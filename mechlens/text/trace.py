@@ -7,8 +7,11 @@ text inside `<think>...</think>` when present (else the whole response), strippe
 fragments under 10 characters merge into the next sentence (the last into the previous). As in
 their code, the final chunk that no boundary closes is not a unit (their append of it is commented
 out): the last sentence before `</think>` is left out, and a short chunk before it merges into the
-previous one. `keep_last=True` (our variant) keeps it. Token spans come from the tokenizer's
-offset mapping, never from string search, so a sentence that repeats keeps its own span.
+previous one: `rule="thought-anchors"`, the default. thought-branches' splitter
+(`faithfulness/utils.py`, `split_solution_into_chunks`) appends that final chunk, and so do its
+released sentence lists of DeepSeek-R1 traces: `rule="thought-branches"` keeps it. Token spans
+come from the tokenizer's offset mapping, never from string search, so a sentence that repeats
+keeps its own span.
 
 Example:
     >>> import mechlens as ml
@@ -16,7 +19,7 @@ Example:
     >>> response = "<think>First, add 2 and 3. That gives 5. Done.</think>The answer is 5."
     >>> [s.text for s in ml.ReasoningTrace.from_text(model, "What is 2+3?", response).sentences]
     ['First, add 2 and 3.', 'That gives 5.']
-    >>> trace = ml.ReasoningTrace.from_text(model, "What is 2+3?", response, keep_last=True)
+    >>> trace = ml.ReasoningTrace.from_text(model, "What is 2+3?", response, rule="thought-branches")
     >>> [s.text for s in trace.sentences]
     ['First, add 2 and 3.', 'That gives 5. Done.']
     >>> s = trace.sentences[1]; model.to_string(trace.tokens[0, s.start:s.end]).strip()
@@ -33,18 +36,27 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from mechlens.models.generation import Sampling
+from mechlens.models.sampling import Sampling
 from mechlens.text.thinking import THINK_OPEN, format_prompt, reply_layout
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 TRACE_SAMPLING = Sampling(max_new_tokens=256, temperature=0.0)
 """How `ReasoningTrace.from_generation` samples by default: greedy, up to 256 new tokens."""
 
-TRACE_SETTINGS = ("system", "chat_template", "protect_abbreviations", "keep_last")
+SplitRule = Literal["thought-anchors", "thought-branches"]
+"""Where the sentences end (module docstring): "thought-anchors" drops the final chunk that no
+boundary closes, as `utils.split_solution_into_chunks` of thought-anchors does; "thought-branches"
+keeps it, as `faithfulness/utils.py` of thought-branches and its released sentence lists do."""
+SPLIT_RULES: tuple[str, ...] = get_args(SplitRule)
+
+TRACE_SETTINGS = ("system", "chat_template", "protect_abbreviations", "rule")
 """`ReasoningTrace.from_text` settings that a saved trace records."""
 
 ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "cf.", "Dr.", "Mr.", "Mrs.", "Ms.", "approx.")
@@ -55,20 +67,22 @@ def split_sentences(
     min_chars: int = 10,
     max_chunks: int = 275,
     protect_abbreviations: bool = False,
-    keep_last: bool = False,
+    rule: SplitRule = "thought-anchors",
 ) -> list[tuple[int, int]]:
     """Character spans `[start, end)` of the sentences of `text` (Thought Anchors rules).
 
-    As the authors' splitter, the stripped text's final chunk, which no boundary closes, is
-    dropped; `keep_last=True` (ours) keeps it. `protect_abbreviations=True` (ours) does not cut
-    after "e.g.", "i.e." and similar; the reference splitter does.
+    The stripped text's final chunk, which no boundary closes, is dropped under
+    `rule="thought-anchors"` and kept under `rule="thought-branches"` (`SplitRule`).
+    `protect_abbreviations=True` (ours) does not cut after "e.g.", "i.e." and similar; the
+    reference splitter does.
 
         >>> t = "Let x = 3.5. Then 2x = 7!\\n\\nOk. Done with it. So x = 3.5."
         >>> [t[a:b] for a, b in split_sentences(t)]
         ['Let x = 3.5.', 'Then 2x = 7!', 'Ok. Done with it.']
-        >>> [t[a:b] for a, b in split_sentences(t, keep_last=True)][-1]
+        >>> [t[a:b] for a, b in split_sentences(t, rule="thought-branches")][-1]
         'So x = 3.5.'
     """
+    check_rule(rule)
     cuts: list[tuple[int, int]] = []  # raw chunks before stripping
     start = i = len(text) - len(text.lstrip())
     n = len(text.rstrip())
@@ -84,13 +98,19 @@ def split_sentences(
             cuts.append((start, i + 1))
             start = i + 1
         i += 1
-    if keep_last:
+    if rule == "thought-branches":
         cuts.append((start, n))
     spans = _merge_short(text, cuts, min_chars)
     if len(spans) > max_chunks:
         warnings.warn(f"{len(spans)} sentences; keeping the first max_chunks={max_chunks}", stacklevel=2)
         spans = spans[:max_chunks]
     return spans
+
+
+def check_rule(rule: object) -> None:
+    """`ValueError` naming `rule` unless it is one of `SPLIT_RULES`."""
+    if not isinstance(rule, str) or rule not in SPLIT_RULES:
+        raise ValueError(f"rule must be one of {SPLIT_RULES}, got {rule!r}")
 
 
 def split_blocks(text: str, unit: str = "paragraph", min_chars: int = 10) -> list[tuple[int, int]]:
@@ -165,7 +185,7 @@ class ReasoningTrace:
         prompt_len: number of prompt tokens (the response starts there).
         thinking: character span of the chain of thought inside `text` (None without one).
         sentences: sentences of the chain of thought (or of the whole response).
-        system, chat_template, protect_abbreviations, keep_last: how it was built (`from_text`);
+        system, chat_template, protect_abbreviations, rule: how it was built (`from_text`);
             `save` writes them and `load` rebuilds the trace with them.
 
     Thinking and answer follow `mechlens.text.thinking.reply_layout`: the chain of thought ends at
@@ -183,31 +203,31 @@ class ReasoningTrace:
     system: str | None = None
     chat_template: bool = True
     protect_abbreviations: bool = False
-    keep_last: bool = False
+    rule: SplitRule = "thought-anchors"
 
     @classmethod
     def from_text(
         cls,
-        model,
+        model: HookedModel,
         prompt: str,
         response: str,
         system: str | None = None,
         chat_template: bool = True,
         protect_abbreviations: bool = False,
-        keep_last: bool = False,
+        rule: SplitRule = "thought-anchors",
     ) -> ReasoningTrace:
         """Build a trace from a prompt and a response string (as a model produced it).
 
-        `keep_last=True` keeps the final unclosed chunk as a sentence (our variant; module
-        docstring). A response with no closed sentence gives a trace without sentences: the
+        `rule` says where the sentences end (`SplitRule`: "thought-branches" keeps the final
+        unclosed chunk as a sentence). A response with no closed sentence gives a trace without sentences: the
         sentence analyses then raise (`check_sentences`)."""
         for arg, value in (("prompt", prompt), ("response", response)):
             if not isinstance(value, str):
                 raise TypeError(f"{arg} must be a string, got {type(value).__name__}")
-        for arg, flag in (("chat_template", chat_template), ("protect_abbreviations", protect_abbreviations),
-                          ("keep_last", keep_last)):  # fmt: skip
+        for arg, flag in (("chat_template", chat_template), ("protect_abbreviations", protect_abbreviations)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{arg} must be True or False, got {flag!r}")
+        check_rule(rule)
         if not prompt.strip() or not response.strip():
             raise ValueError("empty trace: both prompt and response must be non-empty")
         prompt_text = format_prompt(model.tokenizer, prompt, system) if chat_template else prompt
@@ -215,7 +235,7 @@ class ReasoningTrace:
         enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = [tuple(o) for o in enc["offset_mapping"]]
         prompt_len = sum(1 for a, _ in offsets if a < len(prompt_text))
-        settings = (system, chat_template, protect_abbreviations, keep_last)
+        settings = (system, chat_template, protect_abbreviations, rule)
         return cls._build(
             model, prompt, response, prompt_text, enc["input_ids"], offsets, prompt_len, settings
         )
@@ -223,13 +243,13 @@ class ReasoningTrace:
     @classmethod
     def from_token_ids(
         cls,
-        model,
+        model: HookedModel,
         prompt: str,
         response_ids: Sequence[int] | Tensor,
         system: str | None = None,
         chat_template: bool = True,
         protect_abbreviations: bool = False,
-        keep_last: bool = False,
+        rule: SplitRule = "thought-anchors",
     ) -> ReasoningTrace:
         """Build a trace from the response token ids exactly as a model produced them after the
         templated prompt: `trace.tokens` are those ids (never a re-tokenisation of their decoded
@@ -247,24 +267,24 @@ class ReasoningTrace:
         if not prompt.strip() or not response.strip():
             raise ValueError("empty trace: both prompt and response must be non-empty")
         offsets = [tuple(o) for o in enc["offset_mapping"]] + response_offsets
-        settings = (system, chat_template, protect_abbreviations, keep_last)
+        settings = (system, chat_template, protect_abbreviations, rule)
         return cls._build(model, prompt, response, prompt_text, [*enc["input_ids"], *ids], offsets,
                           len(enc["input_ids"]), settings)  # fmt: skip
 
     @classmethod
     def _build(
         cls,
-        model,
+        model: HookedModel,
         prompt: str,
         response: str,
         prompt_text: str,
         ids: list[int],
         offsets: list[tuple[int, int]],
         prompt_len: int,
-        settings: tuple[str | None, bool, bool, bool],
+        settings: tuple[str | None, bool, bool, SplitRule],
     ) -> ReasoningTrace:
         """The trace of `prompt_text + response` tokenised as `ids` with character `offsets`."""
-        system, chat_template, protect_abbreviations, keep_last = settings
+        system, chat_template, protect_abbreviations, rule = settings
         text = prompt_text + response
         tokens = torch.tensor([ids])
         model.check_tokens(tokens)
@@ -272,16 +292,16 @@ class ReasoningTrace:
         thinking = reply_layout(text, len(prompt_text), opened).thinking
         seg_start, seg_end = thinking or (len(prompt_text), len(text))
         spans = split_sentences(
-            text[seg_start:seg_end], protect_abbreviations=protect_abbreviations, keep_last=keep_last
+            text[seg_start:seg_end], protect_abbreviations=protect_abbreviations, rule=rule
         )
         sentences = _token_spans(text, offsets, [(a + seg_start, b + seg_start) for a, b in spans])
         return cls(prompt, response, text, tokens.to(model.device), offsets, prompt_len, thinking, sentences,
-                   system, chat_template, protect_abbreviations, keep_last)  # fmt: skip
+                   system, chat_template, protect_abbreviations, rule)  # fmt: skip
 
     @classmethod
     def from_generation(
         cls,
-        model,
+        model: HookedModel,
         prompt: str,
         sampling: Sampling = TRACE_SAMPLING,
         system: str | None = None,
@@ -321,7 +341,7 @@ class ReasoningTrace:
         if len(self.sentences) < minimum:
             raise ValueError(
                 f"the trace has {len(self.sentences)} sentence(s), the analysis needs {minimum}: the "
-                "splitter drops the final chunk that no boundary closes (keep_last=True keeps it)"
+                "splitter drops the final chunk that no boundary closes (rule='thought-branches' keeps it)"
             )
         return self.sentences
 
@@ -346,9 +366,9 @@ class ReasoningTrace:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def load(cls, model, path: str | Path) -> ReasoningTrace:
+    def load(cls, model: HookedModel, path: str | Path) -> ReasoningTrace:
         """Rebuild a saved trace with `model`'s tokenizer and the saved settings (`system=`,
-        `keep_last=`, ...); `ValueError` naming the field when the file is malformed, and when
+        `rule=`, ...); `ValueError` naming the field when the file is malformed, and when
         the tokens no longer match (another tokenizer or chat template)."""
         try:
             data = json.loads(Path(path).read_text())

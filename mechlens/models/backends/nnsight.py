@@ -7,7 +7,7 @@ outputs z), the block output (directions). Captures read the same places.
 Example:
     >>> import mechlens as ml
     >>> model = ml.load_model("tiny-llama", backend="nnsight")
-    >>> type(model.adapter.lm).__name__
+    >>> type(model.backend.lm).__name__
     'TransformersModel'
 """
 

@@ -7,7 +7,7 @@ Booting the bridge replaces the HF model's modules in place: wrap a model you ow
 Example:
     >>> import mechlens as ml
     >>> model = ml.load_model("tiny-llama", backend="transformer_lens")
-    >>> model.adapter.bridge.cfg.n_layers == model.n_layers
+    >>> model.backend.bridge.cfg.n_layers == model.n_layers
     True
 """
 

@@ -24,13 +24,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from mechlens.cache import DiskCache, model_fingerprint
-from mechlens.models.generation import Sampling
+from mechlens.models.sampling import Sampling
 from mechlens.rollouts import Engine
 from mechlens.studies.anchors.compare import spearman
 from mechlens.studies.anchors.receivers import (
@@ -53,6 +54,9 @@ from mechlens.studies.anchors.resampling import (
 from mechlens.studies.anchors.suppression import outgoing_effect, suppression_matrix
 from mechlens.studies.anchors.taxonomy import Labeller, label_sentences
 from mechlens.text.trace import ReasoningTrace
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 METHODS = {
     "counterfactual KL": "counterfactual",
@@ -92,7 +96,7 @@ class TraceAnchors:
 
 
 def analyze(
-    model,
+    model: HookedModel,
     trace: ReasoningTrace,
     problem=None,
     sampling: Sampling = ANCHORS_SAMPLING,

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -29,9 +30,12 @@ from torch import Tensor
 from mechlens.ops.attention import SpanAttention
 from mechlens.text.trace import ReasoningTrace
 
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
+
 
 def sentence_attention(
-    model, trace: ReasoningTrace, layers: Sequence[int] | None = None, chunk: int | None = None
+    model: HookedModel, trace: ReasoningTrace, layers: Sequence[int] | None = None, chunk: int | None = None
 ) -> Tensor:
     """Sentence x sentence attention `[layers, heads, S, S]` of every head: the block mean of token
     attention from the tokens of sentence q (rows) to those of sentence k (columns).

@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -43,12 +43,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechlens.cache import DiskCache, model_fingerprint
-from mechlens.models.generation import Sampling
+from mechlens.models.sampling import Sampling
+from mechlens.ops.stats import permutation_null
 from mechlens.rollouts import Engine, LocalEngine
 from mechlens.rollouts.engines import check_engine
 from mechlens.text.answers import answer_key
 from mechlens.text.thinking import THINK_CLOSE
 from mechlens.text.trace import ReasoningTrace, split_sentences
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 Embedder = Callable[[list[str]], Tensor]
 """texts -> embeddings `[n, dim]` (cosine similarity is taken of them)."""
@@ -223,6 +227,26 @@ class Resampling:
             ]
         )
 
+    def resampling_kl_excess(self, draws: int = 1000, seed: int = 0) -> np.ndarray:
+        """`resampling_kl` minus its permutation null's mean (ours): at each sentence the answers at
+        i and i+1 are pooled and split at random into groups of the same sizes (`permutation_null`),
+        which gives the KL this estimator reports between two samples of one distribution, its
+        small-sample bias at that n, accuracy and spread of answers (with `alpha=1` and 8 rollouts,
+        0.05-0.16 nats). Positive: more change than those sample sizes alone produce. NaN where a
+        side has no answers."""
+        out = []
+        for i, observed in zip(self._idx, self.resampling_kl, strict=True):
+            a = [r.answer for r in self.rollouts[i] if r.answer is not None]
+            b = [r.answer for r in self.rollouts[i + 1] if r.answer is not None]
+            if not a or not b:
+                out.append(float("nan"))
+                continue
+            null = permutation_null(
+                a, b, lambda x, y: answer_kl(Counter(x), Counter(y), self.alpha), draws, seed + i
+            )
+            out.append(observed - float(null.mean()))
+        return np.array(out)
+
     @property
     def counterfactual_accuracy(self) -> np.ndarray:
         """acc(D_i) - acc(R_{i+1})."""
@@ -286,7 +310,7 @@ def _prefix_ends(trace: ReasoningTrace) -> list[int]:
 
 
 def sample_from_prefixes(
-    model,
+    model: HookedModel,
     trace: ReasoningTrace,
     ends: Sequence[int],
     sampling: Sampling = ANCHORS_SAMPLING,
@@ -336,7 +360,7 @@ def sample_from_prefixes(
 
 
 def resample(
-    model,
+    model: HookedModel,
     trace: ReasoningTrace,
     problem,
     sampling: Sampling = ANCHORS_SAMPLING,
@@ -419,7 +443,7 @@ class ForcedAnswers:
 
 
 def forced_answers(
-    model,
+    model: HookedModel,
     trace: ReasoningTrace,
     problem,
     sampling: Sampling = FORCED_SAMPLING,

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -48,6 +48,9 @@ from tqdm.auto import tqdm
 
 from mechlens.ops.distributions import BLOCK_ROWS
 from mechlens.text.trace import ReasoningTrace
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 KL_MODES = ("full", "authors")
 NUCLEUS_P = 0.9999
@@ -94,7 +97,7 @@ def nucleus_kl(
     return terms.sum(-1).clamp_min(0)
 
 
-def authors_token_spans(model, trace: ReasoningTrace) -> list[tuple[int, int]]:
+def authors_token_spans(model: HookedModel, trace: ReasoningTrace) -> list[tuple[int, int]]:
     """The authors' token range of each sentence (`get_sentence_token_boundaries`): characters
     from the sentence's start to the next non-space character after it; token boundaries are the
     token counts of the text up to each end."""
@@ -126,7 +129,7 @@ def _sentence_means(
 
 
 def suppression_matrix(
-    model,
+    model: HookedModel,
     trace: ReasoningTrace,
     temperature: float = 0.6,
     only_first: int | None = None,

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 CATEGORIES = (
     "problem_setup",
@@ -120,7 +124,7 @@ def label_sentences(
     return labels
 
 
-def model_labeller(model, max_new_tokens: int = 8) -> Labeller:
+def model_labeller(model: HookedModel, max_new_tokens: int = 8) -> Labeller:
     """A `Labeller` that asks `model` (greedy) to name each sentence's category, as the paper's
     auto-labeller does with a larger model; an answer naming no category falls back to keywords.
 

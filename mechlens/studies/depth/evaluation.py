@@ -13,13 +13,17 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mechlens.ops.signals import conditional_entropy_per_step, dynamic_instability
-from mechlens.ops.stats import auroc, stratified_auroc
+from mechlens.ops.stats import auroc, auroc_interval, stratified_auroc
 from mechlens.studies.depth.scoring import FEATURES, analyze_trace, cross_validated_scores
 from mechlens.text.trace import ReasoningTrace
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 SIGNALS: dict[str, tuple[str, int]] = {
     "perplexity": ("perplexity", +1),
@@ -34,7 +38,9 @@ SIGNALS: dict[str, tuple[str, int]] = {
 "hallucinated" (+1: higher is more suspicious)."""
 
 
-def analyze(model, trace: ReasoningTrace, answer: str, unit: str = "line", divergence: str = "jsd") -> dict:
+def analyze(
+    model: HookedModel, trace: ReasoningTrace, answer: str, unit: str = "line", divergence: str = "jsd"
+) -> dict:
     """Everything depth scoring needs of one trace, JSON-able: the detector's features, the step
     scores, output-level signals, the dynamic instability peak and the conditional entropy of the
     gold `answer` after each step."""
@@ -62,11 +68,13 @@ def evaluate(
 
     `auroc_a_priori`: the signal in its expected direction; `auroc_cross_validated`: out-of-fold
     scores of a logistic regression on the signal (its direction learned), the detector's protocol.
-    `scores` holds the scores behind the reported AUROC. Empty when only one label is present.
+    `scores` holds the scores behind the reported AUROC, and `auroc_cross_validated_ci` its 95%
+    bootstrap interval (`auroc_interval`, seeded). Empty when only one label is present.
 
     With `strata` (one dataset name per record), the folds are stratified by dataset too, and each
     result adds `auroc_stratified` (pairs within a dataset only, `stratified_auroc`: a dataset
-    that is simply harder cannot raise it) and `auroc_by_stratum`, both of the reported scores.
+    that is simply harder cannot raise it) with `auroc_stratified_ci`, and `auroc_by_stratum`,
+    all of the reported scores.
 
     On records analysed in bfloat16 on the embedded model (`benchmarks/bf16.py`: 20 templated
     arithmetic traces, 10 with a wrong result), the a-priori AUROCs differ from float32 by at most
@@ -100,11 +108,16 @@ def evaluate(
             )
             result.update(auroc_cross_validated=auroc(cv, labels), scores=cv)
         out[name] = result
+    for result in out.values():
+        result["auroc_cross_validated_ci"] = list(
+            auroc_interval(np.asarray(result["scores"], dtype=float), labels, draws=1000, seed=seed)
+        )
     if strata is not None:
         groups = np.asarray(list(strata), dtype=object)
         for result in out.values():
             s = np.asarray(result["scores"], dtype=float)
             result["auroc_stratified"] = stratified_auroc(s, labels, strata)
+            result["auroc_stratified_ci"] = list(auroc_interval(s, labels, strata, draws=1000, seed=seed))
             result["auroc_by_stratum"] = {
                 str(g): auroc(s[groups == g], labels[groups == g]) for g in dict.fromkeys(groups.tolist())
             }

@@ -26,6 +26,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from mechlens.ops.lens import lens_from_cache
 from mechlens.ops.probes import LinearProbe
 from mechlens.ops.signals import SignalRows, TokenSignals
 from mechlens.text.trace import ReasoningTrace, Sentence
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 FEATURES = ("mean_score", "fluctuation", "attn_score", "score_ppl_corr")
 """The RHD detector's inputs: mean Reasoning Score, early-stage fluctuation (CV), attention of
@@ -104,7 +108,7 @@ def _check(divergence: str, unit: str) -> str:
 
 
 def reasoning_score(
-    model,
+    model: HookedModel,
     trace: ReasoningTrace,
     layers: Sequence[int] | None = None,
     divergence: str = "jsd",
@@ -210,7 +214,7 @@ class TraceAnalysis:
 
 @torch.no_grad()
 def analyze_trace(
-    model,
+    model: HookedModel,
     trace: ReasoningTrace,
     layers: Sequence[int] | None = None,
     attention_layers: Sequence[int] | None = None,

@@ -1,7 +1,7 @@
 """Refusal cliffs in reasoning traces ("Refusal Falls off a Cliff", Yin et al. 2025).
 
 - `judge`: does an answer refuse (`is_refusal`);
-- `replies`: replies split into thinking and answer (`Reply`, `rollouts`, `refusal_rates`);
+- `replies`: replies split into thinking and answer (`Reply`, `sample_replies`, `refusal_rates`);
 - `scores`: the refusal probe's score at every position and per thinking sentence
   (`refusal_features`, `refusal_scores`, `sentence_scores`);
 - `cliffs`: cliff metrics and end-aligned, stretched curves;
@@ -25,12 +25,15 @@ from mechlens.studies.refusal.cliffs import (
     stretch,
 )
 from mechlens.studies.refusal.judge import is_refusal
-from mechlens.studies.refusal.replies import REPLY_SAMPLING, Reply, refusal_rates, rollouts, rollouts_by_set
+from mechlens.studies.refusal.replies import (
+    REPLY_SAMPLING,
+    Reply,
+    refusal_rates,
+    sample_replies,
+    sample_replies_by_set,
+)
 from mechlens.studies.refusal.scores import refusal_features, refusal_scores, sentence_scores, thinking_span
 from mechlens.text.thinking import split_thinking
-
-Rollout = Reply  # the name before 0.2; kept for one release
-resample = stretch  # the name before 0.2; kept for one release
 
 __all__ = [
     "REPLY_SAMPLING",
@@ -44,8 +47,8 @@ __all__ = [
     "refusal_features",
     "refusal_rates",
     "refusal_scores",
-    "rollouts",
-    "rollouts_by_set",
+    "sample_replies",
+    "sample_replies_by_set",
     "split_thinking",
     "stretch",
     "sentence_scores",

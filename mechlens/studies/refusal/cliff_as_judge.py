@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from mechlens.models import load_model
-from mechlens.models.generation import Sampling
+from mechlens.models.sampling import Sampling
 from mechlens.ops.finetune import finetune
-from mechlens.organism.refusal import REFUSALS
-from mechlens.studies.refusal.replies import REPLY_SAMPLING, Reply, refusal_rates, rollouts_by_set
+from mechlens.studies.refusal.judge import REFUSALS
+from mechlens.studies.refusal.replies import REPLY_SAMPLING, Reply, refusal_rates, sample_replies_by_set
 from mechlens.text.thinking import format_reply
 
 
@@ -66,5 +66,5 @@ def safety_finetune(
     finetune(
         model, prompts, targets, train_layers=train_layers, epochs=epochs, lr=lr, batch_size=4, seed=seed
     )
-    replies = rollouts_by_set(model, eval_sets, sampling)
+    replies = sample_replies_by_set(model, eval_sets, sampling)
     return {**refusal_rates(replies), "examples": len(chosen), "replayed": len(kept)}

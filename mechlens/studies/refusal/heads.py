@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor
@@ -29,6 +30,9 @@ from mechlens.ops.signals import token_signals
 from mechlens.studies.refusal.replies import Reply
 from mechlens.text.thinking import format_reply
 from mechlens.text.trace import ReasoningTrace
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 
 def top_heads(effects: Tensor, count: int) -> list[tuple[int, int]]:
@@ -61,7 +65,10 @@ def random_head_sets(
 
 
 def answer_perplexity(
-    model, replies: Sequence[Reply], heads: Sequence[tuple[int, int]] = (), rescale: str | None = None
+    model: HookedModel,
+    replies: Sequence[Reply],
+    heads: Sequence[tuple[int, int]] = (),
+    rescale: str | None = None,
 ) -> float:
     """Capability check: mean perplexity of `replies` (the model's own, teacher-forced) with `heads`
     zero-ablated (`rescale` as in `model.ablate_heads`)."""

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mechlens.models.generation import Sampling
+from mechlens.models.sampling import Sampling
 from mechlens.ops.stats import wilson
 from mechlens.rollouts import Engine, LocalEngine
 from mechlens.rollouts.engines import sample_texts
 from mechlens.studies.refusal.judge import is_refusal
 from mechlens.text.thinking import format_prompt, format_reply, split_thinking
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
 
 
 @dataclass
@@ -43,11 +47,11 @@ class Reply:
 
 
 REPLY_SAMPLING = Sampling(max_new_tokens=64, temperature=0.0)
-"""Greedy replies of up to 64 tokens: the default of `rollouts`."""
+"""Greedy replies of up to 64 tokens: the default of `sample_replies`."""
 
 
-def rollouts(
-    model,
+def sample_replies(
+    model: HookedModel,
     instructions: str | Sequence[str],
     sampling: Sampling = REPLY_SAMPLING,
     batch_size: int = 16,
@@ -68,11 +72,11 @@ def rollouts(
     return out
 
 
-def rollouts_by_set(
-    model, sets: dict[str, list[str]], sampling: Sampling = REPLY_SAMPLING, batch_size: int = 16
+def sample_replies_by_set(
+    model: HookedModel, sets: dict[str, list[str]], sampling: Sampling = REPLY_SAMPLING, batch_size: int = 16
 ) -> dict[str, list[Reply]]:
-    """`rollouts` of several instruction sets in one batched call -> `{set name: [Reply]}`."""
-    rows = rollouts(model, [t for ts in sets.values() for t in ts], sampling, batch_size)
+    """`sample_replies` of several instruction sets in one batched call -> `{set name: [Reply]}`."""
+    rows = sample_replies(model, [t for ts in sets.values() for t in ts], sampling, batch_size)
     out, start = {}, 0
     for name, items in sets.items():
         n = len(items) * sampling.n

@@ -9,6 +9,7 @@ applied everywhere ("Refusal Falls off a Cliff").
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -18,9 +19,12 @@ from mechlens.studies.refusal.replies import Reply
 from mechlens.text.thinking import REPLY_OPEN
 from mechlens.text.trace import split_sentences
 
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
+
 
 def refusal_features(
-    model,
+    model: HookedModel,
     texts: str | Sequence[str],
     layers: Sequence[int] | None = None,
     positions: str = "last",
@@ -42,7 +46,7 @@ def refusal_features(
 
 
 def refusal_scores(
-    model,
+    model: HookedModel,
     probe: LinearProbe,
     texts: str | Sequence[str],
     layer: int | None = None,
@@ -73,7 +77,7 @@ def sentence_scores(tokenizer, reply: Reply, curve: Tensor) -> tuple[list[str], 
     thinking = reply.thinking.strip("\n")
     head = reply.prompt + REPLY_OPEN
     sentences, scores = [], []
-    for a, b in split_sentences(thinking, keep_last=True):
+    for a, b in split_sentences(thinking, rule="thought-branches"):
         start, end = _n_tokens(tokenizer, head + thinking[:a]), _n_tokens(tokenizer, head + thinking[:b])
         sentences.append(thinking[a:b])
         scores.append(float(curve[start : max(end, start + 1)].float().mean()))

@@ -40,25 +40,49 @@ def rank_recovery(
     draws: int = 2000,
     seed: int = 0,
 ) -> dict:
-    """Ranks (1 = most important, ties averaged) of the planted sentences among each trace's.
+    """Ranks (1 = most important, ties averaged) of the planted sentences among each trace's
+    sentences that the method scores (finite importances): an undefined (NaN) value is never
+    ranked.
 
-    Returns n_traces (those with a planted sentence), n_planted, mean_rank (over planted
-    sentences) with a 95% bootstrap interval over traces, top_k_hits / top_k_rate with its Wilson
-    interval (a trace hits when a planted sentence is among its k most important), the same two
-    numbers under `draws` seeded random rankings (mean and 2.5-97.5% range) and p_mean_rank, the
-    share of random draws whose mean rank is at most ours. NaN importances rank last (counted in
-    n_nan).
+    A trace counts when it has a planted sentence and every planted sentence is scored;
+    n_undefined_traces counts those left out because a planted sentence is not. Returns n_traces
+    (the traces that count), n_planted, mean_rank (over their planted sentences) with a 95%
+    bootstrap interval over traces, top_k_hits / top_k_rate with its Wilson interval (a trace hits
+    when a planted sentence is among its k most important), the same two numbers under `draws`
+    seeded random rankings of the same scored sentences (the null of a method that can rank only
+    those: mean and 2.5-97.5% range), p_mean_rank (the share of random draws whose mean rank is at
+    most ours), mean_sentences (scored sentences per trace) and n_nan (undefined values in the
+    traces with a planted sentence), and trace_ranks (per input trace, the mean rank of its
+    planted sentences; None where it does not count), for paired comparisons between methods on
+    the same traces (`paired_ranks`). With no trace that counts, the rank fields are NaN.
     """
     rows = _check(importances, planted, "importances")
-    pairs = [(r, list(p)) for r, p in zip(rows, planted, strict=True) if len(p)]
-    if not pairs:
+    with_planted = [(r, list(p)) for r, p in zip(rows, planted, strict=True) if len(p)]
+    if not with_planted:
         raise ValueError("no trace has a planted sentence")
     if k < 1 or draws < 1:
         raise ValueError(f"k and draws must be >= 1, got {k} and {draws}")
-    n_nan = int(sum(np.isnan(r).sum() for r, _ in pairs))
+    n_nan = int(sum(np.isnan(r).sum() for r, _ in with_planted))
+    pairs = []  # (scored importances, planted indices among them)
+    trace_ranks: list[float | None] = []  # per input trace: the mean rank of its planted sentences
+    for r, p in zip(rows, planted, strict=True):
+        scored = np.flatnonzero(~np.isnan(r))
+        if not len(p) or np.isnan(r[list(p)]).any():
+            trace_ranks.append(None)
+            continue
+        pairs.append((r[scored], [int(np.searchsorted(scored, i)) for i in p]))
+        trace_ranks.append(float(rankdata(-r[scored], method="average")[pairs[-1][1]].mean()))
+    base = {"n_traces": len(pairs), "n_undefined_traces": len(with_planted) - len(pairs), "n_nan": n_nan,
+            "k": k, "draws": draws, "trace_ranks": trace_ranks}  # fmt: skip
+    if not pairs:
+        nan = float("nan")
+        return {**base, "n_planted": 0, "mean_rank": nan, "mean_rank_ci": [nan, nan], "mean_sentences": nan,
+                "top_k_hits": 0, "top_k_rate": nan, "top_k_ci": [nan, nan], "random_mean_rank": nan,
+                "random_mean_rank_range": [nan, nan], "random_top_k_rate": nan,
+                "random_top_k_range": [nan, nan], "p_mean_rank": nan}  # fmt: skip
     ranks, hits = [], []
     for r, p in pairs:
-        order = rankdata(-np.nan_to_num(r, nan=-np.inf), method="average")  # 1 = largest
+        order = rankdata(-r, method="average")  # 1 = largest
         ranks.append(order[p])
         hits.append(bool((order[p] <= k).any()))
     rng = np.random.default_rng(seed)
@@ -74,13 +98,11 @@ def rank_recovery(
         random_hits.append(np.mean([(x <= k).any() for x in perm]))
     rate, low, high = wilson(sum(hits), len(hits))
     return {
-        "n_traces": len(pairs),
+        **base,
         "n_planted": len(flat),
-        "n_nan": n_nan,
         "mean_rank": float(flat.mean()),
         "mean_rank_ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
         "mean_sentences": float(np.mean([len(r) for r, _ in pairs])),
-        "k": k,
         "top_k_hits": int(sum(hits)),
         "top_k_rate": rate,
         "top_k_ci": [low, high],
@@ -95,7 +117,36 @@ def rank_recovery(
             float(np.percentile(random_hits, 97.5)),
         ],
         "p_mean_rank": float(np.mean(np.array(random_rank) <= flat.mean())),
-        "draws": draws,
+    }
+
+
+def paired_ranks(method: dict, baseline: dict) -> dict:
+    """A method against a baseline on the same traces (two `rank_recovery` results): on the
+    traces both can rank, how often the method ranks the planted sentences better (a smaller mean
+    rank), equally or worse, the mean rank difference (method - baseline) and the exact two-sided
+    sign test over the untied traces (scipy's binomial test).
+
+        >>> a = {"trace_ranks": [1.0, 2.0, None, 1.0]}; b = {"trace_ranks": [2.0, 2.0, 3.0, 4.0]}
+        >>> paired_ranks(a, b)["better"], paired_ranks(a, b)["n"], paired_ranks(a, b)["p_sign"]
+        (2, 3, 0.5)
+    """
+    from scipy.stats import binomtest
+
+    pairs = [
+        (m, b)
+        for m, b in zip(method["trace_ranks"], baseline["trace_ranks"], strict=True)
+        if m is not None and b is not None
+    ]
+    better = sum(m < b for m, b in pairs)
+    worse = sum(m > b for m, b in pairs)
+    untied = better + worse
+    return {
+        "n": len(pairs),
+        "better": better,
+        "tied": len(pairs) - untied,
+        "worse": worse,
+        "mean_difference": float(np.mean([m - b for m, b in pairs])) if pairs else float("nan"),
+        "p_sign": float(binomtest(better, untied).pvalue) if untied else float("nan"),
     }
 
 
