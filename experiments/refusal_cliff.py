@@ -477,7 +477,12 @@ def main(cfg: RefusalConfig) -> dict:
     for name, m in paired.items():
         lines.append(
             f"top {n_heads} heads ablated, {name}: of {m['n']} prompts, {m['only_a']} refused only without "
-            f"the ablation, {m['only_b']} only with it (exact McNemar p = {m['p']:.2g})"
+            f"the ablation, {m['only_b']} only with it "
+            + (
+                f"(exact McNemar p = {m['p']:.2g})"
+                if m["only_a"] + m["only_b"]
+                else "(no discordant prompt: no test)"
+            )
         )
     for name, rates in judge.items():
         c = "jailbreak: attack success"

@@ -289,7 +289,7 @@ def main(cfg: AnchorsConfig) -> dict:
     run.save_json("results.json", results)
     defined = results["counterfactual_kl_defined"]
     lines = [
-        f"{len(per_trace)} traces, {len(categories)} sentences, {cfg.n_rollouts} rollouts per sentence",
+        f"{len(per_trace)} trace(s), {len(categories)} sentences, {cfg.n_rollouts} rollouts per sentence",
         f"counterfactual importance defined on {defined['finite']} of {defined['sentences']} sentences",
         *[
             f"Spearman, {k}: "

@@ -108,12 +108,13 @@ def write_index(root: str | Path) -> Path:
 
 
 def report(root: str | Path) -> str:
-    """Each study's summary under `root` (the `summary.json` files `Run.summarize` writes), the
-    path of every figure, and the gallery page (written by `write_index`)."""
+    """Each study's summary under `root` (the `summary.json` files `Run.summarize` writes; the
+    folder's own first), the path of every figure, and the gallery page (written by
+    `write_index`)."""
     root = Path(root)
     index = write_index(root)
     lines = []
-    for path in sorted(root.rglob("summary.json")):
+    for path in sorted(root.rglob("summary.json"), key=lambda p: (len(p.relative_to(root).parts), p)):
         summary = json.loads(path.read_text())
         lines += [summary.get("title", path.parent.name), *[f"  {x}" for x in summary.get("lines", [])], ""]
     lines.append("Figures:")
