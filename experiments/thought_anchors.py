@@ -307,7 +307,8 @@ def main(cfg: AnchorsConfig) -> dict:
             line = (
                 f"planted sentence, {name}: mean rank {r['mean_rank']:.2f} (95% CI {low:.2f}-{high:.2f}; "
                 f"random {r['random_mean_rank']:.2f}), "
-                f"top 3 in {format_rate(r['top_k_hits'], r['n_traces'])} traces"
+                f"top 3 in {format_rate(r['top_k_hits'], r['n_top_k_traces'])} traces"
+                f" ({r['n_undefined_traces']} undefined)"
             )
             if "vs_length" in r:
                 v = r["vs_length"]
@@ -342,8 +343,19 @@ def resampling_scores(per_trace: list, strict: float, n: int | None = None, seed
     return out
 
 
-CURVE_FIELDS = ("mean_rank", "mean_rank_ci", "top_k_hits", "top_k_rate", "top_k_ci", "n_traces",
-                "n_undefined_traces", "n_nan", "random_mean_rank", "random_top_k_rate")  # fmt: skip
+CURVE_FIELDS = (
+    "mean_rank",
+    "mean_rank_ci",
+    "top_k_hits",
+    "n_top_k_traces",
+    "top_k_rate",
+    "top_k_ci",
+    "n_traces",
+    "n_undefined_traces",
+    "n_nan",
+    "random_mean_rank",
+    "random_top_k_rate",
+)
 """The `rank_recovery` fields the rollouts-per-sentence curve keeps at each n."""
 
 
@@ -395,7 +407,7 @@ def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict:
         },
         "share of traces with a planted decisive sentence in the top 3",
         title=f"Planted decisive sentences (plan, repairing check) recovered: {len(per_trace)} traces",
-        counts={"method": [f"{out[n]['top_k_hits']}/{out[n]['n_traces']}" for n in names],
+        counts={"method": [f"{out[n]['top_k_hits']}/{out[n]['n_top_k_traces']}" for n in names],
                 "random rankings": [f"{out[n]['draws']} draws" for n in names]},
         intervals={"method": [tuple(out[n]["top_k_ci"]) for n in names],
                    "random rankings": [tuple(out[n]["random_top_k_range"]) for n in names]},
@@ -405,8 +417,8 @@ def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict:
     )
     curve = rollout_curve(per_trace, planted, cfg)
     for name, rows in curve.items():
-        cells = [f"n={n}: rank {r['mean_rank']:.2f}, top-3 {r['top_k_hits']}/{r['n_traces']}" if r["n_traces"]
-                 else f"n={n}: undefined" for n, r in rows.items()]  # fmt: skip
+        cells = [f"n={n}: rank {r['mean_rank']:.2f}, top-3 {r['top_k_hits']}/{r['n_top_k_traces']}"
+                 if r["n_traces"] else f"n={n}: undefined" for n, r in rows.items()]  # fmt: skip
         print(f"rollouts curve, {name}: " + ", ".join(cells))
     ns = sorted({n for rows in curve.values() for n in rows})
     lines = {}

@@ -147,7 +147,8 @@ class Run:
         """Print the run's headline results under `title` to stdout (one line each: a number with
         its n and interval), and write them with the paths of the run's figures to
         `<out_dir>/summary.json`, which `python -m mechlens.gallery DIR --report` gathers."""
-        if not isinstance(title, str) or isinstance(lines, str) or not all(isinstance(x, str) for x in lines):
+        lines = [lines] if isinstance(lines, str) else list(lines)  # a generator is read once
+        if not isinstance(title, str) or not all(isinstance(x, str) for x in lines):
             raise TypeError("title must be a string and lines a list of strings")
         figures = [p.as_posix() for p in self.outputs if p.suffix == ".html"]
         print(f"\n{title}\n" + "\n".join(f"  {line}" for line in lines))

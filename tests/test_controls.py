@@ -88,3 +88,6 @@ def test_mcnemar_against_scipy(a, b):
         assert np.isnan(got["p"])
     with pytest.raises(ValueError, match="paired"):
         mcnemar(a, b[:-1])
+    for bad in ([float("nan"), 1], [None, 1], [2, 1]):
+        with pytest.raises(ValueError, match="0/1"):
+            mcnemar(bad, [0, 1])

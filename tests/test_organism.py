@@ -269,6 +269,8 @@ def test_rank_recovery_against_random_rankings():
     assert 5.0 < partial["random_mean_rank"] < 6.0  # (10 + 1) / 2, not (15 + 1) / 2
     ties = rank_recovery([[1.0, 1.0, float("nan"), 0.5]], [[3]], draws=10)
     assert ties["mean_rank"] == 3.0 and ties["n_traces"] == 1  # ranked among the 3 scored
+    assert ties["n_top_k_traces"] == 0 and np.isnan(ties["top_k_rate"])  # 3 scored: every ranking hits top 3
+    assert rank_recovery([[1.0, float("inf"), 0.5, 0.2]], [[1]], draws=10)["n_undefined_traces"] == 1
     with pytest.raises(ValueError, match="planted indices"):
         rank_recovery([[1.0, 2.0]], [[5]])
     with pytest.raises(ValueError, match="no trace has a planted"):
@@ -294,6 +296,12 @@ def test_a_method_that_scores_by_length_has_no_margin_over_length():
     assert np.isnan(same["p_sign"])  # no untied trace: no test
     noise = paired_ranks(rank_recovery([rng.random(14) for _ in range(12)], planted, draws=50), length)
     assert noise["worse"] == 12 and noise["p_sign"] < 0.001 and noise["mean_difference"] > 0
+    # a method that scores few sentences is compared on the same scale, not rewarded for it
+    few = [np.where(np.arange(14) < 5, x, np.nan) for x in lengths]  # scores the first 5 only
+    planted_early = [[0] for _ in lengths]
+    early_length = rank_recovery([np.r_[100.0, x[1:]] for x in lengths], planted_early, draws=20)
+    first_of_few = rank_recovery([np.r_[100.0, x[1:]] for x in few], planted_early, draws=20)
+    assert paired_ranks(first_of_few, early_length)["tied"] == 12  # both rank it first: 0 on the scale
 
 
 def test_cliff_recovery_finds_the_planted_drop():

@@ -132,7 +132,11 @@ def test_summaries_and_index_page_make_the_report(tmp_path, capsys):
         run.save_figure(go.Figure(), f"{name}_fig", caption=f"The {name} figure.")
         run.summarize(f"{name} study", [f"{name}: 3/10 = 0.30 (95% CI 0.11-0.60)"])
         with pytest.raises(TypeError, match="lines"):
-            run.summarize(name, "not a list")
+            run.summarize(name, [1, 2])
+    Run("gen", {}, tmp_path / "gen", cache_root=tmp_path / "cache").summarize(
+        "gen", (f"line {i}" for i in range(2))
+    )
+    assert json.loads((tmp_path / "gen" / "summary.json").read_text())["lines"] == ["line 0", "line 1"]
     printed = capsys.readouterr().out
     assert "depth study\n  depth: 3/10" in printed and "{" not in printed
     summary = json.loads((tmp_path / "depth" / "summary.json").read_text())

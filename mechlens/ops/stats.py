@@ -135,6 +135,11 @@ def permutation_null(
     return out
 
 
+def is_number(value: object) -> bool:
+    """A real number that is not NaN (Python or NumPy; bools count as 0/1)."""
+    return isinstance(value, int | float | np.integer | np.floating) and not np.isnan(value)
+
+
 def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
     """Exact McNemar test of two paired binary outcomes (the same prompts under two conditions):
     `only_a` and `only_b` (the discordant pairs), `n` and the two-sided exact binomial p-value of
@@ -145,6 +150,9 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
     """
     from scipy.stats import binomtest
 
+    raw = [np.asarray(v, dtype=object).ravel() for v in (a, b)]
+    if any(not all(isinstance(o, bool | np.bool_) or (is_number(o) and o in (0, 1)) for o in v) for v in raw):
+        raise ValueError("a and b must hold outcomes that are True/False or 0/1 (no NaN or None)")
     x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"a and b must be paired: one outcome each per prompt, got {x.shape} and {y.shape}")

@@ -41,20 +41,23 @@ def rank_recovery(
     seed: int = 0,
 ) -> dict:
     """Ranks (1 = most important, ties averaged) of the planted sentences among each trace's
-    sentences that the method scores (finite importances): an undefined (NaN) value is never
-    ranked.
+    sentences that the method scores (finite importances): an undefined (NaN or infinite) value is
+    never ranked.
 
     A trace counts when it has a planted sentence and every planted sentence is scored;
     n_undefined_traces counts those left out because a planted sentence is not. Returns n_traces
     (the traces that count), n_planted, mean_rank (over their planted sentences) with a 95%
-    bootstrap interval over traces, top_k_hits / top_k_rate with its Wilson interval (a trace hits
-    when a planted sentence is among its k most important), the same two numbers under `draws`
+    bootstrap interval over traces, top_k_hits / top_k_rate with its Wilson interval over the
+    n_top_k_traces that score more than k sentences (a trace hits when a planted sentence is among
+    its k most important; with k or fewer scored, every ranking would hit), the same two numbers
+    under `draws`
     seeded random rankings of the same scored sentences (the null of a method that can rank only
     those: mean and 2.5-97.5% range), p_mean_rank (the share of random draws whose mean rank is at
     most ours), mean_sentences (scored sentences per trace) and n_nan (undefined values in the
     traces with a planted sentence), and trace_ranks (per input trace, the mean rank of its
-    planted sentences; None where it does not count), for paired comparisons between methods on
-    the same traces (`paired_ranks`). With no trace that counts, the rank fields are NaN.
+    planted sentences as a fraction of its scored sentences, (rank - 1) / (scored - 1): 0 = first,
+    1 = last; None where it does not count), so that methods that score different sentences compare
+    on the same scale, trace by trace (`paired_ranks`). With no trace that counts, the rank fields are NaN.
     """
     rows = _check(importances, planted, "importances")
     with_planted = [(r, list(p)) for r, p in zip(rows, planted, strict=True) if len(p)]
@@ -62,40 +65,48 @@ def rank_recovery(
         raise ValueError("no trace has a planted sentence")
     if k < 1 or draws < 1:
         raise ValueError(f"k and draws must be >= 1, got {k} and {draws}")
-    n_nan = int(sum(np.isnan(r).sum() for r, _ in with_planted))
+    n_nan = int(sum((~np.isfinite(r)).sum() for r, _ in with_planted))
     pairs = []  # (scored importances, planted indices among them)
     trace_ranks: list[float | None] = []  # per input trace: the mean rank of its planted sentences
     for r, p in zip(rows, planted, strict=True):
-        scored = np.flatnonzero(~np.isnan(r))
-        if not len(p) or np.isnan(r[list(p)]).any():
+        scored = np.flatnonzero(np.isfinite(r))
+        if not len(p) or not np.isfinite(r[list(p)]).all():
             trace_ranks.append(None)
             continue
         pairs.append((r[scored], [int(np.searchsorted(scored, i)) for i in p]))
-        trace_ranks.append(float(rankdata(-r[scored], method="average")[pairs[-1][1]].mean()))
+        rank = float(rankdata(-r[scored], method="average")[pairs[-1][1]].mean())
+        trace_ranks.append((rank - 1) / (len(scored) - 1) if len(scored) > 1 else 0.0)
     base = {"n_traces": len(pairs), "n_undefined_traces": len(with_planted) - len(pairs), "n_nan": n_nan,
             "k": k, "draws": draws, "trace_ranks": trace_ranks}  # fmt: skip
     if not pairs:
         nan = float("nan")
         return {**base, "n_planted": 0, "mean_rank": nan, "mean_rank_ci": [nan, nan], "mean_sentences": nan,
-                "top_k_hits": 0, "top_k_rate": nan, "top_k_ci": [nan, nan], "random_mean_rank": nan,
-                "random_mean_rank_range": [nan, nan], "random_top_k_rate": nan,
+                "n_top_k_traces": 0, "top_k_hits": 0, "top_k_rate": nan, "top_k_ci": [nan, nan],
+                "random_mean_rank": nan, "random_mean_rank_range": [nan, nan], "random_top_k_rate": nan,
                 "random_top_k_range": [nan, nan], "p_mean_rank": nan}  # fmt: skip
     ranks, hits = [], []
-    for r, p in pairs:
+    wide = [len(r) > k for r, _ in pairs]  # traces where a top-k hit can fail
+    for (r, p), w in zip(pairs, wide, strict=True):
         order = rankdata(-r, method="average")  # 1 = largest
         ranks.append(order[p])
-        hits.append(bool((order[p] <= k).any()))
+        if w:
+            hits.append(bool((order[p] <= k).any()))
     rng = np.random.default_rng(seed)
     flat = np.concatenate(ranks)
     boot = [
         np.concatenate([ranks[i] for i in rng.integers(0, len(ranks), len(ranks))]).mean()
         for _ in range(1000)
     ]
-    random_rank, random_hits = [], []
+    random_rank: list[float] = []
+    random_hits: list[float] = []
     for _ in range(draws):
         perm = [rng.permutation(len(r))[p] + 1 for r, p in pairs]
-        random_rank.append(np.concatenate(perm).mean())
-        random_hits.append(np.mean([(x <= k).any() for x in perm]))
+        random_rank.append(float(np.concatenate(perm).mean()))
+        random_hits.append(
+            float(np.mean([(x <= k).any() for x, w in zip(perm, wide, strict=True) if w]))
+            if any(wide)
+            else np.nan
+        )
     rate, low, high = wilson(sum(hits), len(hits))
     return {
         **base,
@@ -103,6 +114,7 @@ def rank_recovery(
         "mean_rank": float(flat.mean()),
         "mean_rank_ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
         "mean_sentences": float(np.mean([len(r) for r, _ in pairs])),
+        "n_top_k_traces": len(hits),
         "top_k_hits": int(sum(hits)),
         "top_k_rate": rate,
         "top_k_ci": [low, high],
