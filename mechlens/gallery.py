@@ -68,9 +68,10 @@ def write_gallery(root: str | Path = "figures") -> Path:
     return out
 
 
-def write_index(root: str | Path) -> Path:
+def write_index(root: str | Path, figures: list[tuple[Path, dict]] | None = None) -> Path:
     """Write `root/index.html`: every figure under `root`, folder by folder, as a link to its
-    interactive HTML (and its PNG inline when there is one) with its caption and command.
+    interactive HTML (and its PNG inline when there is one) with its caption and command
+    (`figures`: `_figures(root)` when the caller has read them already).
 
         >>> import tempfile, pathlib
         >>> root = pathlib.Path(tempfile.mkdtemp())
@@ -81,7 +82,7 @@ def write_index(root: str | Path) -> Path:
     """
     root = Path(root)
     body, folder = [], None
-    for stem, info in _figures(root):
+    for stem, info in _figures(root) if figures is None else figures:
         rel = stem.parent.relative_to(root)
         if rel != folder:
             folder = rel
@@ -112,13 +113,14 @@ def report(root: str | Path) -> str:
     folder's own first), the path of every figure, and the gallery page (written by
     `write_index`)."""
     root = Path(root)
-    index = write_index(root)
+    figures = _figures(root)  # the provenance files, read once for the page and the list
+    index = write_index(root, figures)
     lines = []
     for path in sorted(root.rglob("summary.json"), key=lambda p: (len(p.relative_to(root).parts), p)):
         summary = json.loads(path.read_text())
         lines += [summary.get("title", path.parent.name), *[f"  {x}" for x in summary.get("lines", [])], ""]
     lines.append("Figures:")
-    lines += [f"  {stem.as_posix()}.html  {info.get('caption', '')}" for stem, info in _figures(root)]
+    lines += [f"  {stem.as_posix()}.html  {info.get('caption', '')}" for stem, info in figures]
     lines += ["", f"Open {index.as_posix()} for every figure with its caption."]
     return "\n".join(lines)
 

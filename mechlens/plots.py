@@ -528,9 +528,14 @@ def _lines(text: str | None) -> list[str]:
     return [re.sub(r"<[^>]+>", "", line) for line in text.split("<br>")] if text else []
 
 
+def _text_px(text: str, font: float) -> float:
+    """The estimated width of one line of `text` at `font` px."""
+    return len(text) * font * CHAR_WIDTH
+
+
 def _wrap_px(text: str, width_px: float, font: float) -> str:
     """`text` broken at spaces (`<br>`) into lines of at most `width_px` at `font` px."""
-    per_line = max(8, int(width_px / (font * CHAR_WIDTH)))
+    per_line = max(8, int(width_px / _text_px("x", font)))
     return "<br>".join("<br>".join(_wrap(line, per_line)) for line in text.split("<br>"))
 
 
@@ -542,7 +547,7 @@ class _Geometry:
         template = pio.templates[TEMPLATE].layout
         self.width = lay.width or 700
         self.height = lay.height or 450
-        self.font = (lay.font.size if lay.font.size else None) or template.font.size or 12
+        self.font = lay.font.size or template.font.size or 12
         self.title_font = lay.title.font.size or template.title.font.size or self.font * 1.2
 
         def side(name: str, default: int) -> float:
@@ -561,7 +566,7 @@ class _Geometry:
         self.legend_above = bool(shown) and legend.orientation == "h" and (legend.y or 0) >= 1
         rows, used = 1, 0.0
         for name in shown:
-            w = len(name) * self.font * CHAR_WIDTH + 50  # symbol and padding
+            w = _text_px(name, self.font) + 50  # symbol and padding
             if used + w > self.width - 20 and used > 0:
                 rows, used = rows + 1, 0.0
             used += w
@@ -616,7 +621,7 @@ def layout_problems(fig: go.Figure) -> list[str]:
     lay = fig.layout
     problems = []
     for line in g.title_lines:
-        w = len(line) * g.title_font * CHAR_WIDTH
+        w = _text_px(line, g.title_font)
         if w > g.width - 20:
             problems.append(
                 f"a title line ({w:.0f} px) is wider than the figure ({g.width} px): {line[:40]!r}"
@@ -629,7 +634,7 @@ def layout_problems(fig: go.Figure) -> list[str]:
     for axis, length in (("x", g.plot_w), ("y", g.plot_h)):
         ax = getattr(lay, f"{axis}axis")
         for line in _lines(ax.title.text):
-            w = len(line) * (ax.title.font.size or g.font) * CHAR_WIDTH
+            w = _text_px(line, ax.title.font.size or g.font)
             if w > length:
                 problems.append(
                     f"the {axis}-axis title ({w:.0f} px) is longer than its axis ({length:.0f} px): "

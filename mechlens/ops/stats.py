@@ -135,11 +135,6 @@ def permutation_null(
     return out
 
 
-def is_number(value: object) -> bool:
-    """A real number that is not NaN (Python or NumPy; bools count as 0/1)."""
-    return isinstance(value, int | float | np.integer | np.floating) and not np.isnan(value)
-
-
 def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
     """Exact McNemar test of two paired binary outcomes (the same prompts under two conditions):
     `only_a` and `only_b` (the discordant pairs), `n` and the two-sided exact binomial p-value of
@@ -150,8 +145,7 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
     """
     from scipy.stats import binomtest
 
-    raw = [np.asarray(v, dtype=object).ravel() for v in (a, b)]
-    if any(not all(isinstance(o, bool | np.bool_) or (is_number(o) and o in (0, 1)) for o in v) for v in raw):
+    if not all(np.isin(np.asarray(v, dtype=object).ravel(), [0, 1]).all() for v in (a, b)):
         raise ValueError("a and b must hold outcomes that are True/False or 0/1 (no NaN or None)")
     x, y = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     if x.shape != y.shape or x.ndim != 1:
@@ -163,9 +157,9 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
 
 def format_rate(successes: int, n: int) -> str:
     """`"k/n = rate (95% CI low-high)"` with the Wilson interval; `"0/0 (undefined)"` for n = 0."""
-    rate, low, high = wilson(successes, n)
     if n == 0:
         return "0/0 (undefined)"
+    rate, low, high = wilson(successes, n)
     return f"{successes}/{n} = {rate:.2f} (95% CI {low:.2f}-{high:.2f})"
 
 
