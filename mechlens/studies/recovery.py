@@ -67,15 +67,20 @@ def rank_recovery(
         raise ValueError(f"k and draws must be >= 1, got {k} and {draws}")
     n_nan = int(sum((~np.isfinite(r)).sum() for r, _ in with_planted))
     pairs = []  # (scored importances, planted indices among them)
+    ranks, hits = [], []  # per counted trace: its planted sentences' ranks; top-k hits
     trace_ranks: list[float | None] = []  # per input trace: the mean rank of its planted sentences
     for r, p in zip(rows, planted, strict=True):
         scored = np.flatnonzero(np.isfinite(r))
         if not len(p) or not np.isfinite(r[list(p)]).all():
             trace_ranks.append(None)
             continue
-        pairs.append((r[scored], [int(np.searchsorted(scored, i)) for i in p]))
-        rank = float(rankdata(-r[scored], method="average")[pairs[-1][1]].mean())
-        trace_ranks.append((rank - 1) / (len(scored) - 1) if len(scored) > 1 else 0.0)
+        values, at = r[scored], [int(np.searchsorted(scored, i)) for i in p]
+        order = rankdata(-values, method="average")  # 1 = largest
+        pairs.append((values, at))
+        ranks.append(order[at])
+        if len(values) > k:  # with k or fewer scored, every ranking hits the top k
+            hits.append(bool((order[at] <= k).any()))
+        trace_ranks.append((float(order[at].mean()) - 1) / (len(values) - 1) if len(values) > 1 else 0.0)
     base = {"n_traces": len(pairs), "n_undefined_traces": len(with_planted) - len(pairs), "n_nan": n_nan,
             "k": k, "draws": draws, "trace_ranks": trace_ranks}  # fmt: skip
     if not pairs:
@@ -84,13 +89,7 @@ def rank_recovery(
                 "n_top_k_traces": 0, "top_k_hits": 0, "top_k_rate": nan, "top_k_ci": [nan, nan],
                 "random_mean_rank": nan, "random_mean_rank_range": [nan, nan], "random_top_k_rate": nan,
                 "random_top_k_range": [nan, nan], "p_mean_rank": nan}  # fmt: skip
-    ranks, hits = [], []
-    wide = [len(r) > k for r, _ in pairs]  # traces where a top-k hit can fail
-    for (r, p), w in zip(pairs, wide, strict=True):
-        order = rankdata(-r, method="average")  # 1 = largest
-        ranks.append(order[p])
-        if w:
-            hits.append(bool((order[p] <= k).any()))
+    wide = [len(r) > k for r, _ in pairs]  # the traces whose top-k hits count
     rng = np.random.default_rng(seed)
     flat = np.concatenate(ranks)
     boot = [
