@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=160, help="length of each rollout")
     p.add_argument("--proximity", type=int, default=4, help="sentences ignored near the diagonal")
     p.add_argument(
-        "--split-rule", choices=("thought-anchors", "thought-branches"), default=None,
+        "--split-rule", choices=("thought-anchors", "thought-branches"), default=None,  # text.SPLIT_RULES,
+        # written out so that the parser does not import torch (tests/test_cli.py keeps them equal)
         help="where sentences end: thought-anchors drops the final unclosed chunk, thought-branches keeps "
         "it (default: a saved trace's own rule, else thought-anchors)",
     )  # fmt: skip

@@ -117,6 +117,11 @@ def test_anchors_command_takes_the_split_rule(capsys, tmp_path):
     import json
 
     import mechlens as ml
+    from mechlens.cli import _parser
+    from mechlens.text.trace import SPLIT_RULES
+
+    anchors_parser = _parser()._subparsers._group_actions[0].choices["anchors"]  # type: ignore[union-attr]
+    assert next(a.choices for a in anchors_parser._actions if a.dest == "split_rule") == SPLIT_RULES
 
     trace = tmp_path / "t.json"
     trace.write_text(
