@@ -574,6 +574,18 @@ class _Geometry:
         self.legend_rows = rows
         self.legend_lift = ((legend.y or 1) - 1) * self.plot_h if self.legend_above else 0.0
 
+    def axes(self, fig: go.Figure) -> list[tuple[str, str, float]]:
+        """`(layout key, "x" or "y", length in px)` of every axis, subplots' included (an axis
+        spans its domain's share of the plot area)."""
+        out = []
+        for key in fig.layout:
+            match = re.fullmatch(r"([xy])axis\d*", key)
+            if match:
+                domain = fig.layout[key].domain or (0.0, 1.0)
+                full = self.plot_w if match.group(1) == "x" else self.plot_h
+                out.append((key, match.group(1), full * (domain[1] - domain[0])))
+        return out
+
     def top_needed(self) -> float:
         """The top margin that holds the title and, when it sits above the plot, the legend."""
         legend = self.legend_h + self.legend_lift + 6 if self.legend_above else 0.0
@@ -590,8 +602,8 @@ def fit_layout(fig: go.Figure) -> go.Figure:
     if lay.title.text:
         lay.title.text = _wrap_px(lay.title.text, g.width - 40, g.title_font)
         lay.title.update(y=1 - TITLE_GAP / g.height, yanchor="top", yref="container")
-    for axis, length in (("xaxis", g.plot_w), ("yaxis", g.plot_h)):
-        ax = getattr(lay, axis)
+    for key, _, length in g.axes(fig):
+        ax = lay[key]
         if ax.title.text:
             ax.title.text = _wrap_px(ax.title.text, length, ax.title.font.size or g.font)
     g = _Geometry(fig)
@@ -608,8 +620,8 @@ def layout_problems(fig: go.Figure) -> list[str]:
     """Clashes a reader would see in `fig`, read from its layout (sizes, margins, positions and
     the length of its texts) rather than from a rendering: a title line wider than the figure, a
     title and a legend above the plot that do not fit in the top margin together, and an axis
-    title line longer than its axis (a y-axis title then runs into the plot title). Empty when
-    it reads well.
+    title line longer than its axis, subplots' axes included (a y-axis title then runs into the
+    plot title). Empty when it reads well.
 
         >>> layout_problems(go.Figure(layout=dict(title="A short title", yaxis_title="y")))
         []
@@ -631,8 +643,8 @@ def layout_problems(fig: go.Figure) -> list[str]:
             f" and the legend above the plot ({g.legend_rows} row(s))" if g.legend_above else ""
         )
         problems.append(f"{what} need {g.top_needed():.0f} px, the top margin is {g.top:.0f}")
-    for axis, length in (("x", g.plot_w), ("y", g.plot_h)):
-        ax = getattr(lay, f"{axis}axis")
+    for key, axis, length in g.axes(fig):
+        ax = lay[key]
         for line in _lines(ax.title.text):
             w = _text_px(line, ax.title.font.size or g.font)
             if w > length:

@@ -105,6 +105,17 @@ def test_the_check_sees_clashes():
     assert any("legend above the plot" in p for p in plots.layout_problems(legend))
 
 
+def test_subplot_axes_are_checked_and_fitted():
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=3)
+    fig.update_layout(template=plots.TEMPLATE, width=900, height=400)
+    fig.update_xaxes(title_text=LONG_Y, row=1, col=2)  # the second panel's axis is a third as long
+    assert [p.split(" (")[0] for p in plots.layout_problems(fig)] == ["the x-axis title"]
+    assert plots.layout_problems(plots.fit_layout(fig)) == []
+    assert "<br>" in fig.layout.xaxis2.title.text and not fig.layout.xaxis.title.text
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(kinds()))
 def test_figure_renders(name, tmp_path):

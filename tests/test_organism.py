@@ -316,6 +316,17 @@ def test_cliff_recovery_finds_the_planted_drop():
         and r["at_planted_ci"][0] < 2 / 3 < r["at_planted_ci"][1]
     )
     assert r["last_change_complied"] < -0.3 < 0 < r["last_change_refused"]
+    # the control: refused traces' drops at the same place from the end (the last sentence here)
+    assert r["control_n"] == 2 and r["control_at_same"] == 0.0
+    drops_last = [[0.9, 0.9, 0.95, 0.1], [0.8, 0.9, 0.2], [0.9, 0.2, 0.3]]  # 2 of 3 drop last
+    c = cliff_recovery(complied, [3, 4, 3], refused=drops_last)
+    assert c["control_at_same"] == pytest.approx(2 / 3)
+    from scipy.stats import fisher_exact
+
+    assert c["vs_control_p"] == pytest.approx(fisher_exact([[2, 1], [2, 1]])[1])
+    # a planted sentence one before the last: refused drops one before their last count
+    early = cliff_recovery([[0.9, 0.2, 0.2]], [1], refused=[[0.9, 0.1, 0.1], [0.9, 0.9, 0.1]])
+    assert early["control_at_same"] == 0.5
     assert largest_drop([1.0, 0.5, 0.6]) == 1
     with pytest.raises(ValueError, match="finite"):
         largest_drop([1.0, float("nan")])

@@ -33,23 +33,27 @@ from mechlens.cache import stable_hash
 from mechlens.datasets import STEP_BY_STEP, Instruction, Problem
 from mechlens.models.loading import DtypeName
 from mechlens.models.sampling import Sampling
-from mechlens.ops.stats import wilson
+from mechlens.ops.stats import auroc, wilson
 from mechlens.organism.builder import SHIPPED, OrganismBuilder, OrganismRecipe
 from mechlens.organism.traces import (
     PlantedTrace,
     PlantingRates,
     arithmetic_trace,
     factual_trace,
+    label_roles,
     refusal_trace,
     whole_sentences,
     word_problems,
 )
+from mechlens.studies.recovery import cliff_recovery
+from mechlens.studies.refusal.scores import sentence_scores
 from mechlens.text.answers import grade
 from mechlens.text.thinking import format_prompt, split_thinking
 from mechlens.text.trace import split_sentences
 
 if TYPE_CHECKING:
     from mechlens.models.hooked import HookedModel
+    from mechlens.studies.refusal import RefusalStudy
 
 TRAIN_SEED = 1000
 """Seed of the training word problems; `held_out_problems` draws from other seeds."""
@@ -250,3 +254,35 @@ def behaviour(
         "requests": refusal_rates(replies),
         "rows": rows,
     }
+
+
+def planted_cliff(model: HookedModel, study: RefusalStudy) -> tuple[dict | None, dict[str, list]]:
+    """The refusal study against what the organism planted: where the probe's score falls in
+    complied traces against the rationalising sentence (read back from each trace's text with
+    `label_roles`), with every refused trace's drop at the same place as the control
+    (`studies.recovery.cliff_recovery`), and the cliff's AUROC complied vs refused.
+
+    Returns `(recovery or None when no complied trace has the sentence, rows)`: rows maps
+    "harmful, complied" / "harmful, refused" to `(sentence scores, index of the rationalising
+    sentence / the refusal decision)` pairs, for a figure aligned at that sentence."""
+    rows: dict[str, list] = {"harmful, complied": [], "harmful, refused": []}
+    control = []  # every refused trace's sentence scores
+    for group, role in (("harmful, complied", "rationalise"), ("harmful, refused", "decide")):
+        for reply, curve in zip(study.groups[group], study.curves[group], strict=True):
+            sentences, scores = sentence_scores(model.tokenizer, reply, curve)
+            roles = label_roles(sentences)
+            if group == "harmful, refused":
+                control.append(scores)
+            if role in roles and len(scores) >= 2:
+                rows[group].append((scores, roles.index(role)))
+    complied = rows["harmful, complied"]
+    if not complied:
+        return None, rows
+    out = cliff_recovery([s for s, _ in complied], [k for _, k in complied], control)
+    a, b = study.cliffs["harmful, complied"], study.cliffs["harmful, refused"]
+    # complied traces that never recognised the harm (no rationalising sentence) are not in `n`
+    out["complied_without_planted_sentence"] = len(a) - len(complied)
+    out["cliff_auroc_complied_vs_refused"] = (
+        auroc([c.cliff for c in a + b], [1] * len(a) + [0] * len(b)) if a and b else None
+    )
+    return out, rows

@@ -3,7 +3,8 @@
 `rank_recovery`: per-sentence importances (any attribution) against the planted decisive
 sentences: their mean rank and the top-k hit rate, beside the same numbers for random rankings
 (a distribution of seeded draws, not one). `cliff_recovery`: per-sentence refusal scores of
-complied traces against the planted rationalising sentence: where the largest drop sits.
+complied traces against the planted rationalising sentence: where the largest drop sits, beside
+refused traces' drops at the same place (the control).
 
 Example:
     >>> r = rank_recovery([[0.1, 0.9, 0.2, 0.0]], [[1]], draws=200)
@@ -178,20 +179,49 @@ def cliff_recovery(
     """Where the refusal score falls in complied traces, against the planted rationalising sentence.
 
     scores: per complied trace, one refusal score per thinking sentence; planted: the index of its
-    rationalising sentence; refused: the same scores of refused traces (their last sentence's
-    change is the comparison). Returns at_planted (drop exactly at the planted sentence: k/n,
-    Wilson interval, and chance_at_planted, the rate if the drop fell on a random sentence),
-    mean_abs_distance (sentences, 95% bootstrap interval), the distances, and
-    the mean change at the last sentence in complied vs refused traces.
+    rationalising sentence; refused: the same scores of refused traces, the control. Returns
+    at_planted (the largest drop exactly at the planted sentence, and the score falls there: k/n
+    and Wilson interval),
+    mean_abs_distance (sentences, 95% bootstrap interval) and the distances.
+
+    The chance level: the planted sentence sits at a fixed place from the end (in the organism,
+    the last sentence), where a drop may fall anyway, so a drop at a uniformly random sentence
+    (`chance_at_planted`) is not the null. `control_at_same`: refused traces whose largest drop
+    falls at the same place from the end (each complied trace's offset in turn, averaged), with
+    `control_n`; `vs_control_p`: the two-sided Fisher exact test of the two rates (counts pooled
+    over the offsets, rounded). Also the mean change at the last sentence in complied vs refused
+    traces.
+
+        >>> r = cliff_recovery([[0.9, 0.9, 0.1], [0.8, 0.2, 0.2]], [2, 2], [[0.9, 0.9, 0.3], [0.9, 0.9, 0.9]])
+        >>> r["at_planted"], r["control_at_same"], r["control_n"]
+        (1, 0.5, 2)
     """
+    from scipy.stats import fisher_exact
+
     rows = _check(scores, [[p] for p in planted], "scores")
     if not rows:
         raise ValueError("need at least one complied trace")
     distance = np.array([largest_drop(r) - p for r, p in zip(rows, planted, strict=True)])
     rng = np.random.default_rng(seed)
     boot = [np.abs(distance[rng.integers(0, len(distance), len(distance))]).mean() for _ in range(1000)]
-    hits = int((distance == 0).sum())
+    falls = lambda r, i: bool(r[i] < r[i - 1])  # noqa: E731  (a drop that is a fall)
+    hits = int(sum(d == 0 and falls(r, p) for d, r, p in zip(distance, rows, planted, strict=True)))
     rate, low, high = wilson(hits, len(distance))
+    control = [np.asarray(r, float) for r in refused if len(r) >= 2]
+    offsets = [len(r) - 1 - p for r, p in zip(rows, planted, strict=True)]  # sentences after the planted one
+    control_rate, vs_control = None, None
+    if control:
+        # each offset's control rate: refused traces long enough whose drop sits that far from the end
+        per_offset = []
+        for off in offsets:
+            eligible = [r for r in control if len(r) - 1 - off >= 1]
+            if eligible:
+                at = [largest_drop(r) == len(r) - 1 - off and falls(r, len(r) - 1 - off) for r in eligible]
+                per_offset.append(np.mean(at))
+        if per_offset:
+            control_rate = float(np.mean(per_offset))
+            k = round(control_rate * len(control))
+            vs_control = float(fisher_exact([[hits, len(distance) - hits], [k, len(control) - k]])[1])
     last = lambda rs: [float(r[-1] - r[-2]) for r in rs if len(r) >= 2]  # noqa: E731
     return {
         "n": len(distance),
@@ -199,12 +229,13 @@ def cliff_recovery(
         "at_planted_rate": rate,
         "at_planted_ci": [low, high],
         "chance_at_planted": float(np.mean([1 / (len(r) - 1) for r in rows])),  # a drop placed at random
+        "control_at_same": control_rate,
+        "control_n": len(control),
+        "vs_control_p": vs_control,
         "mean_abs_distance": float(np.abs(distance).mean()),
         "mean_abs_distance_ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
         "distances": distance.tolist(),
         "last_change_complied": float(np.mean(last(rows))),
-        "last_change_refused": float(np.mean(last([np.asarray(r, float) for r in refused])))
-        if refused
-        else None,
+        "last_change_refused": float(np.mean(last(control))) if control else None,
         "n_refused": len(refused),
     }

@@ -6,7 +6,8 @@
   (`refusal_features`, `refusal_scores`, `sentence_scores`);
 - `cliffs`: cliff metrics and end-aligned, stretched curves;
 - `heads`: refusal-suppression heads, random controls, perplexity under ablation;
-- `cliff_as_judge`: data selection by the cliff.
+- `cliff_as_judge`: data selection by the cliff;
+- `study`: the whole study of one model (`prompt_sets`, `analyze` -> `RefusalStudy`).
 
 The organisms these run on are in `mechlens.organism`.
 
@@ -33,17 +34,33 @@ from mechlens.studies.refusal.replies import (
     sample_replies_by_set,
 )
 from mechlens.studies.refusal.scores import refusal_features, refusal_scores, sentence_scores, thinking_span
+from mechlens.studies.refusal.study import (
+    GROUPS,
+    PROMPT_SETS,
+    HeadStudy,
+    JudgeSettings,
+    RefusalStudy,
+    analyze,
+    prompt_sets,
+)
 from mechlens.text.thinking import split_thinking
 
 __all__ = [
+    "GROUPS",
+    "PROMPT_SETS",
     "REPLY_SAMPLING",
     "Cliff",
+    "HeadStudy",
+    "JudgeSettings",
+    "RefusalStudy",
     "Reply",
     "align_end",
+    "analyze",
     "cliff_metrics",
     "end_aligned_mean_ci",
     "is_refusal",
     "normalized_curve",
+    "prompt_sets",
     "refusal_features",
     "refusal_rates",
     "refusal_scores",

@@ -57,7 +57,9 @@ def safety_finetune(
 ) -> dict:
     """Fine-tune a fresh copy of the model at `organism` on the chosen replies (own thinking + a
     refusal), mixed with as many of its own answered harmless replies from `replay` (so that the
-    fine-tune does not simply teach refusing everything); then its refusal rates on `eval_sets`."""
+    fine-tune does not simply teach refusing everything). Returns its `rates` on `eval_sets`
+    (`refusal_rates`), `refused` (per set, one bool per prompt: for paired tests), and the counts
+    of `examples` and `replayed` replies."""
     model = load_model(str(organism), backend=backend)
     kept = list(replay[: len(chosen)])
     targets = [format_reply(r.thinking, REFUSALS[i % len(REFUSALS)]) for i, r in enumerate(chosen)]
@@ -67,4 +69,9 @@ def safety_finetune(
         model, prompts, targets, train_layers=train_layers, epochs=epochs, lr=lr, batch_size=4, seed=seed
     )
     replies = sample_replies_by_set(model, eval_sets, sampling)
-    return {**refusal_rates(replies), "examples": len(chosen), "replayed": len(kept)}
+    return {
+        "rates": refusal_rates(replies),
+        "refused": {name: [r.refused for r in rows] for name, rows in replies.items()},
+        "examples": len(chosen),
+        "replayed": len(kept),
+    }

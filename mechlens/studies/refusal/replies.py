@@ -73,10 +73,14 @@ def sample_replies(
 
 
 def sample_replies_by_set(
-    model: HookedModel, sets: dict[str, list[str]], sampling: Sampling = REPLY_SAMPLING, batch_size: int = 16
+    model: HookedModel,
+    sets: dict[str, list[str]],
+    sampling: Sampling = REPLY_SAMPLING,
+    batch_size: int = 16,
+    engine: Engine | None = None,
 ) -> dict[str, list[Reply]]:
     """`sample_replies` of several instruction sets in one batched call -> `{set name: [Reply]}`."""
-    rows = sample_replies(model, [t for ts in sets.values() for t in ts], sampling, batch_size)
+    rows = sample_replies(model, [t for ts in sets.values() for t in ts], sampling, batch_size, engine=engine)
     out, start = {}, 0
     for name, items in sets.items():
         n = len(items) * sampling.n
