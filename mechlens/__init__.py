@@ -2,7 +2,7 @@
 
 Layers, from the bottom: `models` (HookedModel, backends, sampling), `cache`, `text` (traces,
 thinking, answers), `ops` (lens, attention, heads, probes, signals, fine-tuning, statistics),
-`studies` (depth, refusal, anchors), `datasets`, `plots`, and `runs` for experiment scripts.
+`studies` (depth, refusal, anchors, echoes, stepwise, budget, evolution), `datasets`, `plots`, and `runs` for experiment scripts.
 
 >>> import mechlens as ml
 >>> model = ml.load_model("tiny-llama")       # ml.load_model() for the embedded SmolLM2
@@ -36,7 +36,7 @@ from mechlens.ops.heads import head_ablation_effects  # noqa: E402
 from mechlens.ops.lens import LensResult, logit_lens  # noqa: E402
 from mechlens.ops.probes import LinearProbe, collect_activations  # noqa: E402
 from mechlens.runs import Run  # noqa: E402
-from mechlens.studies import anchors, depth, refusal  # noqa: E402
+from mechlens.studies import anchors, budget, depth, echoes, evolution, refusal, stepwise  # noqa: E402
 from mechlens.text import ReasoningTrace, Sentence, format_prompt, split_sentences  # noqa: E402
 
 __version__ = "0.3.0"
@@ -55,10 +55,13 @@ __all__ = [
     "Sentence",
     "anchors",
     "attention",
+    "budget",
     "cache_dir",
     "collect_activations",
     "datasets",
     "depth",
+    "echoes",
+    "evolution",
     "finetune",
     "format_prompt",
     "head_ablation_effects",
@@ -73,6 +76,7 @@ __all__ = [
     "signals",
     "split_sentences",
     "stats",
+    "stepwise",
     "studies",
     "text",
     "tiny_model",

@@ -1,9 +1,11 @@
 """Studies, one package each, reproducing a paper on any HookedModel: `depth` (Reasoning Score and
-hallucination detection), `refusal` (refusal cliffs), `anchors` (thought anchors).
+hallucination detection), `refusal` (refusal cliffs), `anchors` (thought anchors), `echoes`
+(echoes of the prompt), `stepwise` (stepwise values, SORMs), `budget` (sequential vs parallel at
+a fixed budget) and `evolution` (self-evolving chains).
 
 A new study is a folder here with an `analyze`-style entry point that the CLI and its experiment
 script both call."""
 
-from mechlens.studies import anchors, depth, refusal
+from mechlens.studies import anchors, budget, depth, echoes, evolution, refusal, stepwise
 
-__all__ = ["anchors", "depth", "refusal"]
+__all__ = ["anchors", "budget", "depth", "echoes", "evolution", "refusal", "stepwise"]

@@ -1,0 +1,276 @@
+"""The Echoes-as-Anchors study of one model on a set of problems, as the experiment runs it.
+
+`analyze` samples one reply per problem, finds the echo of the question in each (`echo_span`),
+scores the Echo Likelihood Gap against the echo-trimmed reply (`likelihood_gap`) and the attention
+refocusing onto the reply's opening (`refocusing`), compares right with wrong replies, and
+re-inserts the question mid-trace on the failed problems (Echoic Prompting, `echoic_prompting`)
+against a continuation without it. It returns an `EchoStudy`.
+
+Example (minutes with the reasoning organism):
+    >>> from mechlens.organism import held_out_problems, load_subject     # doctest: +SKIP
+    >>> study = analyze(load_subject("organism"), held_out_problems(20))  # doctest: +SKIP
+    >>> print("\\n".join(study.summary_lines()))                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mechlens.cache import DiskCache, model_fingerprint
+from mechlens.datasets import Problem
+from mechlens.models.sampling import Sampling
+from mechlens.ops.stats import auroc, auroc_interval, cohens_d, format_rate, mcnemar, mean_difference
+from mechlens.rollouts import Engine, LocalEngine
+from mechlens.rollouts.engines import token_prompts
+from mechlens.studies.echoes.echo import THRESHOLD, TrimRule, echo_span, trim_echo
+from mechlens.studies.echoes.measures import (
+    PREFIX_TOKENS,
+    LikelihoodGap,
+    Refocusing,
+    likelihood_gap,
+    refocusing,
+)
+from mechlens.text.thinking import format_prompt
+
+if TYPE_CHECKING:
+    from mechlens.models.hooked import HookedModel
+
+ECHO_SAMPLING = Sampling(max_new_tokens=256, temperature=0.0)
+"""Greedy replies, as the authors' two-stage evaluation decodes (`"decoding": {"do_sample": False}`)."""
+INJECTION = "Look back again: {question}\nSo now I know that "
+"""The authors' Echoic Prompting text (`two_stage_common.DEFAULT_INJECTION_TEMPLATE`)."""
+CONTINUATION = ""
+"""Their control (`two_stage_continue`): the same two stages with nothing inserted."""
+
+
+@dataclass
+class EchoReply:
+    """One problem's reply and its echo measures."""
+
+    problem: Problem
+    text: str
+    correct: bool
+    echo: tuple[int, int] | None  # character span of the leading echo in `text`
+    gap: LikelihoodGap
+    refocusing: Refocusing
+
+
+@dataclass
+class EchoicPrompting:
+    """Two-stage continuations of the failed problems: `first_tokens` of the reply, then the
+    question re-inserted (`echo`) or nothing (`control`), then `second_tokens` more; right or not."""
+
+    problems: list[str]  # ids of the previously failed problems
+    echo: list[bool]
+    control: list[bool]
+    first_tokens: int
+    second_tokens: int
+
+    @property
+    def paired(self) -> dict:
+        """McNemar of right with the question re-inserted vs without, on the same problems."""
+        return mcnemar(self.echo, self.control)
+
+
+@dataclass
+class EchoStudy:
+    """Every echo measure of one model on one set of problems."""
+
+    replies: list[EchoReply]
+    trim: str
+    layer_groups: dict[str, tuple[int, int]]  # name -> layers [start, end)
+    prompting: EchoicPrompting | None
+
+    def groups(self) -> dict[str, list[EchoReply]]:
+        return {
+            "right": [r for r in self.replies if r.correct],
+            "wrong": [r for r in self.replies if not r.correct],
+        }
+
+    def echo_rate(self) -> tuple[int, int]:
+        return sum(r.echo is not None for r in self.replies), len(self.replies)
+
+    def gap_by_outcome(self) -> dict:
+        """Delta-L per token, right vs wrong: each group's mean with its 95% interval and n, the
+        difference (bootstrap interval), and the AUROC of Delta-L for right vs wrong (interval)."""
+        g = self.groups()
+        values = {k: [r.gap.delta_mean for r in v] for k, v in g.items()}
+        out: dict = {}
+        for k, v in values.items():
+            low, high = _ci(v)
+            out[k] = {"mean": float(np.mean(v)) if v else float("nan"), "n": len(v), "low": low, "high": high}
+        out["difference"] = mean_difference(values["right"], values["wrong"])
+        scores = values["right"] + values["wrong"]
+        labels = [1] * len(values["right"]) + [0] * len(values["wrong"])
+        out["auroc"] = (
+            (auroc(scores, labels), *auroc_interval(scores, labels))
+            if values["right"] and values["wrong"]
+            else None
+        )
+        return out
+
+    def refocusing_by_outcome(self) -> dict:
+        """Per layer group: the share of attention on the echo region, right vs wrong (mean over
+        the group's layers per reply), and Cohen's d (right - wrong) with its interval."""
+        g = self.groups()
+        out = {}
+        for name, (a, b) in self.layer_groups.items():
+            share = {k: [float(r.refocusing.to_prefix[a:b].mean()) for r in v] for k, v in g.items()}
+            question = {
+                k: [float(np.nanmean(r.refocusing.to_question[a:b])) for r in v] for k, v in g.items()
+            }
+            out[name] = {
+                "right": float(np.mean(share["right"])) if share["right"] else float("nan"),
+                "wrong": float(np.mean(share["wrong"])) if share["wrong"] else float("nan"),
+                "d": cohens_d(share["right"], share["wrong"]),
+                "d_question": cohens_d(*_finite(question["right"], question["wrong"])),
+            }
+        return out
+
+    def summary_lines(self) -> list[str]:
+        k, n = self.echo_rate()
+        lines = [f"echo of the question opens the thinking: {format_rate(k, n)} of replies"]
+        gap = self.gap_by_outcome()
+        r, w = gap["right"], gap["wrong"]
+        diff = gap["difference"]
+        lines.append(
+            f"Delta-L ({self.trim} trim), right: {r['mean']:.2f} nats/token "
+            f"(95% CI {r['low']:.2f}-{r['high']:.2f}, n={r['n']}); "
+            f"wrong: {w['mean']:.2f} ({w['low']:.2f}-{w['high']:.2f}, n={w['n']}); "
+            f"difference {diff[0]:.2f} ({diff[1]:.2f}-{diff[2]:.2f})"
+        )
+        for name, v in self.refocusing_by_outcome().items():
+            d = v["d"]
+            lines.append(
+                f"attention to the echo region, {name}: right {100 * v['right']:.1f}% "
+                f"vs wrong {100 * v['wrong']:.1f}%; Cohen's d {d[0]:.2f} (95% CI {d[1]:.2f}-{d[2]:.2f})"
+            )
+        if self.prompting is not None:
+            p = self.prompting
+            m = p.paired
+            test = (
+                f"exact McNemar p = {m['p']:.2g}"
+                if m["only_a"] + m["only_b"]
+                else "no discordant problem: no test"
+            )
+            echo, control = format_rate(sum(p.echo), len(p.echo)), format_rate(sum(p.control), len(p.control))
+            lines.append(
+                f"Echoic Prompting on {len(p.problems)} failed problems: right with the question re-inserted "
+                f"{echo}, without it {control} ({test})"
+            )
+        return lines
+
+
+def _ci(values: Sequence[float]) -> tuple[float, float]:
+    """The 95% normal interval of a mean; NaN below 2 values."""
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    m, se = float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))
+    return m - 1.96 * se, m + 1.96 * se
+
+
+def _finite(a: Sequence[float], b: Sequence[float]) -> tuple[list[float], list[float]]:
+    return [x for x in a if np.isfinite(x)], [x for x in b if np.isfinite(x)]
+
+
+def default_layer_groups(n_layers: int) -> dict[str, tuple[int, int]]:
+    """Early, middle and late thirds of the layers, and the last layer ([impl]: the paper's groups
+    are for 32-layer models, "layers 7-18" and the last).
+
+        >>> default_layer_groups(30)
+        {'early': (0, 10), 'middle': (10, 20), 'late': (20, 30), 'last layer': (29, 30)}
+    """
+    a, b = n_layers // 3, 2 * n_layers // 3
+    return {"early": (0, a), "middle": (a, b), "late": (b, n_layers), "last layer": (n_layers - 1, n_layers)}
+
+
+def analyze(
+    model: HookedModel,
+    problems: Sequence[Problem],
+    sampling: Sampling = ECHO_SAMPLING,
+    trim: TrimRule = "authors",
+    threshold: float = THRESHOLD,
+    prefix_tokens: int = PREFIX_TOKENS,
+    layer_groups: dict[str, tuple[int, int]] | None = None,
+    echoic: bool = True,
+    first_tokens: int | None = None,
+    injection: str = INJECTION,
+    cache: DiskCache | str | Path | bool | None = True,
+    engine: Engine | None = None,
+    progress: bool = True,
+) -> EchoStudy:
+    """The echo study of `model` on `problems` (`Problem`s with gold answers): one reply each
+    sampled with `sampling` (greedy by default), echoes by word overlap (`threshold`), the gap
+    against the `trim`-trimmed reply, refocusing onto the first `prefix_tokens` reply tokens per
+    `layer_groups` (default `default_layer_groups`), and, with `echoic`, Echoic Prompting on the
+    failed problems: the first `first_tokens` of the reply (default half of
+    `sampling.max_new_tokens`), then `injection` or nothing, then the rest of the budget."""
+    problems = list(problems)
+    if not problems:
+        raise ValueError("problems is empty")
+    if "{question}" not in injection:
+        raise ValueError("injection must contain {question}")
+    first = sampling.max_new_tokens // 2 if first_tokens is None else first_tokens
+    if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first < sampling.max_new_tokens:
+        raise ValueError(
+            f"first_tokens must be an int in 1..{sampling.max_new_tokens - 1}, got {first_tokens!r}"
+        )
+    groups = layer_groups or default_layer_groups(model.n_layers)
+    for name, (a, b) in groups.items():
+        if not 0 <= a < b <= model.n_layers:
+            raise ValueError(
+                f"layer_groups[{name!r}] = {(a, b)} must be a layer range inside 0..{model.n_layers}"
+            )
+    store = DiskCache.of(cache, "echoes")
+    key = {
+        "model": model_fingerprint(model),
+        "sampling": sampling,
+        "engine": engine.describe() if engine else None,
+    }
+    engine = engine or LocalEngine(model, progress=progress)
+    prompts = token_prompts(model, [format_prompt(model.tokenizer, p.question) for p in problems])
+
+    def sample(step: str, rows: list[list[int]], how: Sampling) -> list[list[int]]:
+        def compute():
+            return [per[0] for per in engine.sample(rows, how.replace(n=1))]
+
+        return store.cached(step, compute, **key, prompts=rows, how=how) if store else compute()
+
+    ids = sample("replies", prompts, sampling)
+    replies = []
+    for p, row in zip(problems, ids, strict=True):
+        text = model.tokenizer.decode(row)
+        trimmed = trim_echo(p.question, text, rule=trim, threshold=threshold)
+        gap = likelihood_gap(model, p.question, text, trimmed)
+        focus = refocusing(model, p.question, text, prefix_tokens)
+        replies.append(
+            EchoReply(p, text, p.grade(text).correct, echo_span(p.question, text, threshold), gap, focus)
+        )
+    prompting = None
+    failed = [i for i, r in enumerate(replies) if not r.correct]
+    if echoic and failed:
+        rest = sampling.replace(max_new_tokens=sampling.max_new_tokens - first)
+        results = {}
+        for name, text in (("echo", injection), ("control", CONTINUATION)):
+            rows = []
+            for i in failed:
+                head = ids[i][:first]
+                decoded = model.tokenizer.decode(head)
+                inserted = text.format(question=problems[i].question) if text else ""
+                connector = "" if decoded.endswith("\n") or inserted.startswith("\n") else "\n"
+                extra = model.tokenizer(connector + inserted, add_special_tokens=False)["input_ids"]
+                rows.append(prompts[i] + head + list(extra))
+            second = sample(f"echoic {name}", rows, rest)
+            results[name] = [
+                problems[i].grade(model.tokenizer.decode(s)).correct
+                for i, s in zip(failed, second, strict=True)
+            ]
+        prompting = EchoicPrompting(
+            [problems[i].id for i in failed], results["echo"], results["control"], first, rest.max_new_tokens
+        )
+    return EchoStudy(replies, trim, groups, prompting)
