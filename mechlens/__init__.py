@@ -2,7 +2,8 @@
 
 Layers, from the bottom: `models` (HookedModel, backends, sampling), `cache`, `text` (traces,
 thinking, answers), `ops` (lens, attention, heads, probes, signals, fine-tuning, statistics),
-`studies` (depth, refusal, anchors, echoes, stepwise, budget, evolution), `datasets`, `plots`, and `runs` for experiment scripts.
+`studies` (depth, refusal, anchors, echoes, stepwise, budget, evolution), `datasets`, `plots`,
+and `runs` for experiment scripts.
 
 >>> import mechlens as ml
 >>> model = ml.load_model("tiny-llama")       # ml.load_model() for the embedded SmolLM2

@@ -18,7 +18,8 @@ from mechlens.text.trace import ReasoningTrace
 Q = "Tom has 3 apples and buys 4 more apples. How many apples does Tom have now?"
 R = (
     "<think>\nOkay. Tom has 3 apples and buys 4 more apples. How many apples does Tom have now? "
-    "First I add the two numbers together. Three plus four gives seven apples in total.\n</think>\n\nAnswer: 7"
+    "First I add the two numbers together. Three plus four gives seven apples in total."
+    "\n</think>\n\nAnswer: 7"
 )
 
 
@@ -35,7 +36,7 @@ def authors_trim(text: str, question: str) -> str:
         if not sentence:
             continue
         sentence_words = set(re.sub(r"[^\w\s]", "", sentence.lower()).split())
-        if len(sentence_words) > 0:
+        if len(sentence_words) > 0:  # noqa: SIM102 (the authors' code, line by line)
             if len(question_words & sentence_words) / len(sentence_words) < 0.6 and len(sentence_words) > 3:
                 filtered.append(sentence)
     if len(filtered) == 0:
