@@ -27,6 +27,8 @@ demo: $(STAMP)
 	$(PY) experiments/depth_scoring.py --quick --out figures/demo/depth
 	$(PY) experiments/thought_anchors.py --quick --out figures/demo/anchors
 	$(PY) experiments/refusal_cliff.py --quick --out figures/demo/refusal
+	$(PY) experiments/echoes.py --quick --out figures/demo/echoes
+	$(PY) experiments/self_evolving.py --quick --out figures/demo/evolution
 	$(PY) -m mechlens.gallery figures/demo --report
 
 # retrain the shipped organism adapters from the base model (~20 + 3 minutes on 2 cores): writes
@@ -41,6 +43,10 @@ figures: $(STAMP)
 	$(PY) experiments/depth_scoring.py
 	$(PY) experiments/refusal_cliff.py
 	$(PY) experiments/thought_anchors.py
+	$(PY) experiments/echoes.py
+	$(PY) experiments/stepwise_values.py
+	$(PY) experiments/budget.py
+	$(PY) experiments/self_evolving.py
 	$(PY) -m mechlens.gallery figures
 
 # vLLM's CPU build in its own venv (it pins another transformers), in the user's cache folder so

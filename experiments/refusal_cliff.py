@@ -125,7 +125,7 @@ def main(cfg: RefusalConfig) -> dict:
             f"refused traces drop at the same place: {control:.2f} of {planted['control_n']} "
             f"(Fisher exact p = {planted['vs_control_p']:.2g})"
             if control is not None
-            else "no refused trace to compare"
+            else "refused traces: no single place to compare at (control_by_offset in results.json)"
         )
         lines.append(f"cliff on the planted rationalising sentence: {at} of complied traces; {against}")
     run.summarize("Refusal cliffs", lines)

@@ -58,6 +58,7 @@ def authors_trim(text: str, question: str) -> str:
         "<think>\nHi.\n</think>",
         "<think>\nOnly one long sentence about adding numbers here",
         "no think tag at all. Two words",
+        "\n  leading whitespace and no tag. Then a second sentence with more words here.",
         R.replace("Okay. ", ""),
     ],
 )

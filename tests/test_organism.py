@@ -327,6 +327,14 @@ def test_cliff_recovery_finds_the_planted_drop():
     # a planted sentence one before the last: refused drops one before their last count
     early = cliff_recovery([[0.9, 0.2, 0.2]], [1], refused=[[0.9, 0.1, 0.1], [0.9, 0.9, 0.1]])
     assert early["control_at_same"] == 0.5
+    # planted sentences at two places from the end: real counts per place, no pooled 2x2 test
+    mixed = cliff_recovery(
+        [[0.9, 0.9, 0.1]] * 2 + [[0.9, 0.9, 0.9, 0.2, 0.2, 0.2, 0.2]],
+        [2, 2, 3],
+        refused=[[0.9, 0.1, 0.1]] * 9 + [[0.9, 0.9, 0.9, 0.2, 0.2, 0.2, 0.2]],
+    )
+    assert mixed["control_by_offset"] == {"0": [0, 10], "3": [1, 1]}
+    assert mixed["control_at_same"] is None and mixed["vs_control_p"] is None and mixed["control_n"] is None
     assert largest_drop([1.0, 0.5, 0.6]) == 1
     with pytest.raises(ValueError, match="finite"):
         largest_drop([1.0, float("nan")])

@@ -27,10 +27,10 @@ class Scripted:
 
     def sample(self, prompts, sampling, seeds=None, stop=()):
         out = []
-        for ids in prompts:
+        for i, ids in enumerate(prompts):
             text = self.model.tokenizer.decode(ids)
             self.seen.append(text)
-            self.seeds.append(sampling.seed)
+            self.seeds.append(sampling.seed if seeds is None else (sampling.seed, seeds[i]))
             reply = self.model.tokenizer(self.reply(text), add_special_tokens=False)["input_ids"]
             out.append([reply[: sampling.max_new_tokens] if self.cap else reply] * sampling.n)
         return out
@@ -157,7 +157,11 @@ def test_evolve_chains_refine_their_own_answer():
     assert chains.correct[0].tolist() == [[0, 1, 1], [0, 1, 1]]  # problem "a" (answer 7)
     assert chains.correct[1].tolist() == [[0, 0, 0], [0, 0, 0]]  # problem "b" (answer 3)
     assert chains.answers[0][0] == ["5", "7", "7"]
-    assert sorted(set(engine.seeds)) == [3, 4, 5]  # turn k samples with seed + k
+    from mechlens.rollouts.engines import prompt_seeds
+
+    # turn k samples with seed + k, and each of the 4 chains with its own seed
+    want = [(3 + k, s) for k in range(3) for s in prompt_seeds(sampling.replace(seed=3 + k), 4)]
+    assert engine.seeds == want and len({s for _, s in want[:4]}) == 4
     assert any("A previous attempt ended with: Answer: 5" in s for s in engine.seen)
     assert chains.majority_accuracy().tolist() == [0.0, 0.5, 0.5]
     t = evolution.transition_estimates(chains.flat())
@@ -197,7 +201,7 @@ def test_budget_curve_on_scripted_traces(tmp_path):
     engine = Scripted(model, lambda text: long if "apples" in text else short, cap=True)
     curve = budget.budget_curve(model, PROBLEMS[:2], budgets=(120, 20, 82), short_tokens=30,
                                 cache=tmp_path, engine=engine)  # fmt: skip
-    assert curve.budgets == [20, 82, 120]
+    assert curve.budgets == [20, 82, 120] and curve.long_texts == [long, short]
     assert curve.sequential.tolist() == [[0, 1, 1], [0, 1, 1]]  # each answers at its last token
     # 4 short traces of at most 30 tokens: "a"'s are cut before any answer, "b"'s answer in 29
     assert (
@@ -280,3 +284,56 @@ def test_localisation_null_is_a_permutation_distribution():
     assert r["p"] == pytest.approx(np.mean([e >= 2 for e in exact]), abs=0.03)
     with pytest.raises(ValueError, match="equally long"):
         stepwise.localisation_null([1], [1, 2])
+
+
+def test_the_new_arguments_are_checked(tmp_path):
+    from mechlens.ops.stats import cohens_d, mean_difference
+    from mechlens.studies import stepwise
+
+    model = ml.load_model("tiny-llama")
+    engine = Scripted(model, _reply)
+    sampling = echoes.ECHO_SAMPLING.replace(max_new_tokens=40)
+    for bad, name in (
+        ({"trim": "lcs"}, "trim"),
+        ({"threshold": 0}, "threshold"),
+        ({"prefix_tokens": 0}, "prefix_tokens"),
+        ({"injection": "{question} and {question}"}, "injection"),
+        ({"layer_groups": {}}, "layer_groups"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            echoes.analyze(model, PROBLEMS, sampling, cache=None, engine=engine, **bad)
+    assert not engine.seen  # every argument is checked before anything is sampled
+    with pytest.raises(ValueError, match="l2"):
+        stepwise.ValueProbe(l2=0)
+    with pytest.raises(ValueError, match="draws"):
+        mean_difference([1.0, 2.0], [1.0], draws=0)
+    with pytest.raises(ValueError, match="z"):
+        cohens_d([1.0, 2.0], [1.0, 3.0], z=0)
+    with pytest.raises(ValueError, match="draws"):
+        evolution.transition_estimates([[0, 1]], draws=0)
+    # the bootstrap interval is pinned: each group resampled on its own, seeded
+    a, b = [2.0, 3.0, 4.0, 5.0], [1.0, 2.0, 2.0, 3.0]
+    rng = np.random.default_rng(7)
+    boot = [rng.choice(a, 4).mean() - rng.choice(b, 4).mean() for _ in range(300)]
+    assert mean_difference(a, b, draws=300, seed=7) == (
+        1.5,
+        np.percentile(boot, 2.5),
+        np.percentile(boot, 97.5),
+    )
+
+
+def test_refusal_arguments_are_checked():
+    from mechlens.studies import refusal
+
+    model = ml.load_model("tiny-llama")
+    sets = refusal.prompt_sets(2, 2, 2)
+    for bad, name in (({"sweep_examples": 0}, "sweep_examples"), ({"batch_size": 0}, "batch_size"),
+                      ({"head_fraction": True}, "head_fraction")):  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            refusal.analyze(model, sets, cache=None, **bad)
+    with pytest.raises(ValueError, match=r"prompts\['harmful'\]"):
+        refusal.analyze(model, {**sets, "harmful": "one string"}, cache=None)
+    with pytest.raises(ValueError, match="draws"):
+        refusal.JudgeSettings("folder", draws=0)
+    with pytest.raises(ValueError, match="fraction"):
+        refusal.JudgeSettings("folder", fraction=1.5)

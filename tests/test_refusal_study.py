@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import mechlens as ml
-from mechlens.ops.stats import auroc
+from mechlens.ops.heads import direct_head_scores
+from mechlens.ops.stats import auroc, mcnemar
 from mechlens.studies import refusal
 from mechlens.studies.refusal import RefusalStudy, Reply, cliff_metrics, refusal_features, refusal_scores
+from mechlens.studies.refusal.heads import top_heads
 
 
 class ScriptedEngine:
@@ -82,6 +84,14 @@ def test_the_study_recomputes_from_the_primitives(setup):
     assert study.probe_auroc["auroc"] == pytest.approx(want)
     assert study.probe_auroc["low"] <= want <= study.probe_auroc["high"]
     assert study.probe_auroc["n_refused"] == 4 and study.probe_auroc["n_answered"] == 4
+    jb = study.replies["jailbreak"]  # every second wrapper complies: both outcomes, an AUROC
+    jb_scores = study.probe.predict_proba(
+        refusal_features(model, [r.probe_text for r in jb], progress=False)[0]
+    )
+    assert study.jailbreak_auroc["auroc"] == pytest.approx(
+        auroc(jb_scores.numpy(), [int(r.refused) for r in jb])
+    )
+    assert (study.jailbreak_auroc["n_refused"], study.jailbreak_auroc["n_answered"]) == (2, 2)
     # curves and cliffs per group, recomputed
     rows = study.groups["harmful, refused"]
     assert len(rows) == sum(r.refused for r in study.replies["harmful"] + study.replies["jailbreak"])
@@ -104,13 +114,28 @@ def test_the_heads_and_their_controls(setup):
         list(h.random_rates) == ["jailbreak: attack success"]
         and len(h.random_rates["jailbreak: attack success"]) == 3
     )
-    # the ablated replies come from the model itself (the scripted engine cannot apply hooks): the
-    # paired test's discordant counts match the two refusal counts on the same prompts
-    m, before = h.paired["jailbreak"], study.rates["jailbreak: attack success"]
+    # the ranking: the authors' direct score, recomputed
+    rows = [r for r in study.replies["candidates"] + study.replies["jailbreak"] if not r.refused][:2]
+    toks, mask = model.tokenize([r.probe_text for r in rows])
+    direct = -direct_head_scores(model, toks, study.probe.direction, positions=(-1,), attention_mask=mask)
+    torch.testing.assert_close(h.scores["direct"], direct)
+    assert h.top == top_heads(direct, k) and h.rescale == "norm"
+    # the paired test: the same sampler (the model's own; the scripted engine cannot apply hooks)
+    # with and without the ablation, on the same prompts, recomputed here
+    sampling = refusal.REPLY_SAMPLING.replace(max_new_tokens=8)
+    jb = {"jailbreak": [r.instruction for r in study.replies["jailbreak"]]}
+    plain = refusal.sample_replies_by_set(model, jb, sampling)["jailbreak"]
+    with model.ablate_heads(h.top, rescale="norm"):
+        ablated = refusal.sample_replies_by_set(model, jb, sampling)["jailbreak"]
+    want = mcnemar([r.refused for r in plain], [r.refused for r in ablated])
+    got = h.paired["jailbreak"]
+    assert {k: got[k] for k in ("n", "only_a", "only_b")} == {k: want[k] for k in ("n", "only_a", "only_b")}
+    assert got["p"] == want["p"] or (np.isnan(got["p"]) and np.isnan(want["p"]))
     after = h.rates["jailbreak: attack success"]
-    assert m["n"] == 4 and m["only_a"] - m["only_b"] == after["count"] - before["count"]
-    below = np.mean(np.array(h.random_rates["jailbreak: attack success"]) < after["rate"])
-    assert h.percentile["jailbreak: attack success"] == 100 * below
+    assert after["count"] == sum(not r.refused for r in ablated)
+    values = np.array(h.random_rates["jailbreak: attack success"])
+    mid = np.mean(values < after["rate"]) + np.mean(values == after["rate"]) / 2  # ties count half
+    assert h.percentile["jailbreak: attack success"] == pytest.approx(100 * mid)
     assert np.isfinite(h.perplexity["none"]) and len(h.perplexity["random heads"]) == 3
 
 

@@ -163,6 +163,23 @@ def format_rate(successes: int, n: int) -> str:
     return f"{successes}/{n} = {rate:.2f} (95% CI {low:.2f}-{high:.2f})"
 
 
+def format_estimate(value: float, low: float, high: float, n: int | None = None, digits: int = 2) -> str:
+    """`"value (95% CI low to high, n=...)"`; "undefined" for a NaN value, and "no interval" when
+    the interval is NaN (too few values).
+
+        >>> format_estimate(0.5, 0.2, 0.8, n=12), format_estimate(3.1, float("nan"), float("nan"), n=1)
+        ('0.50 (95% CI 0.20 to 0.80, n=12)', '3.10 (no interval, n=1)')
+        >>> format_estimate(float("nan"), float("nan"), float("nan"), n=0)
+        'undefined (n=0)'
+    """
+    count = "" if n is None else f", n={n}"
+    if not np.isfinite(value):
+        return f"undefined ({count[2:]})" if count else "undefined"
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return f"{value:.{digits}f} (no interval{count})"
+    return f"{value:.{digits}f} (95% CI {low:.{digits}f} to {high:.{digits}f}{count})"
+
+
 def roc_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates at every threshold, from (0, 0) to (1, 1)."""
     s, y = _arrays(scores, labels)
@@ -238,6 +255,8 @@ def cohens_d(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> tuple[f
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("a and b must hold finite values (drop undefined ones first)")
+    if not z > 0:
+        raise ValueError(f"z must be > 0, got {z!r}")
     na, nb = len(x), len(y)
     if na < 2 or nb < 2:
         return float("nan"), float("nan"), float("nan")
@@ -262,6 +281,8 @@ def mean_difference(
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("a and b must hold finite values (drop undefined ones first)")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be an int >= 1, got {draws!r}")
     if not len(x) or not len(y):
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)

@@ -186,15 +186,16 @@ def cliff_recovery(
 
     The chance level: the planted sentence sits at a fixed place from the end (in the organism,
     the last sentence), where a drop may fall anyway, so a drop at a uniformly random sentence
-    (`chance_at_planted`) is not the null. `control_at_same`: refused traces whose largest drop
-    falls at the same place from the end (each complied trace's offset in turn, averaged), with
-    `control_n`; `vs_control_p`: the two-sided Fisher exact test of the two rates (counts pooled
-    over the offsets, rounded). Also the mean change at the last sentence in complied vs refused
-    traces.
+    (`chance_at_planted`) is not the null. `control_by_offset`: for each place from the end that a
+    planted sentence holds, `[refused traces whose largest drop falls there, refused traces long
+    enough]`. When every planted sentence holds the same place, `control_at_same` is that rate
+    (`control_n` the refused traces it counts) and `vs_control_p` the two-sided Fisher exact test
+    against the complied rate; with several places there is no single 2x2 table, and both are None.
+    Also the mean change at the last sentence in complied vs refused traces.
 
         >>> r = cliff_recovery([[0.9, 0.9, 0.1], [0.8, 0.2, 0.2]], [2, 2], [[0.9, 0.9, 0.3], [0.9, 0.9, 0.9]])
-        >>> r["at_planted"], r["control_at_same"], r["control_n"]
-        (1, 0.5, 2)
+        >>> r["at_planted"], r["control_at_same"], r["control_n"], r["control_by_offset"]
+        (1, 0.5, 2, {'0': [1, 2]})
     """
     from scipy.stats import fisher_exact
 
@@ -209,19 +210,17 @@ def cliff_recovery(
     rate, low, high = wilson(hits, len(distance))
     control = [np.asarray(r, float) for r in refused if len(r) >= 2]
     offsets = [len(r) - 1 - p for r, p in zip(rows, planted, strict=True)]  # sentences after the planted one
-    control_rate, vs_control = None, None
-    if control:
-        # each offset's control rate: refused traces long enough whose drop sits that far from the end
-        per_offset = []
-        for off in offsets:
-            eligible = [r for r in control if len(r) - 1 - off >= 1]
-            if eligible:
-                at = [largest_drop(r) == len(r) - 1 - off and falls(r, len(r) - 1 - off) for r in eligible]
-                per_offset.append(np.mean(at))
-        if per_offset:
-            control_rate = float(np.mean(per_offset))
-            k = round(control_rate * len(control))
-            vs_control = float(fisher_exact([[hits, len(distance) - hits], [k, len(control) - k]])[1])
+    by_offset = {}  # offset -> [refused traces dropping there, refused traces long enough]
+    for off in sorted(set(offsets)):
+        eligible = [r for r in control if len(r) - 1 - off >= 1]
+        k = sum(largest_drop(r) == len(r) - 1 - off and falls(r, len(r) - 1 - off) for r in eligible)
+        by_offset[off] = [int(k), len(eligible)]
+    control_rate = vs_control = control_n = None
+    if len(by_offset) == 1:  # every planted sentence at one place from the end: an exact 2x2 test
+        k, m = next(iter(by_offset.values()))
+        if m:
+            control_rate, control_n = k / m, m
+            vs_control = float(fisher_exact([[hits, len(distance) - hits], [k, m - k]])[1])
     last = lambda rs: [float(r[-1] - r[-2]) for r in rs if len(r) >= 2]  # noqa: E731
     return {
         "n": len(distance),
@@ -230,7 +229,8 @@ def cliff_recovery(
         "at_planted_ci": [low, high],
         "chance_at_planted": float(np.mean([1 / (len(r) - 1) for r in rows])),  # a drop placed at random
         "control_at_same": control_rate,
-        "control_n": len(control),
+        "control_n": control_n,
+        "control_by_offset": {str(k): v for k, v in by_offset.items()},
         "vs_control_p": vs_control,
         "mean_abs_distance": float(np.abs(distance).mean()),
         "mean_abs_distance_ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],

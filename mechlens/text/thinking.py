@@ -92,6 +92,16 @@ def reply_layout(text: str, start: int = 0, opened: bool = False) -> ReplyLayout
     return ReplyLayout((think_start, close_at), (close_at + len(THINK_CLOSE), len(text)), True)
 
 
+def as_reply(prompt_text: str, continuation: str) -> str:
+    """`continuation` as a whole reply: with `<think>` put back in front when the (templated)
+    prompt itself opened the thinking, so that an unclosed thinking is not read as an answer.
+
+        >>> as_reply("...assistant\\n<think>\\n", "3 + 4 = 7"), as_reply("...assistant\\n", "7")
+        ('<think>3 + 4 = 7', '7')
+    """
+    return THINK_OPEN + continuation if prompt_text.rstrip().endswith(THINK_OPEN) else continuation
+
+
 def split_thinking(text: str, opened: bool = False) -> tuple[str, str, bool]:
     """`(thinking, answer, closed)` of a reply (`reply_layout`'s rule), stripped of the newlines
     around them. A reply without markers is all answer, unless `opened` (the prompt already

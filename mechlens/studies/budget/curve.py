@@ -2,7 +2,7 @@
 traces, at each token budget (`harness` holds the accounting).
 
 Example (minutes with the reasoning organism):
-    >>> curve = budget_curve(model, problems, budgets=(100, 200, 400), short_tokens=100)  # doctest: +SKIP
+    >>> curve = budget_curve(model, problems, budgets=(256, 512, 1024), short_tokens=256)  # doctest: +SKIP
     >>> print("\\n".join(curve.summary_lines()))                                          # doctest: +SKIP
 """
 
@@ -20,22 +20,23 @@ from mechlens.datasets import Problem
 from mechlens.models.sampling import Sampling
 from mechlens.ops.stats import format_rate, mcnemar
 from mechlens.rollouts import Engine, LocalEngine
-from mechlens.rollouts.engines import token_prompts
+from mechlens.rollouts.engines import check_engine, prompt_seeds, token_prompts
 from mechlens.studies.budget.harness import Sample, answers_at, parallel_right, parallel_used
 from mechlens.text.answers import answer_key
-from mechlens.text.thinking import format_prompt
+from mechlens.text.thinking import as_reply, format_prompt
 
 if TYPE_CHECKING:
     from mechlens.models.hooked import HookedModel
 
-BUDGET_SAMPLING = Sampling(max_new_tokens=400, temperature=0.6, top_p=0.95)
+BUDGET_SAMPLING = Sampling(max_new_tokens=1024, temperature=0.6, top_p=0.95)
 """Both arms sample at T = 0.6, top-p 0.95; `max_new_tokens` is replaced by each arm's cap."""
 
 
 @dataclass
 class BudgetCurve:
     """Right (0/1) per problem and budget for each arm: `sequential`, `majority` and `oracle`
-    (parallel votes), `[problems, budgets]`; `mean_tokens` the tokens each arm used on average."""
+    (parallel votes), `[problems, budgets]`; `mean_tokens` the tokens each arm used on average;
+    `long_texts` the long traces, decoded."""
 
     budgets: list[int]
     short_tokens: int
@@ -43,6 +44,7 @@ class BudgetCurve:
     majority: np.ndarray
     oracle: np.ndarray
     mean_tokens: dict[str, list[float]]
+    long_texts: list[str]
 
     def paired(self, budget: int) -> dict:
         """McNemar of sequential vs parallel majority at `budget`, on the same problems."""
@@ -68,8 +70,8 @@ class BudgetCurve:
 def budget_curve(
     model: HookedModel,
     problems: Sequence[Problem],
-    budgets: Sequence[int] = (100, 200, 400),
-    short_tokens: int = 100,
+    budgets: Sequence[int] = (256, 512, 1024),
+    short_tokens: int = 256,
     sampling: Sampling = BUDGET_SAMPLING,
     cache: DiskCache | str | Path | bool | None = True,
     engine: Engine | None = None,
@@ -77,7 +79,11 @@ def budget_curve(
 ) -> BudgetCurve:
     """One long trace per problem, sampled once at `max(budgets)` tokens and cut at each budget,
     against `max(budgets) // short_tokens` short traces of at most `short_tokens` tokens each,
-    voted over as many as fit in each budget (`harness`). Seeded by `sampling.seed`."""
+    voted over as many as fit in each budget (`harness`). The long arm is seeded from
+    `sampling.seed`, the short arm from `sampling.seed + 1`, one seed per problem.
+
+    With a chat template that opens the thinking in the prompt, the replies are read as thinking
+    first (an unclosed thinking has no answer)."""
     problems = list(problems)
     budgets = sorted({int(b) for b in budgets})
     if not problems:
@@ -93,15 +99,20 @@ def budget_curve(
     store = DiskCache.of(cache, "budget")
     key = {"model": model_fingerprint(model), "engine": engine.describe() if engine else None}
     engine = engine or LocalEngine(model, progress=progress)
-    prompts = token_prompts(model, [format_prompt(model.tokenizer, p.question) for p in problems])
+    texts = [format_prompt(model.tokenizer, p.question) for p in problems]
+    prompts = token_prompts(model, texts)
     long_s = sampling.replace(max_new_tokens=budgets[-1], n=1)
     short_s = sampling.replace(max_new_tokens=short_tokens, n=max(1, budgets[-1] // short_tokens))
 
     def sample(step: str, how: Sampling) -> list[list[list[int]]]:
-        compute = lambda: engine.sample(prompts, how)  # noqa: E731
+        # each arm its own seeds (the short arm from seed + 1): with shared ones, a short trace
+        # would be the long trace's opening, and the arms would agree by construction
+        def compute() -> list[list[list[int]]]:
+            return check_engine(engine, model).sample(prompts, how, seeds=prompt_seeds(how, len(prompts)))
+
         return store.cached(step, compute, **key, prompts=prompts, how=how) if store else compute()
 
-    long_ids, short_ids = sample("long", long_s), sample("short", short_s)
+    long_ids, short_ids = sample("long", long_s), sample("short", short_s.replace(seed=sampling.seed + 1))
     shape = (len(problems), len(budgets))
     seq, maj, orc = np.zeros(shape, int), np.zeros(shape, int), np.zeros(shape, int)
     used = {"sequential": np.zeros(shape), "parallel": np.zeros(shape)}
@@ -109,13 +120,17 @@ def budget_curve(
         numeric = p.kind == "number"
         truth = answer_key(f"Answer: {p.answer}", numeric) or p.answer.lower()
         ids = long_ids[i][0]
-        for k, got in enumerate(answers_at(model.tokenizer, ids, budgets, numeric)):
+        for k, got in enumerate(answers_at(model.tokenizer, ids, budgets, numeric, texts[i])):
             seq[i, k] = got == truth
             used["sequential"][i, k] = min(len(ids), budgets[k])
-        shorts = [Sample(len(s), answer_key(model.tokenizer.decode(s), numeric)) for s in short_ids[i]]
+        shorts = [
+            Sample(len(s), answer_key(as_reply(texts[i], model.tokenizer.decode(s)), numeric))
+            for s in short_ids[i]
+        ]
         for k, b in enumerate(budgets):
             maj[i, k] = parallel_right(shorts, truth, b)
             orc[i, k] = parallel_right(shorts, truth, b, vote="oracle")
             used["parallel"][i, k] = sum(s.tokens for s in shorts[: parallel_used(shorts, b)])
     mean_tokens = {arm: v.mean(0).tolist() for arm, v in used.items()}
-    return BudgetCurve(budgets, short_tokens, seq, maj, orc, mean_tokens)
+    texts = [model.tokenizer.decode(rows[0]) for rows in long_ids]
+    return BudgetCurve(budgets, short_tokens, seq, maj, orc, mean_tokens, texts)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mechlens.text.answers import answer_key
+from mechlens.text.thinking import as_reply
 
 Vote = Literal["majority", "oracle"]
 
@@ -37,11 +38,15 @@ class Sample:
     answer: str | None
 
 
-def answers_at(tokenizer, ids: Sequence[int], budgets: Sequence[int], numeric: bool) -> list[str | None]:
-    """The answer key (`answer_key`) of the first B tokens of `ids`, for each B of `budgets`."""
+def answers_at(
+    tokenizer, ids: Sequence[int], budgets: Sequence[int], numeric: bool, prompt_text: str = ""
+) -> list[str | None]:
+    """The answer key (`answer_key`) of the first B tokens of `ids`, for each B of `budgets`;
+    `prompt_text` is the templated prompt they continue (`as_reply`: a prompt that opens the
+    thinking makes an unclosed thinking answerless)."""
     for b in budgets:
         _check_budget(b)
-    return [answer_key(tokenizer.decode(list(ids[:b])), numeric) for b in budgets]
+    return [answer_key(as_reply(prompt_text, tokenizer.decode(list(ids[:b]))), numeric) for b in budgets]
 
 
 def parallel_used(samples: Sequence[Sample], budget: int) -> int:

@@ -51,9 +51,10 @@ def is_echo(question: str, sentence: str, threshold: float = THRESHOLD) -> bool:
 
 
 def _thinking_start(response: str) -> int:
-    """Where the text after the last `<think>` (and its whitespace) starts; 0 without one."""
+    """Where the text after the last `<think>` (and its whitespace) starts; after the leading
+    whitespace without one (the authors' prompt ends with `<think>`, whose `\\s*` takes it)."""
     match = re.search(r"(.*<think>\s*)", response, re.DOTALL)
-    return match.end(1) if match else 0
+    return match.end(1) if match else len(response) - len(response.lstrip())
 
 
 def echo_span(question: str, response: str, threshold: float = THRESHOLD) -> tuple[int, int] | None:

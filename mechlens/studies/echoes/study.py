@@ -24,10 +24,18 @@ import numpy as np
 from mechlens.cache import DiskCache, model_fingerprint
 from mechlens.datasets import Problem
 from mechlens.models.sampling import Sampling
-from mechlens.ops.stats import auroc, auroc_interval, cohens_d, format_rate, mcnemar, mean_difference
+from mechlens.ops.stats import (
+    auroc,
+    auroc_interval,
+    cohens_d,
+    format_estimate,
+    format_rate,
+    mcnemar,
+    mean_difference,
+)
 from mechlens.rollouts import Engine, LocalEngine
 from mechlens.rollouts.engines import token_prompts
-from mechlens.studies.echoes.echo import THRESHOLD, TrimRule, echo_span, trim_echo
+from mechlens.studies.echoes.echo import THRESHOLD, TRIM_RULES, TrimRule, echo_span, trim_echo
 from mechlens.studies.echoes.measures import (
     PREFIX_TOKENS,
     LikelihoodGap,
@@ -56,14 +64,15 @@ class EchoReply:
     text: str
     correct: bool
     echo: tuple[int, int] | None  # character span of the leading echo in `text`
-    gap: LikelihoodGap
+    gap: LikelihoodGap | None  # None: nothing is left once the echo is trimmed (undefined)
     refocusing: Refocusing
 
 
 @dataclass
 class EchoicPrompting:
     """Two-stage continuations of the failed problems: `first_tokens` of the reply, then the
-    question re-inserted (`echo`) or nothing (`control`), then `second_tokens` more; right or not."""
+    question re-inserted (`echo`) or nothing (`control`), then up to `second_tokens` more (the
+    second stage is graded, as the authors grade it); right or not."""
 
     problems: list[str]  # ids of the previously failed problems
     echo: list[bool]
@@ -99,7 +108,7 @@ class EchoStudy:
         """Delta-L per token, right vs wrong: each group's mean with its 95% interval and n, the
         difference (bootstrap interval), and the AUROC of Delta-L for right vs wrong (interval)."""
         g = self.groups()
-        values = {k: [r.gap.delta_mean for r in v] for k, v in g.items()}
+        values = {k: [r.gap.delta_mean for r in v if r.gap is not None] for k, v in g.items()}
         out: dict = {}
         for k, v in values.items():
             low, high = _ci(v)
@@ -135,20 +144,20 @@ class EchoStudy:
     def summary_lines(self) -> list[str]:
         k, n = self.echo_rate()
         lines = [f"echo of the question opens the thinking: {format_rate(k, n)} of replies"]
+        undefined = sum(r.gap is None for r in self.replies)
+        if undefined:
+            lines.append(f"Delta-L undefined for {undefined} replies (nothing left once the echo is trimmed)")
         gap = self.gap_by_outcome()
-        r, w = gap["right"], gap["wrong"]
-        diff = gap["difference"]
+        r, w, diff = gap["right"], gap["wrong"], gap["difference"]
+        right, wrong = (format_estimate(g["mean"], g["low"], g["high"], g["n"]) for g in (r, w))
         lines.append(
-            f"Delta-L ({self.trim} trim), right: {r['mean']:.2f} nats/token "
-            f"(95% CI {r['low']:.2f}-{r['high']:.2f}, n={r['n']}); "
-            f"wrong: {w['mean']:.2f} ({w['low']:.2f}-{w['high']:.2f}, n={w['n']}); "
-            f"difference {diff[0]:.2f} ({diff[1]:.2f}-{diff[2]:.2f})"
+            f"Delta-L ({self.trim} trim, nats/token), right: {right}; wrong: {wrong}; "
+            f"difference {format_estimate(*diff)}"
         )
         for name, v in self.refocusing_by_outcome().items():
-            d = v["d"]
             lines.append(
-                f"attention to the echo region, {name}: right {100 * v['right']:.1f}% "
-                f"vs wrong {100 * v['wrong']:.1f}%; Cohen's d {d[0]:.2f} (95% CI {d[1]:.2f}-{d[2]:.2f})"
+                f"attention to the echo region, {name}: right {_share(v['right'])} "
+                f"vs wrong {_share(v['wrong'])}; Cohen's d {format_estimate(*v['d'])}"
             )
         if self.prompting is not None:
             p = self.prompting
@@ -164,6 +173,10 @@ class EchoStudy:
                 f"{echo}, without it {control} ({test})"
             )
         return lines
+
+
+def _share(x: float) -> str:
+    return f"{100 * x:.1f}%" if np.isfinite(x) else "undefined (no replies)"
 
 
 def _ci(values: Sequence[float]) -> tuple[float, float]:
@@ -209,16 +222,25 @@ def analyze(
     against the `trim`-trimmed reply, refocusing onto the first `prefix_tokens` reply tokens per
     `layer_groups` (default `default_layer_groups`), and, with `echoic`, Echoic Prompting on the
     failed problems: the first `first_tokens` of the reply (default half of
-    `sampling.max_new_tokens`), then `injection` or nothing, then the rest of the budget."""
+    `sampling.max_new_tokens`), then `injection` or nothing, then a second stage of
+    `sampling.max_new_tokens` (the authors run two stages of equal size: 2048 + 2048)."""
     problems = list(problems)
     if not problems:
         raise ValueError("problems is empty")
-    if "{question}" not in injection:
-        raise ValueError("injection must contain {question}")
+    if not isinstance(injection, str) or injection.count("{question}") != 1:
+        raise ValueError("injection must contain {question} exactly once (the authors' check)")
+    if trim not in TRIM_RULES:
+        raise ValueError(f"trim must be one of {list(TRIM_RULES)}, got {trim!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    if isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, int) or prefix_tokens < 1:
+        raise ValueError(f"prefix_tokens must be an int >= 1, got {prefix_tokens!r}")
     first = sampling.max_new_tokens // 2 if first_tokens is None else first_tokens
     if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first < sampling.max_new_tokens:
+        raise ValueError(f"first_tokens must be an int in 1..{sampling.max_new_tokens - 1}, got {first!r}")
+    if layer_groups is not None and not layer_groups:
         raise ValueError(
-            f"first_tokens must be an int in 1..{sampling.max_new_tokens - 1}, got {first_tokens!r}"
+            "layer_groups is empty: give at least one (name -> (start, end)), or None for the defaults"
         )
     groups = layer_groups or default_layer_groups(model.n_layers)
     for name, (a, b) in groups.items():
@@ -246,7 +268,7 @@ def analyze(
     for p, row in zip(problems, ids, strict=True):
         text = model.tokenizer.decode(row)
         trimmed = trim_echo(p.question, text, rule=trim, threshold=threshold)
-        gap = likelihood_gap(model, p.question, text, trimmed)
+        gap = likelihood_gap(model, p.question, text, trimmed) if trimmed.strip() else None
         focus = refocusing(model, p.question, text, prefix_tokens)
         replies.append(
             EchoReply(p, text, p.grade(text).correct, echo_span(p.question, text, threshold), gap, focus)
@@ -254,14 +276,14 @@ def analyze(
     prompting = None
     failed = [i for i, r in enumerate(replies) if not r.correct]
     if echoic and failed:
-        rest = sampling.replace(max_new_tokens=sampling.max_new_tokens - first)
+        rest = sampling  # the second stage: a full budget again, as in the authors' two stages
         results = {}
         for name, text in (("echo", injection), ("control", CONTINUATION)):
             rows = []
             for i in failed:
                 head = ids[i][:first]
                 decoded = model.tokenizer.decode(head)
-                inserted = text.format(question=problems[i].question) if text else ""
+                inserted = text.replace("{question}", problems[i].question)
                 connector = "" if decoded.endswith("\n") or inserted.startswith("\n") else "\n"
                 extra = model.tokenizer(connector + inserted, add_special_tokens=False)["input_ids"]
                 rows.append(prompts[i] + head + list(extra))

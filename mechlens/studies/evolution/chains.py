@@ -18,10 +18,10 @@ import numpy as np
 from mechlens.datasets import Problem
 from mechlens.models.sampling import Sampling
 from mechlens.rollouts import Engine, LocalEngine
-from mechlens.rollouts.engines import sample_texts
+from mechlens.rollouts.engines import check_engine, prompt_seeds, token_prompts
 from mechlens.studies.evolution.transitions import majority_vote
 from mechlens.text.answers import after_thinking, answer_key
-from mechlens.text.thinking import format_prompt
+from mechlens.text.thinking import as_reply, format_prompt
 
 if TYPE_CHECKING:
     from mechlens.models.hooked import HookedModel
@@ -32,8 +32,9 @@ REFINE = (
     "End with the final answer."
 )
 """The refine turn: `{question}` and `{answer}` (the previous reply's answer part) are filled in."""
-EVOLVE_SAMPLING = Sampling(max_new_tokens=200, temperature=0.6, top_p=0.95)
-"""Each turn of a chain: T = 0.6, top-p 0.95, as the thought-anchors authors sample rollouts."""
+EVOLVE_SAMPLING = Sampling(max_new_tokens=320, temperature=0.6, top_p=0.95)
+"""Each turn of a chain: T = 0.6, top-p 0.95 (the thought-anchors authors' rollout settings), up to
+320 new tokens."""
 
 
 @dataclass
@@ -82,8 +83,9 @@ def evolve(
     progress: bool = True,
 ) -> Chains:
     """`n_chains` chains per problem, `iterations` turns each (turn 0 solves; turn k > 0 refines
-    turn k-1's answer with `template`). Turn k samples with seed `sampling.seed + k`, one seed
-    per chain, so a re-run gives the same chains."""
+    turn k-1's answer with `template`). Turn k samples with seed `sampling.seed + k`, and each
+    chain with its own seed from it (`prompt_seeds`), so chains with the same prompt differ and a
+    re-run gives the same chains."""
     for name, value, low in (("n_chains", n_chains, 1), ("iterations", iterations, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -104,8 +106,14 @@ def evolve(
                 template.format(question=q, answer=after_thinking(t).strip() or "(no answer)")
                 for q, t in zip(questions, texts[-1], strict=True)
             ]
-        prompts = [format_prompt(model.tokenizer, t) for t in turns]
-        texts.append(sample_texts(engine, model, prompts, one.replace(seed=sampling.seed + k)))
+        templated = [format_prompt(model.tokenizer, t) for t in turns]
+        prompts = token_prompts(model, templated)
+        turn = one.replace(seed=sampling.seed + k)
+        # one seed per chain: chains that share a prompt (at turn 0, or after the same answer) still differ
+        rows = check_engine(engine, model).sample(prompts, turn, seeds=prompt_seeds(turn, len(prompts)))
+        texts.append(
+            [as_reply(t, model.tokenizer.decode(r[0])) for t, r in zip(templated, rows, strict=True)]
+        )
     shape = (len(problems), n_chains, iterations)
     correct = np.zeros(shape, dtype=int)
     answers: list[list[list[str | None]]] = [[[None] * iterations for _ in range(n_chains)] for _ in problems]

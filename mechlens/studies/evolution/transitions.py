@@ -70,6 +70,8 @@ def transition_estimates(chains: Sequence[Sequence[int]], draws: int = 2000, see
     """Transition estimates of `chains` (one row of 0/1 correctness per chain, one column per
     iteration, all rows as long)."""
     x = _check_chains(chains)
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be an int >= 1, got {draws!r}")
     up, n_wrong, down, n_right = _counts(x)
     rng = np.random.default_rng(seed)
     boot = [_stationary(*_counts(x[rng.integers(0, len(x), len(x))])) for _ in range(draws)]

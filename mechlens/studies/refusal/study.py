@@ -16,6 +16,7 @@ Example (minutes on 2 cores with the reasoning organism; a model that never refu
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,6 +102,20 @@ class JudgeSettings:
     draws: int = 5
     backend: str = "transformer_lens"
 
+    def __post_init__(self):
+        if not isinstance(self.model_path, str | Path) or not str(self.model_path):
+            raise TypeError(f"model_path must be a folder (str or Path), got {self.model_path!r}")
+        if (
+            isinstance(self.fraction, bool)
+            or not isinstance(self.fraction, int | float)
+            or not 0 < self.fraction <= 1
+        ):
+            raise ValueError(f"fraction must be a number in (0, 1], got {self.fraction!r}")
+        for name in ("epochs", "train_layers", "draws"):
+            _count(name, getattr(self, name))
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+
 
 @dataclass
 class HeadStudy:
@@ -110,13 +125,14 @@ class HeadStudy:
 
     scores: dict[str, Tensor]
     ranking: str
+    rescale: str | None  # the ablation: "norm" keeps each sequence's attention-output norm
     top: list[tuple[int, int]]
     top_by_method: dict[str, list[tuple[int, int]]]
     agreement: dict[str, dict[str, float]]  # "a vs b" -> top-k overlap and Spearman over heads
     rates: dict[str, dict]  # refusal_rates with the top heads ablated
     random_sets: list[list[tuple[int, int]]]
     random_rates: dict[str, list[float]]  # rate name -> one value per random set
-    percentile: dict[str, float]  # where the top heads' rate falls among the random sets (0-100)
+    percentile: dict[str, float]  # where the top heads' rate falls among the random sets (0-100, ties half)
     paired: dict[str, dict]  # set -> McNemar of refused without vs with the ablation, same prompts
     perplexity: dict[str, Any]  # harmless replies' perplexity: none, top heads, random heads
     sweep_examples: int
@@ -131,7 +147,7 @@ class RefusalStudy:
     probe: LinearProbe  # fitted on the last layer
     probe_by_layer: ProbeSweep
     probe_per_class: int
-    probe_auroc: dict[str, float]  # held out: auroc, low, high, n_refused, n_answered
+    probe_auroc: dict[str, float] | None  # held out: auroc, low, high, n_refused, n_answered; None: one class
     jailbreak_auroc: dict[str, float] | None  # out of distribution; None unless both outcomes occur
     groups: dict[str, list[Reply]]  # GROUPS -> replies
     curves: dict[str, list[Tensor]]  # GROUPS -> the refusal score at every position, [pos_i] each
@@ -225,6 +241,7 @@ class RefusalStudy:
         }
         heads = {k: v for k, v in asdict(self.heads).items() if k != "scores"}
         heads["scores"] = {k: v.tolist() for k, v in self.heads.scores.items()}
+        heads["n_ablated"] = len(self.heads.top)
         return {
             "rates": self.rates,
             "probe": {
@@ -244,7 +261,10 @@ class RefusalStudy:
         }
 
 
-def _auroc_with_ci(scores: Sequence[float], labels: Sequence[int], seed: int) -> dict[str, float]:
+def _auroc_with_ci(scores: Sequence[float], labels: Sequence[int], seed: int) -> dict[str, float] | None:
+    """The AUROC with its bootstrap interval and n; None (undefined) unless both labels occur."""
+    if not 0 < sum(labels) < len(labels):
+        return None
     low, high = auroc_interval(scores, labels, seed=seed)
     n_pos = int(sum(labels))
     return {
@@ -256,9 +276,28 @@ def _auroc_with_ci(scores: Sequence[float], labels: Sequence[int], seed: int) ->
     }
 
 
-def _check_options(prompts, head_ranking, rescale, control_sets, k_end, head_fraction, random_sets) -> None:
+def _count(name: str, value: object, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_options(
+    prompts,
+    head_ranking,
+    rescale,
+    control_sets,
+    k_end,
+    head_fraction,
+    random_sets,
+    sweep_examples,
+    batch_size,
+) -> None:
     if not isinstance(prompts, dict) or set(PROMPT_SETS) - set(prompts):
         raise ValueError(f"prompts must be a dict with the sets {list(PROMPT_SETS)} (see prompt_sets)")
+    for name in PROMPT_SETS:
+        texts = prompts[name]
+        if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError(f"prompts[{name!r}] must be a non-empty list of non-empty strings")
     if head_ranking not in ("direct", "exact", "attribution"):
         raise ValueError(f"head_ranking must be 'direct', 'exact' or 'attribution', got {head_ranking!r}")
     if rescale not in ("norm", None):
@@ -266,12 +305,15 @@ def _check_options(prompts, head_ranking, rescale, control_sets, k_end, head_fra
     unknown = set(control_sets) - set(EVAL_SETS)
     if isinstance(control_sets, str) or unknown or not control_sets:
         raise ValueError(f"control_sets must be a non-empty list of {list(EVAL_SETS)}, got {control_sets!r}")
-    if isinstance(k_end, bool) or not isinstance(k_end, int) or k_end < 1:
-        raise ValueError(f"k_end must be an int >= 1, got {k_end!r}")
-    if not 0 < head_fraction <= 1:
-        raise ValueError(f"head_fraction must lie in (0, 1], got {head_fraction!r}")
-    if isinstance(random_sets, bool) or not isinstance(random_sets, int) or random_sets < 1:
-        raise ValueError(f"random_sets must be an int >= 1, got {random_sets!r}")
+    if (
+        isinstance(head_fraction, bool)
+        or not isinstance(head_fraction, int | float)
+        or not 0 < head_fraction <= 1
+    ):
+        raise ValueError(f"head_fraction must be a number in (0, 1], got {head_fraction!r}")
+    for name, value in (("k_end", k_end), ("random_sets", random_sets), ("sweep_examples", sweep_examples),
+                        ("batch_size", batch_size)):  # fmt: skip
+        _count(name, value)
 
 
 def analyze(
@@ -309,7 +351,17 @@ def analyze(
     Raises `ValueError` when fewer than 4 harmful probe requests are refused, or as many harmless
     ones answered: the probe needs both classes.
     """
-    _check_options(prompts, head_ranking, rescale, control_sets, k_end, head_fraction, random_sets)
+    _check_options(
+        prompts,
+        head_ranking,
+        rescale,
+        control_sets,
+        k_end,
+        head_fraction,
+        random_sets,
+        sweep_examples,
+        batch_size,
+    )
     store = DiskCache.of(cache, "refusal")
     base_key = {"model": model_fingerprint(model), "seed": seed}
     engine_key = engine.describe() if engine is not None else None
@@ -317,11 +369,14 @@ def analyze(
     def cached(step: str, compute, **key):
         return store.cached(step, compute, **base_key, **key) if store else compute()
 
-    def replies(sets: dict[str, list[str]], heads: Sequence[tuple[int, int]] = ()) -> dict[str, list[Reply]]:
+    def replies(
+        sets: dict[str, list[str]], heads: Sequence[tuple[int, int]] = (), local: bool = False
+    ) -> dict[str, list[Reply]]:
+        use = None if heads or local else engine  # ablated replies need the model's own hooks
+
         def compute():
-            # ablated replies go through the model's hooks: only its own engine applies them
             with model.ablate_heads(list(heads), rescale=rescale) if heads else contextlib.nullcontext():
-                rows = sample_replies_by_set(model, sets, sampling, batch_size, None if heads else engine)
+                rows = sample_replies_by_set(model, sets, sampling, batch_size, use)
             return {k: [asdict(r) for r in v] for k, v in rows.items()}
 
         rows = cached(
@@ -331,7 +386,7 @@ def analyze(
             sampling=sampling,
             heads=list(heads),
             rescale=rescale if heads else None,
-            engine=None if heads else engine_key,
+            engine=engine_key if use is not None else None,
         )
         return {k: [Reply(**r) for r in v] for k, v in rows.items()}
 
@@ -397,6 +452,7 @@ def analyze(
     heads = _head_study(
         model, rolls, groups, probe, replies, cached, k_end, sweep_examples, head_fraction, head_ranking,
         rescale, random_sets, control_sets, {s: list(prompts[s]) for s in EVAL_SETS}, seed, progress,
+        engine is not None,
     )  # fmt: skip
     study = RefusalStudy(
         rolls, rates, probe, sweep, n, probe_auroc, jailbreak_auroc, groups, curves, cliffs, heads
@@ -407,12 +463,18 @@ def analyze(
             study.judge = _judge(
                 judge, candidates, final_scores(candidates), rolls, prompts, sampling, cached, seed
             )
+        else:
+            warnings.warn(
+                f"Cliff-as-a-Judge skipped: {len(candidates)} of {len(rolls['candidates'])} candidates "
+                "complied (it needs 2); give more candidates",
+                stacklevel=2,
+            )
     return study
 
 
 def _head_study(
     model, rolls, groups, probe, replies, cached, k_end, sweep_examples, head_fraction, ranking, rescale,
-    random_sets, control_sets, eval_sets, seed, progress,
+    random_sets, control_sets, eval_sets, seed, progress, external,
 ) -> HeadStudy:  # fmt: skip
     """Rank heads on complied replies (refused ones when none complied), ablate the top ones
     against random sets of as many heads."""
@@ -452,8 +514,11 @@ def _head_study(
     controls = random_head_sets(scores["exact"].shape, n_heads, random_sets, exclude=top, seed=seed)
     top_replies = replies(eval_sets, top)
     top_rates = refusal_rates(top_replies)
+    # the paired test compares one sampler with and without the ablation: the model's own engine
+    # (when the study samples elsewhere, the un-ablated sets are sampled here once more)
+    base = replies(eval_sets, local=True) if external else rolls
     paired = {
-        s: mcnemar([r.refused for r in rolls[s]], [r.refused for r in top_replies[s]]) for s in eval_sets
+        s: mcnemar([r.refused for r in base[s]], [r.refused for r in top_replies[s]]) for s in eval_sets
     }
     control_eval = {s: eval_sets[s] for s in control_sets}
     drawn = [
@@ -461,8 +526,13 @@ def _head_study(
         for h in tqdm(controls, desc="random heads", disable=not progress)
     ]
     random_rates = {c: [r[c]["rate"] for r in drawn] for c in drawn[0]}
+    # mid-rank percentile: random sets below the top heads' rate count fully, ties half
     percentile = {
-        c: 100 * float(np.mean(np.array(v) < top_rates[c]["rate"])) for c, v in random_rates.items()
+        c: 100
+        * float(
+            np.mean(np.array(v) < top_rates[c]["rate"]) + np.mean(np.array(v) == top_rates[c]["rate"]) / 2
+        )
+        for c, v in random_rates.items()
     }
     harmless = groups["harmless"]
 
@@ -482,6 +552,7 @@ def _head_study(
     return HeadStudy(
         scores,
         ranking,
+        rescale,
         top,
         ranked,
         agreement,

@@ -67,8 +67,8 @@ class ValueProbe:
     """
 
     def __init__(self, l2: float = 1.0):
-        if isinstance(l2, bool) or not isinstance(l2, int | float) or not l2 >= 0:
-            raise ValueError(f"l2 must be a number >= 0, got {l2!r}")
+        if isinstance(l2, bool) or not isinstance(l2, int | float) or not l2 > 0:
+            raise ValueError(f"l2 must be a number > 0 (features outnumber the steps), got {l2!r}")
         self.l2 = float(l2)
         self.mean: Tensor | None = None
         self.std: Tensor | None = None
