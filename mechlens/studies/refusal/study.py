@@ -282,15 +282,7 @@ def _count(name: str, value: object, low: int = 1) -> None:
 
 
 def _check_options(
-    prompts,
-    head_ranking,
-    rescale,
-    control_sets,
-    k_end,
-    head_fraction,
-    random_sets,
-    sweep_examples,
-    batch_size,
+    prompts, head_ranking, rescale, control_sets, head_fraction, counts: dict[str, int]
 ) -> None:
     if not isinstance(prompts, dict) or set(PROMPT_SETS) - set(prompts):
         raise ValueError(f"prompts must be a dict with the sets {list(PROMPT_SETS)} (see prompt_sets)")
@@ -311,8 +303,7 @@ def _check_options(
         or not 0 < head_fraction <= 1
     ):
         raise ValueError(f"head_fraction must be a number in (0, 1], got {head_fraction!r}")
-    for name, value in (("k_end", k_end), ("random_sets", random_sets), ("sweep_examples", sweep_examples),
-                        ("batch_size", batch_size)):  # fmt: skip
+    for name, value in counts.items():
         _count(name, value)
 
 
@@ -351,17 +342,13 @@ def analyze(
     Raises `ValueError` when fewer than 4 harmful probe requests are refused, or as many harmless
     ones answered: the probe needs both classes.
     """
-    _check_options(
-        prompts,
-        head_ranking,
-        rescale,
-        control_sets,
-        k_end,
-        head_fraction,
-        random_sets,
-        sweep_examples,
-        batch_size,
-    )
+    counts = {
+        "k_end": k_end,
+        "random_sets": random_sets,
+        "sweep_examples": sweep_examples,
+        "batch_size": batch_size,
+    }
+    _check_options(prompts, head_ranking, rescale, control_sets, head_fraction, counts)
     store = DiskCache.of(cache, "refusal")
     base_key = {"model": model_fingerprint(model), "seed": seed}
     engine_key = engine.describe() if engine is not None else None
