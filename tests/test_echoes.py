@@ -165,3 +165,33 @@ def test_refocusing_against_a_pattern_summing_loop(backend):
     for bad in (0, (5, 5), (0, 10_000), True):
         with pytest.raises(ValueError, match="prefix_tokens"):
             refocusing(model, Q, R, prefix_tokens=bad)
+
+
+def _bag_of_words(texts):
+    """A deterministic embedder: counts of a few words (echo openings share the question's)."""
+    vocab = ["tom", "apples", "buys", "how", "many", "first", "add", "numbers", "three", "seven"]
+    return torch.tensor([[t.lower().count(w) for w in vocab] for t in texts], dtype=torch.float32)
+
+
+def test_the_papers_echo_probe_learns_and_detects():
+    from mechlens.studies.echoes import EchoProbe, opening_words
+
+    echo = "<think>\nTom has 3 apples and buys 4 more apples. How many apples?"
+    plain = "<think>\nFirst add the numbers. Three and four make seven."
+    questions, responses = [Q] * 40, [echo, plain] * 20
+    labels = [1, 0] * 20
+    probe = EchoProbe(hidden=8, lr=0.05, seed=0).fit(questions, responses, labels, _bag_of_words)
+    p = probe.predict_proba([Q, Q], [echo, plain], _bag_of_words)
+    assert p[0] > 0.5 > p[1]
+    again = EchoProbe(hidden=8, lr=0.05, seed=0).fit(questions, responses, labels, _bag_of_words)
+    torch.testing.assert_close(again.predict_proba([Q], [echo], _bag_of_words), p[:1])  # seeded
+    assert probe.detector(_bag_of_words)(Q, echo) and not probe.detector(_bag_of_words)(Q, plain)
+    assert opening_words(echo, 3) == "Tom has 3"
+    linear = EchoProbe(hidden=0, lr=0.05).fit(questions, responses, labels, _bag_of_words)
+    assert isinstance(linear.net, torch.nn.Linear)
+    with pytest.raises(ValueError, match="labels"):
+        EchoProbe().fit(questions, responses, [1] * 40, _bag_of_words)
+    with pytest.raises(ValueError, match="hidden"):
+        EchoProbe(hidden=-1)
+    with pytest.raises(ValueError, match="fit the probe"):
+        EchoProbe().predict_proba([Q], [echo], _bag_of_words)

@@ -3,6 +3,7 @@
 - `echo`: echo detection by word overlap with the question, and trimming (`echo_span`,
   `trim_echo`, the authors' rule or ours);
 - `measures`: the Echo Likelihood Gap (`likelihood_gap`) and attention refocusing (`refocusing`);
+- `probe`: the paper's echo detector, an MLP on sentence embeddings (`EchoProbe`);
 - `study`: the whole study of one model (`analyze` -> `EchoStudy`), with Echoic Prompting.
 
 Example:
@@ -13,6 +14,7 @@ Example:
 
 from mechlens.studies.echoes.echo import TRIM_RULES, echo_span, is_echo, overlap, trim_echo
 from mechlens.studies.echoes.measures import LikelihoodGap, Refocusing, likelihood_gap, refocusing
+from mechlens.studies.echoes.probe import EchoProbe, opening_words
 from mechlens.studies.echoes.study import (
     ECHO_SAMPLING,
     INJECTION,
@@ -27,6 +29,7 @@ __all__ = [
     "ECHO_SAMPLING",
     "INJECTION",
     "TRIM_RULES",
+    "EchoProbe",
     "EchoReply",
     "EchoStudy",
     "EchoicPrompting",
@@ -37,6 +40,7 @@ __all__ = [
     "echo_span",
     "is_echo",
     "likelihood_gap",
+    "opening_words",
     "overlap",
     "refocusing",
     "trim_echo",

@@ -14,7 +14,7 @@ Example (minutes with the reasoning organism):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,7 +63,8 @@ class EchoReply:
     problem: Problem
     text: str
     correct: bool
-    echo: tuple[int, int] | None  # character span of the leading echo in `text`
+    echo: tuple[int, int] | None  # character span of the leading echo in `text` (word overlap)
+    echoes: bool  # whether the thinking opens with an echo: the detector's verdict, or `echo` found
     gap: LikelihoodGap | None  # None: nothing is left once the echo is trimmed (undefined)
     refocusing: Refocusing
 
@@ -102,7 +103,7 @@ class EchoStudy:
         }
 
     def echo_rate(self) -> tuple[int, int]:
-        return sum(r.echo is not None for r in self.replies), len(self.replies)
+        return sum(r.echoes for r in self.replies), len(self.replies)
 
     def gap_by_outcome(self) -> dict:
         """Delta-L per token, right vs wrong: each group's mean with its 95% interval and n, the
@@ -213,6 +214,7 @@ def analyze(
     echoic: bool = True,
     first_tokens: int | None = None,
     injection: str = INJECTION,
+    detector: Callable[[str, str], bool] | None = None,
     cache: DiskCache | str | Path | bool | None = True,
     engine: Engine | None = None,
     progress: bool = True,
@@ -221,9 +223,11 @@ def analyze(
     sampled with `sampling` (greedy by default), echoes by word overlap (`threshold`), the gap
     against the `trim`-trimmed reply, refocusing onto the first `prefix_tokens` reply tokens per
     `layer_groups` (default `default_layer_groups`), and, with `echoic`, Echoic Prompting on the
-    failed problems: the first `first_tokens` of the reply (default half of
-    `sampling.max_new_tokens`), then `injection` or nothing, then a second stage of
-    `sampling.max_new_tokens` (the authors run two stages of equal size: 2048 + 2048)."""
+    failed problems. `detector(question, reply) -> bool` decides echo presence instead of the word
+    overlap (e.g. the paper's MLP probe, `EchoProbe.detector`). Echoic Prompting: the first
+    `first_tokens` of the reply (default half of `sampling.max_new_tokens`), then `injection` or
+    nothing, then a second stage of `sampling.max_new_tokens` (the authors run two stages of equal
+    size: 2048 + 2048)."""
     problems = list(problems)
     if not problems:
         raise ValueError("problems is empty")
@@ -270,9 +274,9 @@ def analyze(
         trimmed = trim_echo(p.question, text, rule=trim, threshold=threshold)
         gap = likelihood_gap(model, p.question, text, trimmed) if trimmed.strip() else None
         focus = refocusing(model, p.question, text, prefix_tokens)
-        replies.append(
-            EchoReply(p, text, p.grade(text).correct, echo_span(p.question, text, threshold), gap, focus)
-        )
+        span = echo_span(p.question, text, threshold)
+        echoes = detector(p.question, text) if detector is not None else span is not None
+        replies.append(EchoReply(p, text, p.grade(text).correct, span, bool(echoes), gap, focus))
     prompting = None
     failed = [i for i, r in enumerate(replies) if not r.correct]
     if echoic and failed:
