@@ -46,7 +46,8 @@ def test_bad_input_exits_2_with_one_line(capsys):
     assert main(["lens", "  ", "--model", "tiny-llama"]) == 2
     assert main(["info", "--model", "no-such-model-anywhere"]) == 2
     assert main(["run", "no_such_experiment"]) == 2
-    assert "experiments: ['demo'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "experiments: ['budget', 'demo'" in err and "'thought_anchors']" in err
 
 
 def test_run_passes_options_to_the_script(tmp_path, monkeypatch):
