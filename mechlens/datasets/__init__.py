@@ -28,7 +28,7 @@ from functools import cache
 from pathlib import Path
 
 from mechlens.datasets.arithmetic import arithmetic_problems
-from mechlens.text.answers import Grade, grade
+from mechlens.text.answers import Grade, answer_key, grade
 
 STEP_BY_STEP = " Think step by step, then give the final answer as 'Answer: <answer>'."
 """Appended to a question to ask for a chain of thought and a marked answer (the default model
@@ -55,6 +55,12 @@ class Problem:
     def grade(self, response: str) -> Grade:
         """Check a model's response against this problem's answer."""
         return grade(response, self.answer, self.aliases)
+
+    def answer_key(self) -> str:
+        """The gold answer as `text.answers.answer_key` writes a reply's answer (numbers
+        canonical), for comparing with the answers of votes and rollouts."""
+        key = answer_key(f"Answer: {self.answer}", numeric=self.kind == "number")
+        return key if key is not None else self.answer.lower()
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ def budget_curve(
     used = {"sequential": np.zeros(shape), "parallel": np.zeros(shape)}
     for i, p in enumerate(problems):
         numeric = p.kind == "number"
-        truth = answer_key(f"Answer: {p.answer}", numeric) or p.answer.lower()
+        truth = p.answer_key()
         ids = long_ids[i][0]
         for k, got in enumerate(answers_at(model.tokenizer, ids, budgets, numeric, texts[i])):
             seq[i, k] = got == truth

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from mechlens.studies.evolution.transitions import majority_vote
 from mechlens.text.answers import answer_key
 from mechlens.text.thinking import as_reply
 
@@ -65,15 +66,8 @@ def parallel_right(samples: Sequence[Sample], truth: str, budget: int, vote: Vot
     seen first; no answer at all is wrong)."""
     if vote not in ("majority", "oracle"):
         raise ValueError(f"vote must be 'majority' or 'oracle', got {vote!r}")
-    answers = [s.answer for s in samples[: parallel_used(samples, budget)] if s.answer is not None]
-    if not answers:
-        return False
-    if vote == "oracle":
-        return truth in answers
-    counts: dict[str, int] = {}
-    for a in answers:
-        counts[a] = counts.get(a, 0) + 1
-    return max(counts, key=lambda a: counts[a]) == truth
+    answers = [s.answer for s in samples[: parallel_used(samples, budget)]]
+    return truth in answers if vote == "oracle" else majority_vote(answers, truth)
 
 
 def _check_budget(budget: int) -> None:

@@ -31,6 +31,7 @@ from mechlens.ops.stats import (
     format_estimate,
     format_rate,
     mcnemar,
+    mean_ci,
     mean_difference,
 )
 from mechlens.rollouts import Engine, LocalEngine
@@ -112,8 +113,10 @@ class EchoStudy:
         values = {k: [r.gap.delta_mean for r in v if r.gap is not None] for k, v in g.items()}
         out: dict = {}
         for k, v in values.items():
-            low, high = _ci(v)
-            out[k] = {"mean": float(np.mean(v)) if v else float("nan"), "n": len(v), "low": low, "high": high}
+            mean, low, high, _ = mean_ci([[x] for x in v], 1)  # the mean's 95% normal interval
+            if len(v) < 2:  # no spread to estimate: no interval
+                low = high = np.array([np.nan])
+            out[k] = {"mean": float(mean[0]), "n": len(v), "low": float(low[0]), "high": float(high[0])}
         out["difference"] = mean_difference(values["right"], values["wrong"])
         scores = values["right"] + values["wrong"]
         labels = [1] * len(values["right"]) + [0] * len(values["wrong"])
@@ -178,14 +181,6 @@ class EchoStudy:
 
 def _share(x: float) -> str:
     return f"{100 * x:.1f}%" if np.isfinite(x) else "undefined (no replies)"
-
-
-def _ci(values: Sequence[float]) -> tuple[float, float]:
-    """The 95% normal interval of a mean; NaN below 2 values."""
-    if len(values) < 2:
-        return (float("nan"), float("nan"))
-    m, se = float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))
-    return m - 1.96 * se, m + 1.96 * se
 
 
 def _finite(a: Sequence[float], b: Sequence[float]) -> tuple[list[float], list[float]]:

@@ -58,18 +58,13 @@ class Chains:
             [
                 np.mean(
                     [
-                        majority_vote([a[k] for a in per], _key(p))
+                        majority_vote([a[k] for a in per], p.answer_key())
                         for p, per in zip(self.problems, self.answers, strict=True)
                     ]
                 )
                 for k in range(self.correct.shape[2])
             ]
         )
-
-
-def _key(problem: Problem) -> str:
-    key = answer_key(f"Answer: {problem.answer}", numeric=problem.kind == "number")
-    return key if key is not None else problem.answer.lower()
 
 
 def evolve(

@@ -60,7 +60,8 @@ class StepwiseStudy:
         planted = [int(self.planted[i]) for i in keep]  # type: ignore[arg-type]
         out: dict[str, dict] = {}
         for by in LOCALISERS:
-            found = [self.localised(by)[i] for i in keep]
+            localised = self.localised(by)
+            found = [localised[i] for i in keep]
             dist = [f - p for f, p in zip(found, planted, strict=True) if f is not None]
             out[by] = {
                 **localisation_null(found, planted, draws, seed),
