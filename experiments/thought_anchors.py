@@ -63,6 +63,9 @@ class AnchorsConfig:
     min_sentences: int = 12
     long_trace: int = 15  # the methods' agreement is also reported on traces this long or longer
     strict_similarity: float = 0.95  # a second counterfactual KL in the planted-structure recovery
+    pool_window: int = 2  # the pooled resampling importance and KL (ours): positions pooled per side
+    base_control: bool = True  # organism: the receiver and suppression scores of the base model (no
+    # adapter) on the identical texts, ranked beside the organism's (what the training added)
     n_rollouts: int = 100  # per sentence, the paper's number
     curve: str = "8,16,32,64,100"  # planted-structure recovery from the first n rollouts of each
     # sentence (a paired curve: the first n are the rollouts a run at n samples)
@@ -242,7 +245,10 @@ def main(cfg: AnchorsConfig) -> dict:
     # agreement of the three methods on long traces only (receiver heads need many sentences)
     long = [t for t in per_trace if len(t.sentences) >= cfg.long_trace]
     rho_long = anchors.method_correlations(long)["pooled"] if long else {}
-    recovery = planted_recovery(run, per_trace, cfg) if cfg.model == "organism" else None
+    recovery = None
+    if cfg.model == "organism":
+        base = base_control(run, per_trace, cfg) if cfg.base_control else {}
+        recovery = planted_recovery(run, per_trace, cfg, base)
 
     results = {
         "sampling_engine": engine.describe(),
@@ -313,18 +319,24 @@ def main(cfg: AnchorsConfig) -> dict:
             if "vs_length" in r:
                 v = r["vs_length"]
                 line += f"; vs length: better {v['better']}, tied {v['tied']}, worse {v['worse']} of {v['n']}"
+            if "vs_base" in r:
+                v = r["vs_base"]
+                line += f"; vs the base model: better {v['better']}, tied {v['tied']}, worse {v['worse']} of {v['n']}"
             lines.append(line)
     run.summarize("Thought anchors", lines)
     return results
 
 
-def resampling_scores(per_trace: list, strict: float, n: int | None = None, seed: int = 0) -> dict[str, list]:
+def resampling_scores(
+    per_trace: list, strict: float, window: int, n: int | None = None, seed: int = 0
+) -> dict[str, list]:
     """The sampling-based attributions per trace, from the first `n` rollouts (default: all):
     the paper's counterfactual KL and its accuracy form, the resampling importance (accuracy
     difference) and KL without the similarity filter, the same KL less its permutation null's mean
-    (ours: the estimator's small-sample bias removed), counterfactual KL with the stricter filter
-    (ours: a decisive plan's alternatives differ from it in one word, which cosine 0.8 calls
-    similar), and forced-answer importance."""
+    (ours: the estimator's small-sample bias removed), the importance and KL from `window`
+    positions pooled on each side (ours: `Resampling.pooled_importance`), counterfactual KL with
+    the stricter filter (ours: a decisive plan's alternatives differ from it in one word, which
+    cosine 0.8 calls similar), and forced-answer importance."""
     res = [t.resampling if n is None else t.resampling.first(n) for t in per_trace]
     out = {
         "counterfactual KL": [r.counterfactual_kl for r in res],
@@ -332,6 +344,8 @@ def resampling_scores(per_trace: list, strict: float, n: int | None = None, seed
         "resampling importance": [r.resampling_importance for r in res],
         "resampling KL (no filter)": [r.resampling_kl for r in res],
         "resampling KL, bias-corrected": [r.resampling_kl_excess(seed=seed) for r in res],
+        f"resampling importance, pooled ({window} positions)": [r.pooled_importance(window) for r in res],
+        f"resampling KL, pooled ({window} positions)": [r.pooled_kl(window) for r in res],
         f"counterfactual KL, cosine < {strict}": [
             replace(r, threshold=strict).counterfactual_kl for r in res
         ],
@@ -365,7 +379,9 @@ def rollout_curve(per_trace: list, planted: list, cfg: AnchorsConfig) -> dict:
     ns = [n for n in (int(k) for k in cfg.curve.split(",")) if n <= cfg.n_rollouts]
     curve: dict[str, dict] = {}
     for n in ns:
-        for name, v in resampling_scores(per_trace, cfg.strict_similarity, n, cfg.seed).items():
+        for name, v in resampling_scores(
+            per_trace, cfg.strict_similarity, cfg.pool_window, n, cfg.seed
+        ).items():
             r = rank_recovery(v, planted, k=3, seed=cfg.seed)
             curve.setdefault(name, {})[n] = {key: r[key] for key in CURVE_FIELDS}
     return curve
@@ -380,15 +396,33 @@ LENGTH = "baseline: sentence length"
 """The baseline that ranks a trace's sentences by their length in characters."""
 
 
-def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict:
+def base_control(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict[str, list]:
+    """The receiver score (with the base model's own receiver heads) and the suppression effect of
+    the base model, without the organism's adapter, on the identical traces: a method is credited
+    with what the organism learned only where it ranks the planted sentence above this."""
+    base = load_subject("base", cfg.backend, cfg.device, cfg.dtype)
+    same_text = [
+        anchors.analyze(base, t.trace, proximity=cfg.proximity, cache=run.cache, progress=False)
+        for t in tqdm(per_trace, desc="base model, same texts")
+    ]
+    anchors.assign_receivers(same_text, cfg.top_k)
+    return {
+        "receiver score, base model (same text)": [a.receiver for a in same_text],
+        "suppression effect, base model (same text)": [a.outgoing for a in same_text],
+    }
+
+
+def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig, controls: dict[str, list]) -> dict:
     """How each method ranks the organism's planted decisive sentences (plan, repairing check),
-    read back from each trace's text, against seeded random rankings; and a figure."""
+    read back from each trace's text, against seeded random rankings, beside the `controls` (the
+    same scores from the base model) and two baselines; and a figure."""
     planted = [[k for k, r in enumerate(label_roles(t.sentences)) if r in DECISIVE] for t in per_trace]
     scores = {name: [getattr(t, attr) for t in per_trace] for name, attr in anchors.METHODS.items()}
     # beside the paper's three: resampling importance without the similarity filter (the paper's
     # "resampling importance", as a KL), and counterfactual KL with a stricter filter (ours): a
     # decisive plan's alternatives differ from it in one word, which cosine 0.8 calls "similar"
-    scores.update(resampling_scores(per_trace, cfg.strict_similarity, seed=cfg.seed))
+    scores.update(resampling_scores(per_trace, cfg.strict_similarity, cfg.pool_window, seed=cfg.seed))
+    scores.update(controls)
     # baselines that read no model internals: a method is credited only for beating them
     scores[LENGTH] = [[float(len(s)) for s in t.sentences] for t in per_trace]
     scores["baseline: position (earlier first)"] = [
@@ -398,6 +432,8 @@ def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict:
     for name, r in out.items():
         if not name.startswith("baseline"):
             r["vs_length"] = paired_ranks(r, out[LENGTH])
+        if f"{name}, base model (same text)" in out:
+            r["vs_base"] = paired_ranks(r, out[f"{name}, base model (same text)"])
     names = list(out)
     fig = grouped_bars(
         names,
@@ -422,7 +458,8 @@ def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig) -> dict:
         print(f"rollouts curve, {name}: " + ", ".join(cells))
     ns = sorted({n for rows in curve.values() for n in rows})
     lines = {}
-    for name in ("counterfactual KL", "resampling importance", "forced-answer importance"):
+    pooled = f"resampling importance, pooled ({cfg.pool_window} positions)"
+    for name in ("counterfactual KL", "resampling importance", pooled, "forced-answer importance"):
         if name in curve:
             rate = [curve[name][n]["top_k_rate"] for n in ns]
             low, high = ([curve[name][n]["top_k_ci"][i] for n in ns] for i in (0, 1))

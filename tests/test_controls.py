@@ -91,3 +91,40 @@ def test_mcnemar_against_scipy(a, b):
     for bad in ([float("nan"), 1], [None, 1], [2, 1]):
         with pytest.raises(ValueError, match="0/1"):
             mcnemar(bad, [0, 1])
+
+
+def test_pooled_importance_is_the_plain_one_at_window_1_and_counts_pooled_rollouts():
+    rng = np.random.default_rng(3)
+    answers = [["7" if u < p else "8" for u in rng.random(6)] for p in (0.2, 0.3, 0.9, 0.8, 0.85)]
+    res = Resampling(
+        [f"S{i}" for i in range(4)],
+        [rollouts(p, a) for p, a in enumerate(answers)],
+        np.ones((4, 6)),
+        alpha=1.0,
+    )
+    np.testing.assert_allclose(res.pooled_importance(1), res.resampling_importance)
+    np.testing.assert_allclose(res.pooled_kl(1), res.resampling_kl)
+    acc = lambda rows: np.mean([a == "7" for r in rows for a in r])  # noqa: E731
+    # sentence 1 at window 2: positions 0-1 resample it, positions 2-3 keep it
+    assert res.pooled_importance(2)[1] == pytest.approx(acc(answers[2:4]) - acc(answers[0:2]))
+    # the last sentence: only position 4 keeps it; the first: only position 0 resamples it
+    assert res.pooled_importance(3)[3] == pytest.approx(acc(answers[4:5]) - acc(answers[1:4]))
+    assert res.pooled_importance(3)[0] == pytest.approx(acc(answers[1:4]) - acc(answers[0:1]))
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="window must be"):
+            res.pooled_importance(bad)
+
+
+def test_pooled_importance_finds_a_step_more_often_than_one_position_at_few_rollouts():
+    """A planted step (accuracy 0.3 -> 0.8 across sentence 5 of 10) with 8 rollouts per position:
+    pooling two positions per side ranks it first more often than the plain difference (seeded:
+    321 against 285 of 400 draws)."""
+    rng = np.random.default_rng(0)
+    hits = {1: 0, 2: 0}
+    for _ in range(400):
+        acc = [0.3] * 6 + [0.8] * 5  # positions 0..10; sentence 5 decides
+        rows = [rollouts(p, ["7" if u < a else "8" for u in rng.random(8)]) for p, a in enumerate(acc)]
+        res = Resampling([f"S{i}" for i in range(10)], rows, np.ones((10, 8)))
+        for w in hits:
+            hits[w] += int(np.argmax(res.pooled_importance(w)) == 5)
+    assert hits[2] > hits[1] + 20, hits  # 0.80 vs 0.71 of draws

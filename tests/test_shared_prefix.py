@@ -113,3 +113,31 @@ def test_refuses_interventions_and_other_architectures():
         engine_for(model, local="fast")
     with pytest.raises(ValueError, match="slots"):
         SharedPrefixEngine(model, slots=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rows_ending_at_eos_free_their_slots_without_changing_any_row(arch):
+    """Rows that stop at EOS at different steps, with the queue empty: the engine moves the last
+    live rows into the freed slots. Each row still depends only on its seed: the same rows come out
+    with 2, 5 or 64 slots, and equal `LocalEngine`'s greedy rows (qwen2: biased projections)."""
+    model = ml.load_model(f"tiny-{arch}")
+    prompts = [[3, 17, 42, 99, 5], [3, 17, 42], [8, 9, 10, 11]]
+    sampling = ml.Sampling(max_new_tokens=12, temperature=1.0, n=6, seed=5)
+    free = SharedPrefixEngine(model, dtype="float32", slots=64).sample(
+        prompts, sampling.replace(stop_at_eos=False)
+    )
+    counts = np.bincount([tok for rows in free for r in rows for tok in r[1:]])
+    tokenizer, eos = model.tokenizer, model.tokenizer.eos_token
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(counts.argmax()))  # a frequent token ends rows
+    try:
+        outs = [
+            SharedPrefixEngine(model, dtype="float32", slots=k).sample(prompts, sampling) for k in (2, 5, 64)
+        ]
+    finally:
+        tokenizer.eos_token = eos
+    assert outs[0] == outs[1] == outs[2]
+    lengths = {len(r) for rows in outs[0] for r in rows}
+    assert len(lengths) >= 3 and max(lengths) == 12  # rows end at different steps, some run to the end
+    greedy = sampling.replace(temperature=0)
+    want = LocalEngine(model, path="plain").sample(prompts, greedy)
+    assert SharedPrefixEngine(model, dtype="float32", slots=4).sample(prompts, greedy) == want

@@ -225,21 +225,33 @@ class SharedPrefixEngine:
         def cast(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().to(dt)
 
+        def joined(*linears: Any) -> tuple[Tensor, Tensor | None]:
+            """The weight `[sum out, in]` and bias of linears that read the same input, stacked into
+            one matmul (a bias of zeros for those without one, None when none has one)."""
+            weight = torch.cat([m.weight.detach().to(dt) for m in linears])
+            if all(m.bias is None for m in linears):
+                return weight, None
+            return weight, torch.cat(
+                [
+                    torch.zeros(m.out_features, dtype=dt) if m.bias is None else m.bias.detach().to(dt)
+                    for m in linears
+                ]
+            )
+
         layers = []
         for block in core.layers:
             attn, mlp = block.self_attn, block.mlp
+            qkv, qkv_bias = joined(attn.q_proj, attn.k_proj, attn.v_proj)
+            gate_up, gate_up_bias = joined(mlp.gate_proj, mlp.up_proj)
             layers.append(
                 {
                     "ln1": cast(block.input_layernorm.weight),
                     "ln2": cast(block.post_attention_layernorm.weight),
-                    "q": cast(attn.q_proj.weight), "qb": cast(attn.q_proj.bias),
-                    "k": cast(attn.k_proj.weight), "kb": cast(attn.k_proj.bias),
-                    "v": cast(attn.v_proj.weight), "vb": cast(attn.v_proj.bias),
+                    "qkv": qkv, "qkvb": qkv_bias,
                     "o": cast(attn.o_proj.weight), "ob": cast(attn.o_proj.bias),
                     "qn": cast(getattr(getattr(attn, "q_norm", None), "weight", None)),
                     "kn": cast(getattr(getattr(attn, "k_norm", None), "weight", None)),
-                    "gate": cast(mlp.gate_proj.weight), "gb": cast(mlp.gate_proj.bias),
-                    "up": cast(mlp.up_proj.weight), "ub": cast(mlp.up_proj.bias),
+                    "gate_up": gate_up, "gub": gate_up_bias,
                     "down": cast(mlp.down_proj.weight), "db": cast(mlp.down_proj.bias),
                 }
             )  # fmt: skip
@@ -261,9 +273,11 @@ class SharedPrefixEngine:
     def _qkv(self, w: _Weights, layer: dict, x: Tensor, cos: Tensor, sin: Tensor):
         """Queries `[..., heads, hd]`, keys and values `[..., kv, hd]` of residuals `x [..., d]`."""
         h = _rms(x, layer["ln1"], w.eps)
-        q = linear(h, layer["q"], layer["qb"]).unflatten(-1, (w.n_heads, w.head_dim))
-        k = linear(h, layer["k"], layer["kb"]).unflatten(-1, (w.n_kv, w.head_dim))
-        v = linear(h, layer["v"], layer["vb"]).unflatten(-1, (w.n_kv, w.head_dim))
+        q, k, v = linear(h, layer["qkv"], layer["qkvb"]).split(
+            (w.n_heads * w.head_dim, w.n_kv * w.head_dim, w.n_kv * w.head_dim), -1
+        )  # one matmul for the three projections
+        q = q.unflatten(-1, (w.n_heads, w.head_dim))
+        k, v = k.unflatten(-1, (w.n_kv, w.head_dim)), v.unflatten(-1, (w.n_kv, w.head_dim))
         if layer["qn"] is not None:
             q, k = _rms(q, layer["qn"], w.eps), _rms(k, layer["kn"], w.eps)
         return (
@@ -276,8 +290,8 @@ class SharedPrefixEngine:
         """The residual after the attention output `attn [..., heads*hd]` and the MLP."""
         x = x + linear(attn, layer["o"], layer["ob"])
         h = _rms(x, layer["ln2"], w.eps)
-        gate = self._act(linear(h, layer["gate"], layer["gb"]))
-        return x + linear(gate * linear(h, layer["up"], layer["ub"]), layer["down"], layer["db"])
+        gate, up = linear(h, layer["gate_up"], layer["gub"]).chunk(2, -1)  # one matmul for both
+        return x + linear(self._act(gate) * up, layer["down"], layer["db"])
 
     def _prefill(self, w: _Weights, ids: list[int]) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
         """Keys and values `[kv, len, hd]` per layer of one prompt, and its logits `[len, vocab]`
@@ -350,16 +364,18 @@ class SharedPrefixEngine:
             for p, cc in chain_of.items():
                 if cc == c:
                     first_logits[p] = logits[len(p) - 1]
-        n, max_new = sampling.n, sampling.max_new_tokens
-        queue = [(i, j) for i in range(len(ids)) for j in range(n)]  # rows, prompt-major
-        results: list[list[list[int]]] = [[[] for _ in range(n)] for _ in ids]
+        per_prompt, max_new = sampling.n, sampling.max_new_tokens
+        queue = [(i, j) for i in range(len(ids)) for j in range(per_prompt)]  # rows, prompt-major
+        results: list[list[list[int]]] = [[[] for _ in range(per_prompt)] for _ in ids]
         eos = self.model.tokenizer.eos_token_id if sampling.stop_at_eos else None
         slots = min(self.slots, len(queue))
         group, hd = w.n_heads // w.n_kv, w.head_dim
         layers = len(w.layers)
         cache_k = torch.zeros(layers, slots, w.n_kv, max_new, hd, dtype=self.dtype)
         cache_v = torch.zeros_like(cache_k)
-        row = [-1] * slots  # queue index in each slot (-1: idle)
+        # slots 0..live-1 hold rows; a slot whose row ends with the queue empty takes the state of
+        # the last live slot, so that every step computes `live` rows, never idle ones
+        row = [-1] * slots  # queue index in each slot
         chain = torch.zeros(slots, dtype=torch.long)
         plen = torch.zeros(slots, dtype=torch.long)  # prompt length
         t = torch.zeros(slots, dtype=torch.long)  # new tokens so far
@@ -374,9 +390,6 @@ class SharedPrefixEngine:
 
         def fill(s: int) -> None:
             nonlocal nxt
-            if nxt >= len(queue):
-                row[s] = -1
-                return
             i, j = queue[nxt]
             p = tuple(ids[i])
             row[s], chain[s], plen[s], t[s] = nxt, chain_of[p], len(p), 0
@@ -384,76 +397,97 @@ class SharedPrefixEngine:
             logits[s] = first_logits[p].to(logits.dtype)
             nxt += 1
 
+        def move(src: int, dst: int) -> None:
+            row[dst] = row[src]
+            for state in (chain, plen, t, fed, logits):
+                state[dst] = state[src]
+            seed[dst] = seed[src]
+            cache_k[:, dst], cache_v[:, dst] = cache_k[:, src], cache_v[:, src]
+
         for s in range(slots):
             fill(s)
+        live = slots
         scale = 1 / math.sqrt(hd)
-        while any(r >= 0 for r in row):
-            live = torch.tensor([r >= 0 for r in row])
-            u = torch.from_numpy(step_uniforms(seed, t.numpy().astype(np.uint64)))
-            tokens = sample_rows(logits, sampling.temperature, sampling.top_p, u, self.top_k, work)
-            fresh = []
-            for s in live.nonzero()[:, 0].tolist():
+        while live:
+            u = torch.from_numpy(step_uniforms(seed[:live], t[:live].numpy().astype(np.uint64)))
+            tokens = sample_rows(
+                logits[:live], sampling.temperature, sampling.top_p, u, self.top_k, work[:live]
+            )
+            fresh, idle = set(), []
+            for s, tok in enumerate(tokens.tolist()):
                 i, j = queue[row[s]]
-                tok = int(tokens[s])
                 if tok == eos:
                     done = True
                 else:
                     results[i][j].append(tok)
                     done = len(results[i][j]) >= max_new
-                if done:
-                    bar.update(1)
-                    fill(s)
-                    fresh.append(s)
-                else:
+                if not done:
                     fed[s] = tok
-            if not any(r >= 0 for r in row):
-                break
-            # one decode step for every slot (idle and fresh slots compute and are ignored)
-            step_slots = [s for s in range(slots) if row[s] >= 0 and s not in fresh]
-            if not step_slots:
+                    continue
+                bar.update(1)
+                if nxt < len(queue):
+                    fill(s)
+                    fresh.add(s)
+                else:
+                    idle.append(s)
+            if idle:  # compact: the last live slots move into the idle ones below them
+                keep = live - len(idle)
+                movers = [s for s in range(keep, live) if s not in idle]
+                for dst, src in zip([s for s in idle if s < keep], movers, strict=True):
+                    move(src, dst)
+                    if src in fresh:
+                        fresh.remove(src)
+                        fresh.add(dst)
+                live = keep
+            step_slots = [s for s in range(live) if s not in fresh]
+            if not step_slots:  # only fresh rows: their first tokens come from their prompts' logits
                 continue
-            pos = plen + t  # [slots]
-            cos, sin = self._rope(pos)
-            x = w.embed[fed]  # [slots, d]
-            slot_ix = torch.arange(slots)
-            new_valid = torch.arange(max_new)[None] <= t[:, None]  # [slots, max_new]
-            width = int(t.max()) + 1
-            new_mask = torch.where(new_valid[:, :width], 0.0, float("-inf"))[:, None, None]  # [s,1,1,w]
-            for li, layer in enumerate(w.layers):
-                q, k, v = self._qkv(w, layer, x, cos, sin)  # [slots, heads|kv, hd]
-                cache_k[li, slot_ix, :, t] = k
-                cache_v[li, slot_ix, :, t] = v
-                qg = q.unflatten(1, (w.n_kv, group))  # [slots, kv, group, hd]
-                ks, vs = cache_k[li, :, :, :width], cache_v[li, :, :, :width]  # [slots, kv, w, hd]
-                own = (qg @ ks.transpose(-1, -2)).float() * scale + new_mask  # [slots, kv, group, w]
-                attn = torch.empty(slots, w.n_kv, group, hd, dtype=self.dtype)
-                for c in range(len(heads)):
-                    members = slot_ix if len(heads) == 1 else (chain == c).nonzero()[:, 0]
-                    if len(members) == 0:
-                        continue
-                    pk, pv = kv[c][li]  # [kv, L, hd]
+            # one decode step for the live slots (fresh slots compute and are ignored)
+            n = live
+            tn = t[:n]
+            cos, sin = self._rope(plen[:n] + tn)
+            x = w.embed[fed[:n]]  # [n, d]
+            slot_ix = torch.arange(n)
+            width = int(tn.max()) + 1
+            inf = float("-inf")
+            own_bias = torch.where(torch.arange(width)[None] <= tn[:, None], 0.0, inf).to(self.dtype)
+            own_bias = own_bias[:, None, None]  # [n, 1, 1, width]: each row's own new keys so far
+            groups = []  # per chain: its slots, its prompt length, and each slot's prompt mask
+            for c in range(len(heads)):
+                members = slot_ix if len(heads) == 1 else (chain[:n] == c).nonzero()[:, 0]
+                if len(members):
                     length = int(plen[members].max())
-                    qc = qg[members].permute(1, 0, 2, 3).reshape(w.n_kv, -1, hd)  # [kv, m*group, hd]
-                    shared = (qc @ pk[:, :length].transpose(-1, -2)).float() * scale  # [kv, m*group, L]
-                    shared = shared.unflatten(1, (len(members), group)).permute(1, 0, 2, 3)  # [m, kv, g, L]
-                    ok = torch.arange(length)[None] < plen[members, None]  # [m, L]
-                    shared = shared.masked_fill(~ok[:, None, None], float("-inf"))
-                    everyone = len(members) == slots
-                    probs = (
-                        torch.cat([shared, own if everyone else own[members]], -1).softmax(-1).to(self.dtype)
-                    )
-                    ps, po = probs[..., :length], probs[..., length:]
-                    part = ps.permute(1, 0, 2, 3).reshape(w.n_kv, -1, length) @ pv[:, :length]
-                    part = part.unflatten(1, (len(members), group)).permute(1, 0, 2, 3)  # [m, kv, g, hd]
+                    bias = torch.where(torch.arange(length)[None] < plen[members, None], 0.0, inf)
+                    groups.append((c, members, length, bias.to(self.dtype)[None, :, None]))  # [1, m, 1, L]
+            for li, layer in enumerate(w.layers):
+                q, k, v = self._qkv(w, layer, x, cos, sin)  # [n, heads|kv, hd]
+                cache_k[li, slot_ix, :, tn] = k
+                cache_v[li, slot_ix, :, tn] = v
+                qg = q.unflatten(1, (w.n_kv, group)) * scale  # [n, kv, group, hd]
+                ks, vs = cache_k[li, :n, :, :width], cache_v[li, :n, :, :width]  # [n, kv, width, hd]
+                own = (qg @ ks.transpose(-1, -2)).add_(own_bias)  # [n, kv, group, width]
+                attn = torch.empty(n, w.n_kv, group, hd, dtype=self.dtype)
+                for c, members, length, bias in groups:
+                    everyone, m = len(members) == n, len(members)
+                    pk, pv = kv[c][li]  # [kv, L, hd]
+                    qc = (qg if everyone else qg[members]).permute(1, 0, 2, 3).reshape(w.n_kv, -1, hd)
+                    shared = (qc @ pk[:, :length].transpose(-1, -2)).view(w.n_kv, m, group, length)
+                    own_c = (own if everyone else own[members]).permute(1, 0, 2, 3)  # [kv, m, g, width]
+                    # softmax over [prompt keys | own keys]; in the engine's dtype, accumulated in float32
+                    probs = torch.cat([shared.add_(bias), own_c], -1).softmax(-1)  # [kv, m, g, L + width]
+                    part = probs[..., :length].reshape(w.n_kv, m * group, length) @ pv[:, :length]
+                    out = part.view(w.n_kv, m, group, hd).permute(1, 0, 2, 3) + (
+                        probs[..., length:].permute(1, 0, 2, 3) @ (vs if everyone else vs[members])
+                    )  # [m, kv, g, hd]
                     if everyone:
-                        attn = part + po @ vs
+                        attn = out
                     else:
-                        attn[members] = part + po @ vs[members]
+                        attn[members] = out
                 x = self._finish(w, layer, x, attn.flatten(1))
-            torch.mm(_rms(x, w.norm, w.eps), w.unembed.T, out=spare)  # [slots, vocab]
+            torch.mm(_rms(x, w.norm, w.eps), w.unembed.T, out=spare[:n])  # [n, vocab]
             if fresh:  # fresh slots sample their first token from their prompt's logits
-                keep = torch.tensor(fresh)
-                spare[keep] = logits[keep]
+                back = torch.tensor(sorted(fresh))
+                spare[back] = logits[back]
             logits, spare = spare, logits
             t[torch.tensor(step_slots)] += 1
         bar.close()

@@ -247,6 +247,46 @@ class Resampling:
             out.append(observed - float(null.mean()))
         return np.array(out)
 
+    def _pools(self, window: int) -> list[tuple[list[Rollout], list[Rollout]]]:
+        """Per sentence i: (rollouts that resample S_i, rollouts that keep it), `window` positions each."""
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1 (positions pooled on each side), got {window!r}")
+        last = len(self.rollouts) - 1
+        return [
+            (
+                [r for p in range(max(0, i - window + 1), i + 1) for r in self.rollouts[p]],
+                [r for p in range(i + 1, min(last, i + window) + 1) for r in self.rollouts[p]],
+            )
+            for i in self._idx
+        ]
+
+    def pooled_importance(self, window: int = 2) -> np.ndarray:
+        """Resampling importance from pooled positions (ours, not the paper's): every rollout that
+        starts at or before sentence i resamples S_i, and every one that starts after it keeps it,
+        so acc(positions i+1..i+window) - acc(positions i-window+1..i) compares up to `window`
+        times as many rollouts per side. `window=1` is `resampling_importance`. The price: the
+        estimate of S_i also takes in part of the effect of its `window - 1` neighbours on each side
+        (a decisive sentence's effect is spread over `window` sentences, its peak kept). NaN where
+        a side has no answered rollouts.
+
+            >>> rows = lambda p, answers: [Rollout(p, "", "", a, a == "7") for a in answers]
+            >>> res = Resampling(["S0", "S1", "S2"], [rows(0, "88"), rows(1, "88"), rows(2, "77"),
+            ...                  rows(3, "77")], np.ones((3, 2)))
+            >>> res.pooled_importance(window=2).tolist()  # the change at S1 seen from both sides
+            [0.5, 1.0, 0.5]
+        """
+        return np.array([_accuracy(kept) - _accuracy(resampled) for resampled, kept in self._pools(window)])
+
+    def pooled_kl(self, window: int = 2) -> np.ndarray:
+        """KL(answers pooled at positions i-window+1..i || at i+1..i+window): the pooled form of
+        `resampling_kl` (ours; see `pooled_importance`). NaN where a side has no answers."""
+        return np.array(
+            [
+                answer_kl(_counts(resampled), _counts(kept), self.alpha)
+                for resampled, kept in self._pools(window)
+            ]
+        )
+
     @property
     def counterfactual_accuracy(self) -> np.ndarray:
         """acc(D_i) - acc(R_{i+1})."""
