@@ -321,7 +321,10 @@ def main(cfg: AnchorsConfig) -> dict:
                 line += f"; vs length: better {v['better']}, tied {v['tied']}, worse {v['worse']} of {v['n']}"
             if "vs_base" in r:
                 v = r["vs_base"]
-                line += f"; vs the base model: better {v['better']}, tied {v['tied']}, worse {v['worse']} of {v['n']}"
+                line += (
+                    f"; vs the base model: better {v['better']}, tied {v['tied']}, worse {v['worse']} "
+                    f"of {v['n']}"
+                )
             lines.append(line)
     run.summarize("Thought anchors", lines)
     return results
