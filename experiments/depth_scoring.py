@@ -47,6 +47,8 @@ class DepthConfig:
     backend: Literal["transformer_lens", "nnsight"] = "transformer_lens"
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    engine: Literal["auto", "local", "shared-prefix"] = "auto"  # in-process sampling (`engine_for`):
+    # "auto" is the shared-prefix engine (bf16 where the CPU is fast at it); the analyses stay in --dtype
     n_arithmetic: int = 60
     n_factual: int = 100  # the organism: its 50 held-out factual questions at most
     max_new_tokens: int = 256
@@ -133,7 +135,7 @@ def main(cfg: DepthConfig) -> dict:
     model = load_subject(cfg.model, cfg.backend, cfg.device, cfg.dtype)
     run = Run("depth_scoring", cfg, cfg.out, model=model, seed=cfg.seed, images=not cfg.quick)
     problems = load_problems(cfg)
-    engine = engine_for(model, cfg.endpoint, cfg.served_model, cfg.batch_size)
+    engine = engine_for(model, cfg.endpoint, cfg.served_model, cfg.batch_size, local=cfg.engine)
     responses = generate_responses(model, run, cfg, problems, engine)
 
     records = []

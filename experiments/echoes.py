@@ -19,6 +19,7 @@ import torch
 from mechlens.ops.stats import mean_ci, wilson
 from mechlens.organism import held_out_problems, load_subject
 from mechlens.plots import grouped_bars, histograms_by_group, mean_ci_lines
+from mechlens.rollouts import engine_for
 from mechlens.runs import Run, parse_config
 from mechlens.studies import echoes
 
@@ -29,6 +30,8 @@ class EchoConfig:
     backend: Literal["transformer_lens", "nnsight"] = "transformer_lens"
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    engine: Literal["auto", "local", "shared-prefix"] = "auto"  # in-process sampling (`engine_for`):
+    # "auto" is the shared-prefix engine (bf16 where the CPU is fast at it); the analyses stay in --dtype
     n_problems: int = 45  # held-out word problems, 1-3 steps
     max_new_tokens: int = 256
     trim: Literal["authors", "echo-span"] = "authors"  # the authors' trimmed answer, or the echo only
@@ -50,7 +53,7 @@ def main(cfg: EchoConfig) -> dict:
     problems = held_out_problems(cfg.n_problems, seed=cfg.seed)
     study = echoes.analyze(
         model, problems, sampling, trim=cfg.trim, prefix_tokens=cfg.prefix_tokens, echoic=cfg.echoic,
-        cache=run.cache,
+        cache=run.cache, engine=engine_for(model, local=cfg.engine),
     )  # fmt: skip
     groups = study.groups()
     bands = {}

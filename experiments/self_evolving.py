@@ -18,6 +18,7 @@ import torch
 from mechlens.ops.stats import format_estimate, format_rate, wilson
 from mechlens.organism import held_out_problems, load_subject
 from mechlens.plots import mean_ci_lines
+from mechlens.rollouts import engine_for
 from mechlens.runs import Run, parse_config
 from mechlens.studies import evolution
 
@@ -28,6 +29,8 @@ class EvolutionConfig:
     backend: Literal["transformer_lens", "nnsight"] = "transformer_lens"
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    engine: Literal["auto", "local", "shared-prefix"] = "auto"  # in-process sampling (`engine_for`):
+    # "auto" is the shared-prefix engine (bf16 where the CPU is fast at it); the analyses stay in --dtype
     n_problems: int = 24  # held-out word problems with 2-3 steps (the ones it gets wrong more often)
     n_chains: int = 4
     iterations: int = 4
@@ -51,7 +54,8 @@ def main(cfg: EvolutionConfig) -> dict:
     problems = held_out_problems(cfg.n_problems, seed=cfg.seed, steps=(2, 3))
 
     def compute() -> dict:
-        c = evolution.evolve(model, problems, cfg.n_chains, cfg.iterations, sampling)
+        engine = engine_for(model, local=cfg.engine)
+        c = evolution.evolve(model, problems, cfg.n_chains, cfg.iterations, sampling, engine=engine)
         return {"correct": c.correct.tolist(), "answers": c.answers, "texts": c.texts}
 
     stored = run.cached("chains", compute)
