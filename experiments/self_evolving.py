@@ -53,12 +53,13 @@ def main(cfg: EvolutionConfig) -> dict:
     )
     problems = held_out_problems(cfg.n_problems, seed=cfg.seed, steps=(2, 3))
 
+    engine = engine_for(model, local=cfg.engine)
+
     def compute() -> dict:
-        engine = engine_for(model, local=cfg.engine)
         c = evolution.evolve(model, problems, cfg.n_chains, cfg.iterations, sampling, engine=engine)
         return {"correct": c.correct.tolist(), "answers": c.answers, "texts": c.texts}
 
-    stored = run.cached("chains", compute)
+    stored = run.cached("chains", compute, engine=engine.describe())  # "auto" is bf16 or float32 by CPU
     chains = evolution.Chains(problems, np.array(stored["correct"]), stored["answers"], stored["texts"])
     correct, flat = chains.correct, chains.flat()  # [problems, chains, iterations], [chains, iterations]
     t = evolution.transition_estimates(flat, seed=cfg.seed)

@@ -86,6 +86,12 @@ class AnchorsConfig:
     seed: int = 44
 
     def __post_init__(self):
+        if (
+            isinstance(self.pool_window, bool)
+            or not isinstance(self.pool_window, int)
+            or self.pool_window < 1
+        ):
+            raise ValueError(f"pool_window must be an int >= 1, got {self.pool_window!r}")
         if self.quick:
             self.n_candidates, self.n_select, self.n_traces, self.n_rollouts = 2, 4, 1, 3
             self.min_sentences, self.curve = 5, "2,3"

@@ -129,15 +129,26 @@ def test_rows_ending_at_eos_free_their_slots_without_changing_any_row(arch):
     counts = np.bincount([tok for rows in free for r in rows for tok in r[1:]])
     tokenizer, eos = model.tokenizer, model.tokenizer.eos_token
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(counts.argmax()))  # a frequent token ends rows
+    greedy = sampling.replace(temperature=0)
     try:
         outs = [
             SharedPrefixEngine(model, dtype="float32", slots=k).sample(prompts, sampling) for k in (2, 5, 64)
         ]
+        want = LocalEngine(model, path="plain").sample(prompts, greedy)
+        got = {
+            k: SharedPrefixEngine(model, dtype="float32", slots=k).sample(prompts, greedy) for k in (2, 3, 8)
+        }
     finally:
         tokenizer.eos_token = eos
     assert outs[0] == outs[1] == outs[2]
     lengths = {len(r) for rows in outs[0] for r in rows}
     assert len(lengths) >= 3 and max(lengths) == 12  # rows end at different steps, some run to the end
-    greedy = sampling.replace(temperature=0)
-    want = LocalEngine(model, path="plain").sample(prompts, greedy)
-    assert SharedPrefixEngine(model, dtype="float32", slots=4).sample(prompts, greedy) == want
+    assert all(rows == want for rows in got.values())  # slots moved, against generate's greedy rows
+
+
+def test_a_model_off_the_cpu_samples_with_its_own_generate(monkeypatch):
+    model = ml.load_model("tiny-llama")
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    with pytest.raises(ValueError, match="runs on the CPU.*cuda"):
+        SharedPrefixEngine(model)
+    assert engine_for(model, local="auto").name == "mechlens"  # LocalEngine: generate on the GPU

@@ -319,7 +319,8 @@ def engine_for(
     model's own `generate`, hooks and interventions included, in the model's dtype);
     "shared-prefix" is `SharedPrefixEngine(model, dtype)` (Llama-style decoders, no
     interventions; bf16 where the CPU is fast at it with `dtype="auto"`); "auto" is the
-    shared-prefix engine where the model's architecture has it, else `LocalEngine`.
+    shared-prefix engine for a model on the CPU whose architecture it writes out, else
+    `LocalEngine` (a model on a GPU samples with its own `generate`).
 
     >>> import mechlens as ml
     >>> engine_for(ml.load_model("tiny-llama")).name
@@ -337,7 +338,8 @@ def engine_for(
         if model is None:
             raise ValueError("model is needed to sample in-process (no endpoint given)")
         kind = getattr(model.plain_model.config, "model_type", None)
-        if local == "shared-prefix" or (local == "auto" and kind in SHARED_PREFIX_TYPES):
+        on_cpu = model.device.type == "cpu"  # the shared-prefix engine is written for the CPU
+        if local == "shared-prefix" or (local == "auto" and kind in SHARED_PREFIX_TYPES and on_cpu):
             return SharedPrefixEngine(model, dtype)
         return LocalEngine(model, batch_size)
     if not served_model:

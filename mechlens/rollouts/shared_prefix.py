@@ -7,7 +7,8 @@ attends to them in place:
 - prompts that are prefixes of a longer prompt form one chain; each chain runs one forward, which
   gives every member's last-position logits and the shared keys and values;
 - rows (prompt, sample) decode in `slots` batch rows at once (continuous batching: a finished row's
-  slot takes the next row), each row's own new tokens in a preallocated cache;
+  slot takes the next row; once the queue is empty the last live rows move into freed slots, so no
+  step computes an idle row), each row's own new tokens in a preallocated cache;
 - attention of a row = softmax over [its prompt's shared keys | its own new keys];
 - sampling draws a counter-based uniform per (row seed, step), so a row's tokens depend only on its
   seed, not on the batch; top-p samples from a top-`top_k` prefilter, exact whenever the nucleus
@@ -140,7 +141,8 @@ FALLBACK_K = 1024
 
 @dataclass
 class _Weights:
-    """One decoder's weights in the engine's dtype (views of the model's when the dtypes agree)."""
+    """One decoder's weights in the engine's dtype (views of the model's when the dtypes agree; the
+    stacked q/k/v and gate/up weights are copies)."""
 
     embed: Tensor  # [vocab, d]
     layers: list[dict[str, Tensor | None]]
@@ -196,6 +198,11 @@ class SharedPrefixEngine:
             raise ValueError(
                 f"SharedPrefixEngine writes out the forward of {MODEL_TYPES} decoders; model {model.name!r} "
                 f"is {kind!r}: sample it with LocalEngine"
+            )
+        if model.device.type != "cpu":
+            raise ValueError(
+                f"SharedPrefixEngine runs on the CPU; model {model.name!r} is on {model.device}: sample it "
+                "with LocalEngine (or a vLLM engine) there"
             )
         self.model, self.dtype = model, resolve_dtype(dtype, model.device)
         self.slots = check_int("slots", slots, 1)
@@ -433,11 +440,9 @@ class SharedPrefixEngine:
             if idle:  # compact: the last live slots move into the idle ones below them
                 keep = live - len(idle)
                 movers = [s for s in range(keep, live) if s not in idle]
+                # (a fresh slot is never a mover: this step's fills all come before its first idle slot)
                 for dst, src in zip([s for s in idle if s < keep], movers, strict=True):
                     move(src, dst)
-                    if src in fresh:
-                        fresh.remove(src)
-                        fresh.add(dst)
                 live = keep
             step_slots = [s for s in range(live) if s not in fresh]
             if not step_slots:  # only fresh rows: their first tokens come from their prompts' logits
