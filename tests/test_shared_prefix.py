@@ -152,3 +152,17 @@ def test_a_model_off_the_cpu_samples_with_its_own_generate(monkeypatch):
     with pytest.raises(ValueError, match="runs on the CPU.*cuda"):
         SharedPrefixEngine(model)
     assert engine_for(model, local="auto").name == "mechlens"  # LocalEngine: generate on the GPU
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_distinct_prompts_read_per_slot_prompt_caches_with_the_same_rows(arch, monkeypatch):
+    """One chain reads its prompt keys in place; several chains copy each slot's prompt keys. A
+    prompt's rows are the same either way, and with the per-slot caches capped to one slot."""
+    model = ml.load_model(f"tiny-{arch}")
+    sampling = ml.Sampling(max_new_tokens=8, temperature=1.0, n=3, seed=2)
+    engine = SharedPrefixEngine(model, dtype="float32")
+    one_chain = engine.sample([[3, 4, 5, 6], [3, 4]], sampling, seeds=[10, 11])
+    chains = engine.sample([[3, 4, 5, 6], [3, 4], [9, 8, 7]], sampling, seeds=[10, 11, 12])
+    assert chains[:2] == one_chain
+    monkeypatch.setattr(shared_prefix, "PROMPT_CACHE_BYTES", 1)  # one slot at a time
+    assert engine.sample([[3, 4, 5, 6], [3, 4], [9, 8, 7]], sampling, seeds=[10, 11, 12]) == chains

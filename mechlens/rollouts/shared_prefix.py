@@ -5,7 +5,9 @@ one trace), so the engine computes each distinct prompt's keys and values once a
 attends to them in place:
 
 - prompts that are prefixes of a longer prompt form one chain; each chain runs one forward, which
-  gives every member's last-position logits and the shared keys and values;
+  gives every member's last-position logits and the shared keys and values; with one chain every
+  row reads them in place, with several each slot holds a copy of its prompt's (one batched
+  attention for all slots, at most `PROMPT_CACHE_BYTES`);
 - rows (prompt, sample) decode in `slots` batch rows at once (continuous batching: a finished row's
   slot takes the next row; once the queue is empty the last live rows move into freed slots, so no
   step computes an idle row), each row's own new tokens in a preallocated cache;
@@ -137,6 +139,10 @@ def sample_rows(
 
 FALLBACK_K = 1024
 """The second, wider candidate set of `sample_rows` (before a full sort)."""
+
+PROMPT_CACHE_BYTES = 2 * 2**30
+"""With several distinct prompts, each slot holds its prompt's keys and values: fewer slots run at
+once where `slots` of them would take more memory than this (the rows are the same)."""
 
 
 @dataclass
@@ -378,6 +384,18 @@ class SharedPrefixEngine:
         slots = min(self.slots, len(queue))
         group, hd = w.n_heads // w.n_kv, w.head_dim
         layers = len(w.layers)
+        # several chains (distinct prompts): each slot holds its prompt's keys and values, so that a
+        # step attends to every slot's prompt in one batched product instead of a loop over chains
+        per_slot = len(heads) > 1
+        if per_slot:
+            longest = max(len(h) for h in heads)
+            slot_bytes = 2 * layers * w.n_kv * longest * hd * w.embed.element_size()
+            slots = max(1, min(slots, PROMPT_CACHE_BYTES // slot_bytes))  # the rows are the same
+            chain_k = [torch.stack([k for k, _ in layers_kv]) for layers_kv in kv]  # [layers, kv, L, hd]
+            chain_v = [torch.stack([v for _, v in layers_kv]) for layers_kv in kv]
+        prompt_k = torch.zeros(layers, slots if per_slot else 0, w.n_kv, longest if per_slot else 0, hd,
+                               dtype=self.dtype)  # fmt: skip
+        prompt_v = torch.zeros_like(prompt_k)
         cache_k = torch.zeros(layers, slots, w.n_kv, max_new, hd, dtype=self.dtype)
         cache_v = torch.zeros_like(cache_k)
         # slots 0..live-1 hold rows; a slot whose row ends with the queue empty takes the state of
@@ -402,6 +420,9 @@ class SharedPrefixEngine:
             row[s], chain[s], plen[s], t[s] = nxt, chain_of[p], len(p), 0
             seed[s] = np.uint64(row_seed(seeds[i], j))
             logits[s] = first_logits[p].to(logits.dtype)
+            if per_slot:
+                prompt_k[:, s, :, : len(p)] = chain_k[chain_of[p]][:, :, : len(p)]
+                prompt_v[:, s, :, : len(p)] = chain_v[chain_of[p]][:, :, : len(p)]
             nxt += 1
 
         def move(src: int, dst: int) -> None:
@@ -410,6 +431,8 @@ class SharedPrefixEngine:
                 state[dst] = state[src]
             seed[dst] = seed[src]
             cache_k[:, dst], cache_v[:, dst] = cache_k[:, src], cache_v[:, src]
+            if per_slot:
+                prompt_k[:, dst], prompt_v[:, dst] = prompt_k[:, src], prompt_v[:, src]
 
         for s in range(slots):
             fill(s)
@@ -457,13 +480,8 @@ class SharedPrefixEngine:
             inf = float("-inf")
             own_bias = torch.where(torch.arange(width)[None] <= tn[:, None], 0.0, inf).to(self.dtype)
             own_bias = own_bias[:, None, None]  # [n, 1, 1, width]: each row's own new keys so far
-            groups = []  # per chain: its slots, its prompt length, and each slot's prompt mask
-            for c in range(len(heads)):
-                members = slot_ix if len(heads) == 1 else (chain[:n] == c).nonzero()[:, 0]
-                if len(members):
-                    length = int(plen[members].max())
-                    bias = torch.where(torch.arange(length)[None] < plen[members, None], 0.0, inf)
-                    groups.append((c, members, length, bias.to(self.dtype)[None, :, None]))  # [1, m, 1, L]
+            length = int(plen[:n].max())  # the prompt keys any live row reads
+            prompt_mask = torch.where(torch.arange(length)[None] < plen[:n, None], 0.0, inf).to(self.dtype)
             for li, layer in enumerate(w.layers):
                 q, k, v = self._qkv(w, layer, x, cos, sin)  # [n, heads|kv, hd]
                 cache_k[li, slot_ix, :, tn] = k
@@ -471,23 +489,22 @@ class SharedPrefixEngine:
                 qg = q.unflatten(1, (w.n_kv, group)) * scale  # [n, kv, group, hd]
                 ks, vs = cache_k[li, :n, :, :width], cache_v[li, :n, :, :width]  # [n, kv, width, hd]
                 own = (qg @ ks.transpose(-1, -2)).add_(own_bias)  # [n, kv, group, width]
-                attn = torch.empty(n, w.n_kv, group, hd, dtype=self.dtype)
-                for c, members, length, bias in groups:
-                    everyone, m = len(members) == n, len(members)
-                    pk, pv = kv[c][li]  # [kv, L, hd]
-                    qc = (qg if everyone else qg[members]).permute(1, 0, 2, 3).reshape(w.n_kv, -1, hd)
-                    shared = (qc @ pk[:, :length].transpose(-1, -2)).view(w.n_kv, m, group, length)
-                    own_c = (own if everyone else own[members]).permute(1, 0, 2, 3)  # [kv, m, g, width]
-                    # softmax over [prompt keys | own keys]; in the engine's dtype, accumulated in float32
-                    probs = torch.cat([shared.add_(bias), own_c], -1).softmax(-1)  # [kv, m, g, L + width]
-                    part = probs[..., :length].reshape(w.n_kv, m * group, length) @ pv[:, :length]
-                    out = part.view(w.n_kv, m, group, hd).permute(1, 0, 2, 3) + (
-                        probs[..., length:].permute(1, 0, 2, 3) @ (vs if everyone else vs[members])
-                    )  # [m, kv, g, hd]
-                    if everyone:
-                        attn = out
-                    else:
-                        attn[members] = out
+                # softmax over [prompt keys | own keys]; in the engine's dtype, accumulated in float32
+                if per_slot:
+                    pk, pv = prompt_k[li, :n, :, :length], prompt_v[li, :n, :, :length]  # [n, kv, L, hd]
+                    shared = (qg @ pk.transpose(-1, -2)).add_(prompt_mask[:, None, None])  # [n, kv, g, L]
+                    probs = torch.cat([shared, own], -1).softmax(-1)  # [n, kv, g, L + width]
+                    attn = probs[..., :length] @ pv + probs[..., length:] @ vs  # [n, kv, g, hd]
+                else:  # one chain: every row reads the same prompt keys in place
+                    pk, pv = kv[0][li]  # [kv, L, hd]
+                    qc = qg.permute(1, 0, 2, 3).reshape(w.n_kv, n * group, hd)
+                    shared = (qc @ pk[:, :length].transpose(-1, -2)).view(w.n_kv, n, group, length)
+                    shared = shared.add_(prompt_mask[None, :, None])  # [kv, n, g, L]
+                    probs = torch.cat([shared, own.permute(1, 0, 2, 3)], -1).softmax(-1)  # [kv, n, g, L + w]
+                    part = probs[..., :length].reshape(w.n_kv, n * group, length) @ pv[:, :length]
+                    attn = part.view(w.n_kv, n, group, hd).permute(1, 0, 2, 3) + (
+                        probs[..., length:].permute(1, 0, 2, 3) @ vs
+                    )  # [n, kv, g, hd]
                 x = self._finish(w, layer, x, attn.flatten(1))
             torch.mm(_rms(x, w.norm, w.eps), w.unembed.T, out=spare[:n])  # [n, vocab]
             if fresh:  # fresh slots sample their first token from their prompt's logits
