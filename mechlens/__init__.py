@@ -2,8 +2,8 @@
 
 Layers, from the bottom: `models` (HookedModel, backends, sampling), `cache`, `text` (traces,
 thinking, answers), `ops` (lens, attention, heads, probes, signals, fine-tuning, statistics),
-`studies` (depth, refusal, anchors, echoes, stepwise, budget, evolution), `datasets`, `plots`,
-and `runs` for experiment scripts.
+`studies` (depth, refusal, anchors, echoes, stepwise, budget, evolution, steering, patching),
+`datasets`, `plots`, and `runs` for experiment scripts.
 
 >>> import mechlens as ml
 >>> model = ml.load_model("tiny-llama")       # ml.load_model() for the embedded SmolLM2
@@ -37,7 +37,17 @@ from mechlens.ops.heads import head_ablation_effects  # noqa: E402
 from mechlens.ops.lens import LensResult, logit_lens  # noqa: E402
 from mechlens.ops.probes import LinearProbe, collect_activations  # noqa: E402
 from mechlens.runs import Run  # noqa: E402
-from mechlens.studies import anchors, budget, depth, echoes, evolution, refusal, stepwise  # noqa: E402
+from mechlens.studies import (  # noqa: E402
+    anchors,
+    budget,
+    depth,
+    echoes,
+    evolution,
+    patching,
+    refusal,
+    steering,
+    stepwise,
+)
 from mechlens.text import ReasoningTrace, Sentence, format_prompt, split_sentences  # noqa: E402
 
 __version__ = "0.3.0"
@@ -71,11 +81,13 @@ __all__ = [
     "logit_lens",
     "ops",
     "organism",
+    "patching",
     "probes",
     "refusal",
     "register_backend",
     "signals",
     "split_sentences",
+    "steering",
     "stats",
     "stepwise",
     "studies",

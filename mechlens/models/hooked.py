@@ -28,10 +28,10 @@ import contextlib
 import copy
 import numbers
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -43,9 +43,11 @@ from mechlens.models.architecture import Architecture, require_submodule
 from mechlens.models.backends import make_backend
 from mechlens.models.generation import PATHS, Generation, hooked_step, plain_step, sample_batch
 from mechlens.models.interventions import (
+    ActivationPatch,
     AttentionSuppression,
     DirectionAddition,
     DirectionProjection,
+    GatedDirection,
     HeadAblation,
     HeadScaling,
     Intervention,
@@ -84,6 +86,10 @@ def _leaves_prefix(item: Intervention, upto: int) -> bool:
         return item.layers is None and item.heads is None and all(end >= upto for _, end in item.spans)
     if isinstance(item, DirectionAddition) or (isinstance(item, HeadAblation) and item.rescale is None):
         return item.positions is not None and min(item.positions) >= upto
+    if isinstance(item, ActivationPatch):
+        return min(item.positions) >= upto
+    if isinstance(item, GatedDirection):
+        return min(item.start) >= upto if isinstance(item.start, list) else item.start >= upto
     return False
 
 
@@ -127,8 +133,9 @@ class InterventionContext(contextlib.AbstractContextManager):
     def __init__(self, model: HookedModel, item: Intervention):
         self.model, self.item = model, item
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> Intervention:
         self.model._interventions.items.append(self.item)
+        return self.item
 
     def __exit__(self, *exc: object) -> None:
         self.model._interventions.remove(self.item)
@@ -745,6 +752,99 @@ class HookedModel:
                 f"{self.dtype} ({torch.finfo(self.dtype).max:.3g}): use a smaller scale"
             )
         return self.intervene(DirectionAddition(layer, direction.float(), float(scale), positions))
+
+    def gated(
+        self,
+        direction: Tensor,
+        layer: int,
+        probe: Callable[[Tensor], Tensor],
+        threshold: float,
+        scale: float = 1.0,
+        below: bool = True,
+        start: int | Sequence[int] = 0,
+    ) -> InterventionContext:
+        """Context: add `scale * direction` to the residual stream leaving block `layer` at each
+        token where `probe(resid)` is below `threshold` (`below=False`: above it), from position
+        `start` on (one per prompt: e.g. each prompt's length, to gate generated tokens only).
+
+        `probe` maps `[n, d_model]` float32 residuals to `[n]` scores, typically a fitted
+        `LinearProbe(...).predict_proba` trained on this layer's `resid_post`. The gate reads the
+        residual before the addition, per row and per token, in every forward (`generate`
+        included: the prompt's forward, then one token at a time). Entering it returns the
+        `GatedDirection`, whose `fired` / `scored` count the tokens per prompt.
+
+            >>> with model.gated(d, 4, probe.predict_proba, 0.5, scale=8.0) as gate:  # doctest: +SKIP
+            ...     out = model.generate(prompts, max_new_tokens=64)
+            >>> gate.total_fired                                                        # doctest: +SKIP
+        """
+        layer = self.check_layer(layer)
+        if not callable(probe):
+            raise TypeError(
+                f"probe must be callable ([n, d_model] -> [n] scores), got {type(probe).__name__}"
+            )
+        for name, value in (("threshold", threshold), ("scale", scale)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not np.isfinite(float(value))
+            ):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(below, bool):
+            raise TypeError(f"below must be True or False, got {below!r}")
+        starts: int | list[int]
+        if isinstance(start, Sequence) and not isinstance(start, str):
+            starts = [validation.as_index(s, "start entry") for s in start]
+            if not starts:
+                raise ValueError("start is an empty list: give one start per prompt, or one int")
+        else:
+            starts = validation.as_index(start, "start")
+        if min(starts if isinstance(starts, list) else [starts]) < 0:
+            raise ValueError(f"start must be >= 0 (each sequence's own position), got {start!r}")
+        vector = self.check_direction(direction).float()
+        probe_out = torch.as_tensor(probe(torch.zeros(2, self.d_model)))
+        if probe_out.shape != (2,):
+            raise ValueError(
+                f"probe must map [n, d_model] to [n]; on [2, {self.d_model}] it gave {tuple(probe_out.shape)}"
+            )
+        item = GatedDirection(layer, vector, probe, float(threshold), float(scale), below, starts)
+        return self.intervene(item)
+
+    def patch(
+        self,
+        layer: int,
+        positions: Sequence[int],
+        values: Tensor,
+        site: Literal["resid_post", "z"] = "resid_post",
+    ) -> InterventionContext:
+        """Context: replace the activation at `site` of block `layer` at `positions` (each
+        sequence's own index) by `values`: `[len(positions), d_model]` for "resid_post" (the
+        residual leaving the block), `[len(positions), n_heads, d_head]` for "z" (head outputs
+        before W_O). Every row gets the same values, also in `generate` (where the prompt holds
+        the positions). `mechlens.studies.patching` builds these from another trace.
+
+            >>> with model.patch(3, [5, 6], source_resid[5:7]):   # doctest: +SKIP
+            ...     logits = model(toks)
+        """
+        layer = self.check_layer(layer)
+        if site not in ("resid_post", "z"):
+            raise ValueError(f"site must be 'resid_post' or 'z', got {site!r}")
+        checked = self._check_positions(positions)
+        if not checked:
+            raise ValueError("positions must list at least one position")
+        if len(set(checked)) != len(checked):
+            raise ValueError(f"positions must not repeat, got {checked}")
+        if not isinstance(values, Tensor) or not values.is_floating_point():
+            raise TypeError(f"values must be a floating-point tensor, got {type(values).__name__}")
+        shape = (
+            (len(checked), self.d_model)
+            if site == "resid_post"
+            else (len(checked), self.n_heads, self.d_head)
+        )
+        if tuple(values.shape) != shape:
+            raise ValueError(f"values must be {list(shape)} for site={site!r}, got {list(values.shape)}")
+        if not torch.isfinite(values).all():
+            raise ValueError("values must be finite")
+        return self.intervene(ActivationPatch(site, layer, checked, values.detach().float()))
 
     def project_out(
         self, direction: Tensor, layers: Sequence[int] | None = None

@@ -10,7 +10,7 @@ in sequence b (-1 for padding), `Positions.key` the same for every key, cached o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -226,6 +226,84 @@ class DirectionProjection:
 
 
 @dataclass
+class GatedDirection:
+    """Add `scale * direction` to the residual stream after block `layer` at each position where
+    `probe(resid)` (the probe's score of that position's residual before the addition) is below
+    `threshold` (`below=True`) or above it, and at or after `start` (each sequence's own index;
+    a list holds one start per caller's row, `Positions.rows`).
+
+    The decision at a position reads only blocks `<= layer` of that position, which no addition
+    at `layer` changes: one forward over a whole sequence gates exactly as token-by-token
+    generation does. `fired` / `scored` count, per caller's row, the positions it added at and
+    the positions it scored (real tokens at or after `start`), over every forward while active."""
+
+    layer: int
+    direction: Tensor  # [d_model], float32
+    probe: Callable[[Tensor], Tensor]  # [n, d_model] float32 -> [n] scores
+    threshold: float
+    scale: float = 1.0
+    below: bool = True
+    start: int | list[int] = 0
+    fired: dict[int, int] = field(default_factory=dict)
+    scored: dict[int, int] = field(default_factory=dict)
+
+    def apply(self, layer: int, resid: Tensor, pos: Positions) -> Tensor:
+        """resid: [batch, q, d_model] -> same, with the direction added where the gate opens."""
+        if layer != self.layer:
+            return resid
+        if isinstance(self.start, list):
+            if int(pos.rows.max()) >= len(self.start):
+                raise ValueError(f"{len(self.start)} gate starts (start) for row {int(pos.rows.max())}")
+            start = torch.tensor(self.start, device=pos.query.device)[pos.rows][:, None]  # [batch, 1]
+        else:
+            start = torch.tensor(self.start, device=pos.query.device)
+        live = (pos.query >= 0) & (pos.query >= start)  # [batch, q]
+        with torch.no_grad():
+            score = torch.as_tensor(self.probe(resid.detach().float().reshape(-1, resid.shape[-1])))
+        score = score.reshape(live.shape).to(live.device)
+        fire = live & ((score < self.threshold) if self.below else (score > self.threshold))
+        for row, n_fired, n_live in zip(
+            pos.rows.tolist(), fire.sum(1).tolist(), live.sum(1).tolist(), strict=True
+        ):
+            self.fired[row] = self.fired.get(row, 0) + int(n_fired)
+            self.scored[row] = self.scored.get(row, 0) + int(n_live)
+        vector = (self.scale * self.direction.float()).to(resid)
+        return _finite(resid + fire[:, :, None].to(resid.dtype) * vector, "gated")
+
+    @property
+    def total_fired(self) -> int:
+        """Positions the direction was added at, all rows together."""
+        return sum(self.fired.values())
+
+
+@dataclass
+class ActivationPatch:
+    """Replace an activation at given positions (each sequence's own index) by given values:
+    `site="resid_post"` the residual stream after block `layer` (`values [n_positions, d_model]`),
+    or `site="z"` its head outputs before W_O (`values [n_positions, n_heads, d_head]`). Every row
+    gets the same values; positions past a row's end are not touched (a continuation, one token at
+    a time, reaches none of them)."""
+
+    site: Literal["resid_post", "z"]
+    layer: int
+    positions: list[int]
+    values: Tensor  # [n_positions, ...], float32
+
+    def apply(self, layer: int, x: Tensor, pos: Positions) -> Tensor:
+        """x: `[batch, q, d_model]` or `[batch, q, heads, d_head]` -> same, patched."""
+        if layer != self.layer:
+            return x
+        wanted = torch.tensor(self.positions, device=pos.query.device)  # [n]
+        hit = pos.query[:, :, None] == wanted[None, None, :]  # [batch, q, n]
+        if not bool(hit.any()):
+            return x
+        which = hit.float().argmax(-1)  # [batch, q]: the patch entry of each position
+        patched = self.values.to(x)[which]  # [batch, q, ...]
+        sel = hit.any(-1).reshape(*hit.shape[:2], *([1] * (x.ndim - 2)))
+        return torch.where(sel, patched, x)
+
+
+@dataclass
 class Interventions:
     """The active interventions, in the order their contexts were entered."""
 
@@ -249,7 +327,9 @@ class Interventions:
 
     def z(self, layer: int, z: Tensor, pos: Positions) -> Tensor:
         for it in self.items:
-            if isinstance(it, HeadAblation | HeadScaling):
+            if isinstance(it, HeadAblation | HeadScaling) or (
+                isinstance(it, ActivationPatch) and it.site == "z"
+            ):
                 z = it.apply(layer, z, pos)
         return z
 
@@ -261,13 +341,17 @@ class Interventions:
 
     def resid(self, layer: int, resid: Tensor, pos: Positions) -> Tensor:
         for it in self.items:
-            if isinstance(it, DirectionAddition | DirectionProjection):
+            if isinstance(it, DirectionAddition | DirectionProjection | GatedDirection) or (
+                isinstance(it, ActivationPatch) and it.site == "resid_post"
+            ):
                 resid = it.apply(layer, resid, pos)
         return resid
 
     def touches_z(self, layer: int) -> bool:
-        return any(layer in it.heads for it in self.of(HeadAblation)) or any(
-            layer in it.scales for it in self.of(HeadScaling)
+        return (
+            any(layer in it.heads for it in self.of(HeadAblation))
+            or any(layer in it.scales for it in self.of(HeadScaling))
+            or any(it.site == "z" and it.layer == layer for it in self.of(ActivationPatch))
         )
 
     def touches_scores(self, layer: int) -> bool:
@@ -275,12 +359,22 @@ class Interventions:
 
     def touches_resid(self, layer: int) -> bool:
         for it in self.items:
-            if isinstance(it, DirectionAddition) and it.layer == layer:
+            if isinstance(it, DirectionAddition | GatedDirection) and it.layer == layer:
+                return True
+            if isinstance(it, ActivationPatch) and it.site == "resid_post" and it.layer == layer:
                 return True
             if isinstance(it, DirectionProjection) and (it.layers is None or layer in it.layers):
                 return True
         return False
 
 
-Intervention = HeadAblation | HeadScaling | AttentionSuppression | DirectionAddition | DirectionProjection
+Intervention = (
+    HeadAblation
+    | HeadScaling
+    | AttentionSuppression
+    | DirectionAddition
+    | DirectionProjection
+    | GatedDirection
+    | ActivationPatch
+)
 """Any intervention that `HookedModel.intervene` accepts."""

@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from mechlens.ops.signals import conditional_entropy_per_step, dynamic_instability
 from mechlens.ops.stats import auroc, auroc_interval, stratified_auroc
+from mechlens.studies.depth.metrics import DEPTH_METRICS, token_depth
 from mechlens.studies.depth.scoring import FEATURES, analyze_trace, cross_validated_scores
 from mechlens.text.trace import ReasoningTrace
 
@@ -39,15 +41,28 @@ SIGNALS: dict[str, tuple[str, int]] = {
 
 
 def analyze(
-    model: HookedModel, trace: ReasoningTrace, answer: str, unit: str = "line", divergence: str = "jsd"
+    model: HookedModel,
+    trace: ReasoningTrace,
+    answer: str,
+    unit: str = "line",
+    divergence: str = "jsd",
+    metrics: Sequence[str] = (),
 ) -> dict:
     """Everything depth scoring needs of one trace, JSON-able: the detector's features, the step
-    scores, output-level signals, the dynamic instability peak and the conditional entropy of the
-    gold `answer` after each step."""
+    scores, output-level signals, the dynamic instability peak, the conditional entropy of the
+    gold `answer` after each step, and each registered depth metric in `metrics`
+    (`mechlens.studies.depth.metrics`) averaged over the steps' tokens (`depth_metrics`)."""
     a = analyze_trace(model, trace, divergence=divergence, unit=unit)
     steps = a.score.steps
     instability = dynamic_instability(a.signals)
+    in_steps = torch.zeros(trace.n_tokens, dtype=torch.bool)
+    for s in steps:
+        in_steps[s.start : s.end] = True
+    depth = {
+        name: float(values[in_steps].nanmean()) for name, values in token_depth(model, trace, metrics).items()
+    }
     return {
+        "depth_metrics": depth,
         "features": a.features,
         "step_scores": a.score.step_scores.tolist(),
         "perplexity": a.signals.perplexity,
@@ -94,10 +109,17 @@ def evaluate(
         )
         out["RHD detector"] = {"auroc_a_priori": float("nan"), "auroc_cross_validated": auroc(rhd, labels),
                                "scores": rhd}  # fmt: skip
-    for name, (key, sign) in SIGNALS.items():
-        if any(key not in (r["features"] if key in FEATURES else r) for r in records):
+    signals = {**SIGNALS}
+    for metric in DEPTH_METRICS.values():
+        signals[f"depth: {metric.name}"] = (metric.name, metric.sign)
+
+    def where(r: dict, key: str) -> dict:
+        return r["features"] if key in FEATURES else r.get("depth_metrics", {}) if key in DEPTH_METRICS else r
+
+    for name, (key, sign) in signals.items():
+        if any(key not in where(r, key) for r in records):
             continue
-        values = [{key: (r["features"] if key in FEATURES else r)[key]} for r in records]
+        values = [{key: where(r, key)[key]} for r in records]
         prior = sign * np.array([v[key] for v in values])
         if np.isnan(prior).any():
             continue
