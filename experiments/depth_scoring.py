@@ -56,6 +56,8 @@ class DepthConfig:
     unit: Literal["auto", "sentence", "paragraph", "line"] = "auto"  # auto: lines for the base model
     # (SmolLM2 writes one step per line), sentences otherwise
     divergence: Literal["jsd", "kl"] = "jsd"
+    metrics: str = "dtr"  # registered per-token depth metrics reported beside the Reasoning Score
+    # (`mechlens.studies.depth.metrics`; comma-separated; "dtr": the deep-thinking ratio)
     min_steps: int = 3
     max_steps_plotted: int = 10
     folds: int = 5
@@ -138,6 +140,7 @@ def main(cfg: DepthConfig) -> dict:
     engine = engine_for(model, cfg.endpoint, cfg.served_model, cfg.batch_size, local=cfg.engine)
     responses = generate_responses(model, run, cfg, problems, engine)
 
+    metrics = [m for m in cfg.metrics.split(",") if m]
     records = []
     for problem, response in tqdm(list(zip(problems, responses, strict=True)), desc="analyse traces"):
         if not response.strip():
@@ -146,12 +149,13 @@ def main(cfg: DepthConfig) -> dict:
         grade = problem.grade(response)
         result = run.cached(
             "analysis",
-            lambda t=trace, a=problem.answer: depth.analyze(model, t, a, cfg.unit, cfg.divergence),
+            lambda t=trace, a=problem.answer: depth.analyze(model, t, a, cfg.unit, cfg.divergence, metrics),
             config=False,
             text=trace.text,
             answer=problem.answer,
             unit=cfg.unit,
             divergence=cfg.divergence,
+            metrics=metrics,
         )
         records.append(
             {"problem": problem, "trace": trace, "grade": grade, "label": int(not grade.correct), **result}
@@ -190,7 +194,7 @@ def main(cfg: DepthConfig) -> dict:
             "auroc_pooled_ci": res["auroc_cross_validated_ci"],
         }
         for name, res in evaluation["all"].items()
-        if name in ("RHD detector", "feature: mean_score", "perplexity")
+        if name in ("RHD detector", "feature: mean_score", "perplexity") or name.startswith("depth: ")
     }
     shown = by_subset[cfg.subset]  # the traces the label-comparison figures show
     labels = np.array([r["label"] for r in shown])

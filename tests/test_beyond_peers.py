@@ -13,6 +13,7 @@ from test_interventions import blocks, greedy_reference, hooks, ref_logits, resi
 import mechlens as ml
 from mechlens.models.sampling import Sampling
 from mechlens.ops.distributions import jsd
+from mechlens.rollouts import SharedPrefixEngine
 from mechlens.studies import depth, patching, steering
 
 ATOL = 1e-5
@@ -100,6 +101,12 @@ def test_steering_curve_counts_and_pairs_scales(llama):
     with model.add_direction(1, direction, 30.0):
         assert curve.texts[2] == model.generate(["Hi there", "A prompt"], kw).texts
     assert curve.rate[0][0] == curve.with_behaviour[0] / 4
+    greedy, prompts = kw.replace(temperature=0), ["Hi there", "A prompt"]
+    engine = SharedPrefixEngine(model, "float32")
+    scales = [0.0, 30.0]
+    fast = steering.steering_curve(model, prompts, direction, 1, scales, bool, sampling=greedy, engine=engine)
+    slow = steering.steering_curve(model, prompts, direction, 1, scales, bool, sampling=greedy)
+    assert fast.texts == slow.texts  # greedy: the engine steers as the hooked generate does
 
 
 def test_random_directions_are_a_seeded_distribution():
@@ -236,6 +243,22 @@ def test_patch_padded_rows_use_their_own_positions(llama):
             torch.testing.assert_close(row, alone, atol=1e-4, rtol=0)
 
 
+def test_patch_rows_limit_it_to_some_prompts(llama):
+    model, _ = llama
+    texts = ["Hi there you", "A much longer prompt to pad against"]
+    ids, mask = model.tokenize(texts)
+    values = torch.randn(1, model.d_model)
+    with model.patch(2, [1], values, rows=[1]):
+        batched = model(ids, attention_mask=mask)
+    plain = model(model.to_tokens(texts[0]))[0]
+    with model.patch(2, [1], values):
+        patched = model(model.to_tokens(texts[1]))[0]
+    torch.testing.assert_close(batched[0][mask[0].bool()], plain, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batched[1][mask[1].bool()], patched, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="rows"):
+        model.patch(2, [1], values, rows=[])
+
+
 def test_patch_sentences_writes_the_aligned_positions(llama):
     model, _ = llama
     source = _trace(model)
@@ -336,3 +359,27 @@ def test_both_backends_agree_on_new_methods(tokens):
         with model.gated(d, 1, probe, 0.5, scale=2.0), model.patch(0, [2], torch.ones(1, model.d_model)):
             outs.append(model(tokens))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+
+
+def test_generate_hooks_only_the_prompt_when_interventions_stay_inside_it(llama, monkeypatch):
+    """A patch (or positioned edit) of prompt positions runs the prompt hooked and the new tokens
+    on the plain model: the same tokens as hooking every step, with one hooked forward."""
+    model, _ = llama
+    prompts = ["Hi there you", "A much longer prompt to pad against"]
+    kw = dict(max_new_tokens=6, temperature=1.0, n=2, seed=4, stop_at_eos=False)
+    values = torch.randn(2, model.d_model)
+    with (
+        model.patch(1, [0, 2], values),
+        model.add_direction(2, torch.randn(model.d_model), 5.0, positions=[1]),
+    ):
+        want = model.generate(prompts, path="hooked", **kw).texts
+        calls = []
+        forward = model.forward
+        monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+        got = model.generate(prompts, **kw).texts
+    assert got == want and len(calls) == 1
+    assert got != model.generate(prompts, **kw).texts  # the patch changed the continuations
+    with model.patch(1, [2], values[:1]), model.add_direction(2, torch.randn(model.d_model), 5.0):
+        calls.clear()
+        model.generate(prompts, **kw)  # a direction at every position: every step is hooked
+    assert len(calls) == 6

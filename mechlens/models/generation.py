@@ -94,12 +94,15 @@ def sample_batch(
     seeds: list[int],
     first_prompt: int = 0,
     step: Step | None = None,
+    later: Step | None = None,
 ) -> list[Tensor]:
     """New token ids for each of the `sampling.n` samples of every row of `tokens [batch, pos]`
     (left-padded, `mask [batch, pos]`): rows `b*n ... b*n+n-1` continue row b, sample j drawing
     from a generator seeded from `row_seed(seeds[b], j)`. The prompt runs once and its KV cache is
     shared by its samples; finished rows leave the batch. Row b is prompt `first_prompt + b` of
-    the call for per-row interventions. `step` (default: `hooked_step(model)`) runs the model."""
+    the call for per-row interventions. `step` (default: `hooked_step(model)`) runs the model;
+    `later` (default: `step`) runs every step after the prompt's (the plain model, when the active
+    interventions touch the prompt only)."""
     n, max_new = sampling.n, sampling.max_new_tokens
     if tokens.shape[1] + max_new > model.n_ctx:
         raise ValueError(
@@ -109,6 +112,7 @@ def sample_batch(
     if len(seeds) != len(tokens):
         raise ValueError(f"{len(seeds)} seeds for {len(tokens)} prompts")
     step = step or hooked_step(model)
+    later = later or step
     prompts = torch.arange(first_prompt, first_prompt + len(tokens), device=model.device)
     last, past = step(tokens, mask, None, prompts)
     prompts = prompts.repeat_interleave(n)
@@ -134,6 +138,6 @@ def sample_batch(
             active, nxt, mask = active[keep], nxt[keep.to(nxt.device)], mask[keep.to(mask.device)]
             past.batch_select_indices(keep.to(model.device))
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        last, past = step(nxt[:, None].to(model.device), mask, past, prompts[active.to(prompts.device)])
+        last, past = later(nxt[:, None].to(model.device), mask, past, prompts[active.to(prompts.device)])
         logits = last.float()
     return [generated[r, : lengths[r]] for r in range(rows)]

@@ -93,6 +93,20 @@ def _leaves_prefix(item: Intervention, upto: int) -> bool:
     return False
 
 
+def _prompt_only(item: Intervention, upto: int) -> bool:
+    """Whether `item` changes nothing computed at positions `>= upto` but through the keys and
+    values of earlier ones: a continuation after `upto` positions may then run without hooks."""
+    if isinstance(item, ActivationPatch):
+        return max(item.positions) < upto
+    if isinstance(item, DirectionAddition) or (
+        isinstance(item, HeadAblation)
+        and item.rescale is None
+        and (item.mode == "zero" or item.means is not None)
+    ):
+        return item.positions is not None and max(item.positions) < upto
+    return False
+
+
 class ActivationCache(dict):
     """name -> tensor stacked over the captured layers: `[layers, batch, ...]`.
 
@@ -815,12 +829,14 @@ class HookedModel:
         positions: Sequence[int],
         values: Tensor,
         site: Literal["resid_post", "z"] = "resid_post",
+        rows: Sequence[int] | None = None,
     ) -> InterventionContext:
         """Context: replace the activation at `site` of block `layer` at `positions` (each
         sequence's own index) by `values`: `[len(positions), d_model]` for "resid_post" (the
         residual leaving the block), `[len(positions), n_heads, d_head]` for "z" (head outputs
         before W_O). Every row gets the same values, also in `generate` (where the prompt holds
-        the positions). `mechlens.studies.patching` builds these from another trace.
+        the positions); `rows` limits it to some of the call's rows (prompts; default all), so one
+        batch can hold several patches. `mechlens.studies.patching` builds these from another trace.
 
             >>> with model.patch(3, [5, 6], source_resid[5:7]):   # doctest: +SKIP
             ...     logits = model(toks)
@@ -844,7 +860,14 @@ class HookedModel:
             raise ValueError(f"values must be {list(shape)} for site={site!r}, got {list(values.shape)}")
         if not torch.isfinite(values).all():
             raise ValueError("values must be finite")
-        return self.intervene(ActivationPatch(site, layer, checked, values.detach().float()))
+        row_list = None
+        if rows is not None:
+            if isinstance(rows, str) or not isinstance(rows, Sequence) or not rows:
+                raise ValueError(f"rows must be a non-empty list of row indices, got {rows!r}")
+            row_list = [validation.as_index(r, "rows entry") for r in rows]
+            if min(row_list) < 0:
+                raise ValueError(f"rows must be >= 0, got {row_list}")
+        return self.intervene(ActivationPatch(site, layer, checked, values.detach().float(), row_list))
 
     def project_out(
         self, direction: Tensor, layers: Sequence[int] | None = None
@@ -984,8 +1007,9 @@ class HookedModel:
             batch_size: rows per forward; results do not depend on it.
             path: "auto" runs the plain Hugging Face model when no intervention is active (the fast
                 path: no hooks, only the last position unembedded) and the hooked forward
-                otherwise; "hooked" always hooks (the reference); "plain" refuses interventions.
-                Both give the same tokens.
+                otherwise, but only for the prompts when every active intervention lies inside
+                them (a patch or positioned edit of prompt positions); "hooked" always hooks (the
+                reference); "plain" refuses interventions. All give the same tokens.
 
         Each prompt runs once and its KV cache is shared by its `n` samples. Sample j of prompt i
         draws from its own generator seeded from `(seeds[i], j)` (`row_seed`), so a prompt gives
@@ -1022,8 +1046,15 @@ class HookedModel:
             rows_mask = mask[i : i + per_batch]
             width = int(rows_mask.sum(1).max())  # drop columns that are padding in every row
             rows = tokens[i : i + per_batch, -width:]
+            shortest = int(rows_mask.sum(1).min())
+            items = self._interventions.items
+            later = (  # interventions inside the prompts only: the new tokens need no hooks
+                plain_step(self)
+                if path == "auto" and items and all(_prompt_only(it, shortest) for it in items)
+                else None
+            )
             new_tokens += sample_batch(
-                self, rows, rows_mask[:, -width:], sampling, prompt_seeds[i : i + per_batch], i, step
+                self, rows, rows_mask[:, -width:], sampling, prompt_seeds[i : i + per_batch], i, step, later
             )
         texts = [self.tokenizer.decode(row.tolist()) for row in new_tokens]
         if isinstance(prompts, Tensor):

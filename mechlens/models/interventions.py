@@ -280,14 +280,15 @@ class GatedDirection:
 class ActivationPatch:
     """Replace an activation at given positions (each sequence's own index) by given values:
     `site="resid_post"` the residual stream after block `layer` (`values [n_positions, d_model]`),
-    or `site="z"` its head outputs before W_O (`values [n_positions, n_heads, d_head]`). Every row
-    gets the same values; positions past a row's end are not touched (a continuation, one token at
-    a time, reaches none of them)."""
+    or `site="z"` its head outputs before W_O (`values [n_positions, n_heads, d_head]`). It
+    applies to the caller's rows in `rows` (`Positions.rows`; None: every row), each the same
+    values; a continuation, one token at a time, reaches none of the positions again."""
 
     site: Literal["resid_post", "z"]
     layer: int
     positions: list[int]
     values: Tensor  # [n_positions, ...], float32
+    rows: list[int] | None = None
 
     def apply(self, layer: int, x: Tensor, pos: Positions) -> Tensor:
         """x: `[batch, q, d_model]` or `[batch, q, heads, d_head]` -> same, patched."""
@@ -295,6 +296,9 @@ class ActivationPatch:
             return x
         wanted = torch.tensor(self.positions, device=pos.query.device)  # [n]
         hit = pos.query[:, :, None] == wanted[None, None, :]  # [batch, q, n]
+        if self.rows is not None:
+            mine = torch.isin(pos.rows, torch.tensor(self.rows, device=pos.rows.device))  # [batch]
+            hit = hit & mine[:, None, None]
         if not bool(hit.any()):
             return x
         which = hit.float().argmax(-1)  # [batch, q]: the patch entry of each position

@@ -83,7 +83,11 @@ def token_prompts(model: HookedModel, prompts: Sequence[str]) -> list[list[int]]
 
 def check_engine(engine: Engine, model: HookedModel) -> Engine:
     """`engine`, or a `ValueError` when `model` has an intervention in force that `engine` would
-    not apply (only a `LocalEngine` of that very model samples through its hooks)."""
+    not apply (a `LocalEngine` of that very model samples through its hooks; an engine with an
+    `applies(model)` method says which it applies itself)."""
+    own = getattr(engine, "applies", None)
+    if own is not None and own(model):
+        return engine
     if model.active_interventions and not (isinstance(engine, LocalEngine) and engine.model is model):
         raise ValueError(
             f"an intervention is active on the model, but engine {engine.name!r} samples without it: "

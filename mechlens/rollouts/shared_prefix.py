@@ -20,9 +20,11 @@ attends to them in place:
 The forward is written out for Llama-style decoders (Llama, Mistral, Qwen2, Qwen3: RMSNorm, rotary
 positions, grouped-query attention, gated MLP) on the model's own weights, in `dtype` ("auto":
 bfloat16 where the CPU multiplies it fast). In float32 its logits equal the Hugging Face model's
-(`tests/test_shared_prefix.py`). No hooks run: it refuses a model with an intervention in force
-(sample with `LocalEngine` inside the context). The rows are samples of the same distribution as
-`generate`'s, not the same draws.
+(`tests/test_shared_prefix.py`). No hooks run; of the interventions in force it applies one kind
+itself, a direction added to the residual stream at every position (`model.add_direction` without
+`positions`: steering, `mechlens.studies.steering`), and refuses any other (sample with
+`LocalEngine` inside the context). The rows are samples of the same distribution as `generate`'s,
+not the same draws.
 
 Example:
     >>> import mechlens as ml
@@ -46,6 +48,7 @@ from torch import Tensor
 from torch.nn.functional import linear
 from tqdm.auto import tqdm
 
+from mechlens.models.interventions import DirectionAddition
 from mechlens.models.loading import DtypeName, resolve_dtype
 from mechlens.models.sampling import Sampling, check_int, row_seed
 from mechlens.rollouts.engines import check_request, cut_at_stop
@@ -216,6 +219,22 @@ class SharedPrefixEngine:
         self.progress = progress
         self._window: int | None = None  # the sliding window, read with the weights
 
+    def applies(self, model: HookedModel) -> bool:
+        """Whether this engine applies every intervention in force on `model` itself: directions
+        added to the residual stream at every position (`add_direction` without `positions`)."""
+        return model is self.model and all(
+            isinstance(it, DirectionAddition) and it.positions is None for it in model.active_interventions
+        )
+
+    def _steering(self) -> dict[int, Tensor]:
+        """Layer -> the sum of the directions added after it (`[d_model]`, in the engine's dtype)."""
+        out: dict[int, Tensor] = {}
+        for it in self.model.active_interventions:
+            assert isinstance(it, DirectionAddition)  # checked by `applies`
+            vector = it.scale * it.direction.detach().float().cpu()
+            out[it.layer] = out.get(it.layer, torch.zeros_like(vector)) + vector
+        return {layer: vector.to(self.dtype) for layer, vector in out.items()}
+
     def describe(self) -> dict[str, Any]:
         return {
             "engine": self.name,
@@ -306,16 +325,19 @@ class SharedPrefixEngine:
         gate, up = linear(h, layer["gate_up"], layer["gub"]).chunk(2, -1)  # one matmul for both
         return x + linear(self._act(gate) * up, layer["down"], layer["db"])
 
-    def _prefill(self, w: _Weights, ids: list[int]) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    def _prefill(
+        self, w: _Weights, ids: list[int], steer: dict[int, Tensor] | None = None
+    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
         """Keys and values `[kv, len, hd]` per layer of one prompt, and its logits `[len, vocab]`
-        (float32)."""
+        (float32); `steer[layer]` is added to the residual leaving that block."""
+        steer = steer or {}
         tokens = torch.tensor(ids)
         x = w.embed[tokens]  # [len, d]
         cos, sin = self._rope(torch.arange(len(ids)))
         group = w.n_heads // w.n_kv
         causal = torch.full((len(ids), len(ids)), float("-inf")).triu(1)
         kv = []
-        for layer in w.layers:
+        for li, layer in enumerate(w.layers):
             q, k, v = self._qkv(w, layer, x, cos, sin)  # [len, heads|kv, hd]
             k, v = k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()  # [kv, len, hd]
             kv.append((k, v))
@@ -323,6 +345,8 @@ class SharedPrefixEngine:
             scores = (qg @ k[:, None].transpose(-1, -2)).float() / math.sqrt(w.head_dim) + causal
             out = scores.softmax(-1).to(self.dtype) @ v[:, None]  # [kv, group, len, hd]
             x = self._finish(w, layer, x, out.flatten(0, 1).transpose(0, 1).flatten(1))
+            if li in steer:
+                x = x + steer[li]
         logits = linear(_rms(x, w.norm, w.eps), w.unembed, None).float()
         return kv, logits
 
@@ -337,10 +361,11 @@ class SharedPrefixEngine:
     ) -> list[list[list[int]]]:
         """`sampling.n` continuations (token ids) of each prompt (token ids); sample j of prompt i
         draws from `row_seed(seeds[i], j)` (default seeds: `prompt_seeds`)."""
-        if self.model.active_interventions:
+        if not self.applies(self.model):
             raise ValueError(
-                "an intervention is active on the model, but SharedPrefixEngine runs no hooks: sample "
-                "with LocalEngine(model) inside the context, or leave the context"
+                "an intervention is active on the model that SharedPrefixEngine does not apply (it adds "
+                "directions at every position, nothing else): sample with LocalEngine(model) inside the "
+                "context, or leave the context"
             )
         ids, seeds, stop = check_request(prompts, sampling, seeds, stop, self.model.d_vocab)
         longest = max(len(p) for p in ids) + sampling.max_new_tokens
@@ -370,9 +395,10 @@ class SharedPrefixEngine:
                 c = len(heads)
                 heads.append(list(p))
             chain_of[p] = c
+        steer = self._steering()
         kv, first_logits = [], {}
         for c, head in enumerate(heads):
-            layers_kv, logits = self._prefill(w, head)
+            layers_kv, logits = self._prefill(w, head, steer)
             kv.append(layers_kv)
             for p, cc in chain_of.items():
                 if cc == c:
@@ -506,6 +532,8 @@ class SharedPrefixEngine:
                         probs[..., length:].permute(1, 0, 2, 3) @ vs
                     )  # [n, kv, g, hd]
                 x = self._finish(w, layer, x, attn.flatten(1))
+                if li in steer:
+                    x = x + steer[li]
             torch.mm(_rms(x, w.norm, w.eps), w.unembed.T, out=spare[:n])  # [n, vocab]
             if fresh:  # fresh slots sample their first token from their prompt's logits
                 back = torch.tensor(sorted(fresh))

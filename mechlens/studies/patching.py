@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ def patch_sentences(
     align: Align = "last",
     cut: int | None = None,
     sampling: Sampling | None = None,
+    batch_size: int = 16,
 ) -> SentencePatch:
     """Patch `source`'s sentences into `target`'s and continue the target.
 
@@ -115,6 +117,8 @@ def patch_sentences(
             (default: the last target sentence in `pairs`).
         sampling: default greedy (`Sampling(temperature=0, max_new_tokens=256)`); the patched
             and unpatched continuations use the same seeds.
+        batch_size: rows per forward: the unpatched target and one row per layer run in one
+            `generate` (each layer's patch limited to its row).
     """
     for name, trace in (("source", source), ("target", target)):
         if not isinstance(trace, ReasoningTrace):
@@ -143,10 +147,17 @@ def patch_sentences(
         _, cache = model.run_with_cache(source.tokens, [site], layers=layers, return_logits=False)
     prompt = target.tokens[:, : target.sentences[cut].end]
     out = SentencePatch(layers, site, align, [(int(i), int(j)) for i, j in pairs], cut, positions)
-    out.baseline = model.generate(prompt, sampling).texts
-    for layer in layers:
-        acts = cache.at(site, layer)[0].float()  # [pos, d_model] or [pos, heads, d_head]
-        values: Tensor = torch.stack([acts[src].mean(0) for _, src in writes])
-        with model.patch(layer, positions, values, site):
-            out.texts[layer] = model.generate(prompt, sampling).texts
+    # one batch: row 0 unpatched, row k + 1 patched at layers[k] (each patch limited to its row)
+    with contextlib.ExitStack() as stack:
+        for k, layer in enumerate(layers):
+            acts = cache.at(site, layer)[0].float()  # [pos, d_model] or [pos, heads, d_head]
+            values: Tensor = torch.stack([acts[src].mean(0) for _, src in writes])
+            stack.enter_context(model.patch(layer, positions, values, site, rows=[k + 1]))
+        seeds = [sampling.seed] * (len(layers) + 1)  # every row the same draws: paired
+        texts = model.generate(prompt.expand(len(layers) + 1, -1), sampling, seeds=seeds,
+                               batch_size=batch_size).texts  # fmt: skip
+    n = sampling.n
+    out.baseline = texts[:n]
+    for k, layer in enumerate(layers):
+        out.texts[layer] = texts[(k + 1) * n : (k + 2) * n]
     return out
