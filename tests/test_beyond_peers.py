@@ -109,6 +109,24 @@ def test_steering_curve_counts_and_pairs_scales(llama):
     assert fast.texts == slow.texts  # greedy: the engine steers as the hooked generate does
 
 
+def test_steering_curve_reads_the_thinking_sentences(llama, monkeypatch):
+    """Replies are split into thinking sentences (an unclosed thinking too, when the prompt opened
+    it) and the replies with a behaviour sentence counted."""
+    model, _ = llama
+    replies = [
+        "<think>First we add them. Wait, that was wrong here. So it is 5.</think>Answer: 5",
+        "<think>First we add them. Then we stop here. So it is 5.</think>Answer: 6",
+        "First we add them. Wait, one more thing here. And then more.",  # the prompt opened <think>
+    ]
+    fake = lambda prompts, sampling, batch_size: ml.Generation(prompts, replies, [], 1)  # noqa: E731
+    monkeypatch.setattr(model, "generate", fake)
+    prompts = ["q1", "q2", "q3 <think>"]
+    wait, right = (lambda s: s.startswith("Wait")), (lambda k, t: t.endswith("5"))
+    curve = steering.steering_curve(model, prompts, torch.ones(model.d_model), 1, [0.0], wait, grade=right)
+    assert curve.with_behaviour == [2] and curve.replies == [3] and curve.behaviour_sentences == [2]
+    assert curve.sentences == [3 + 3 + 3] and curve.correct == [1]  # the unclosed final chunk counts
+
+
 def test_random_directions_are_a_seeded_distribution():
     d = torch.randn(16)
     a, b = steering.random_directions(d, 20, seed=1), steering.random_directions(d, 20, seed=1)
@@ -153,20 +171,20 @@ def test_gated_equals_hand_hook_forward(llama, tokens):
 
 def test_gated_in_generate_equals_hand_hook(llama):
     model, reference = llama
-    probe, d = _probe(model), torch.randn(model.d_model)
+    probe, d = _probe(model), torch.randn(model.d_model, generator=torch.Generator().manual_seed(1))
     ids = model.to_tokens("Hello, this is a test")
     n = ids.shape[1]
-    with model.gated(d, 2, probe, 0.5, scale=4.0, start=[n]) as gate:
-        got = model.generate(ids, max_new_tokens=6, temperature=0, stop_at_eos=False).tokens[0].tolist()
-    assert gate.scored == {0: 5} and gate.fired[0] <= 5
+    with model.gated(d, 2, probe, 0.1, scale=4.0, start=[n]) as gate:
+        got = model.generate(ids, max_new_tokens=8, temperature=0, stop_at_eos=False).tokens[0].tolist()
+    assert gate.scored == {0: 7} and 0 < gate.fired[0] < 7  # it gates: some generated tokens, not all
 
     def hand(x):  # the whole sequence each step (greedy_reference runs without a KV cache)
         score = probe(x.float().reshape(-1, x.shape[-1])).reshape(x.shape[:2])
-        fire = (score < 0.5) & (torch.arange(x.shape[1]) >= n)[None]
+        fire = (score < 0.1) & (torch.arange(x.shape[1]) >= n)[None]
         return x + fire[..., None].to(x.dtype) * 4.0 * d
 
     with resid_hooks(model, reference, hand, [2]):
-        assert got == greedy_reference(reference, ids, 6)
+        assert got == greedy_reference(reference, ids, 8)
 
 
 def test_gated_padded_batch_equals_rows_alone(llama):
@@ -197,6 +215,14 @@ def test_gated_rejects_bad_arguments(llama):
         model.gated(d, 1, _probe(model), 0.5, start=-1)
     with pytest.raises(ValueError, match="layer"):
         model.gated(d, 99, _probe(model), 0.5)
+    ids = model.to_tokens(["Hi", "there you"])
+    with model.gated(d, 1, _probe(model), 0.5, start=[0, 0, 0]), pytest.raises(ValueError, match="start"):
+        model.generate(["Hi", "there you"], max_new_tokens=2)
+    with model.gated(d, 1, _probe(model), 0.5, start=[0, 0, 0]), pytest.raises(ValueError, match="start"):
+        model(ids)
+    nan = lambda x: torch.full(x.shape[:1], float("nan"))  # noqa: E731
+    with model.gated(d, 1, nan, 0.5), pytest.raises(ValueError, match="non-finite"):
+        model(model.to_tokens("Hi there"))
 
 
 # ------------------------------------------------------------------ sentence patching
@@ -257,6 +283,27 @@ def test_patch_rows_limit_it_to_some_prompts(llama):
     torch.testing.assert_close(batched[1][mask[1].bool()], patched, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="rows"):
         model.patch(2, [1], values, rows=[])
+    with model.patch(2, [1], values, rows=[5]), pytest.raises(ValueError, match="patched rows"):
+        model(ids, attention_mask=mask)
+
+
+def test_continue_prefix_refuses_per_row_contexts_on_the_prefix(llama):
+    """A cached prefix is one row for every suffix: a per-row patch or gate on its positions
+    would be applied to row 0 only, so it raises; on the suffix's positions it runs."""
+    model, _ = llama
+    ids = model.to_tokens("A prompt to cache and continue")
+    suffix = torch.randint(5, 200, (2, 3), generator=torch.Generator().manual_seed(0))
+    values = torch.randn(1, model.d_model)
+    with model.patch(0, [1], values, rows=[1]):
+        prefix = model.cache_prefix(ids)
+        with pytest.raises(ValueError, match="per-row"):
+            model.continue_prefix(prefix, suffix)
+    prefix = model.cache_prefix(ids)
+    n = ids.shape[1]
+    with model.gated(torch.randn(model.d_model), 1, _probe(model), 0.5, start=[n, n]):
+        got = model.continue_prefix(prefix, suffix)
+        want = model(torch.cat([ids.expand(2, -1), suffix], 1))[:, n:]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 def test_patch_sentences_writes_the_aligned_positions(llama):
@@ -312,8 +359,8 @@ def test_dtr_equals_direct_full_lens(llama):
     d = jsd(logp[-1].expand_as(logp), logp)  # [layers, pos]
     for threshold in (0.5, float(d.median())):
         settled = d.cummin(0).values <= threshold
-        first = [
-            int(settled[:, p].nonzero()[0]) if settled[:, p].any() else model.n_layers
+        first = [  # the settling layer, counted 1..L; never settled: L + 1
+            int(settled[:, p].nonzero()[0]) + 1 if settled[:, p].any() else model.n_layers + 1
             for p in range(d.shape[1])
         ]
         want = torch.tensor([float(f >= math.ceil(0.85 * model.n_layers)) for f in first])
@@ -383,3 +430,12 @@ def test_generate_hooks_only_the_prompt_when_interventions_stay_inside_it(llama,
         calls.clear()
         model.generate(prompts, **kw)  # a direction at every position: every step is hooked
     assert len(calls) == 6
+
+
+def test_gate_counts_each_sample_and_the_prompt_once(llama):
+    model, _ = llama
+    ids = model.to_tokens("Hello, this is a test")
+    n = ids.shape[1]
+    with model.gated(torch.randn(model.d_model), 1, _probe(model), 0.5, start=n - 2) as gate:
+        model.generate(ids, max_new_tokens=4, temperature=1.0, n=3, stop_at_eos=False)
+    assert gate.scored == {0: 2 + 3 * 3}  # two prompt tokens once, then 3 forwarded tokens per sample

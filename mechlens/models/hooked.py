@@ -293,8 +293,19 @@ class HookedModel:
             self._check_interventions_fit(attention_mask.sum(1))
         return tokens, attention_mask
 
+    def _check_row_settings(self, rows: int, what: str) -> None:
+        """Per-row settings of the active contexts must name rows of the call: one gate start per
+        row, patched rows among them."""
+        for it in self._interventions.of(GatedDirection):
+            if isinstance(it.start, list) and len(it.start) != rows:
+                raise ValueError(f"{len(it.start)} gate starts (start) for {rows} {what}: give one per row")
+        for it in self._interventions.of(ActivationPatch):
+            if it.rows is not None and max(it.rows) >= rows:
+                raise ValueError(f"patched rows {it.rows} must lie in 0..{rows - 1} ({rows} {what})")
+
     def _check_interventions_fit(self, lengths: Tensor) -> None:
         """Spans and positions of the active contexts must lie inside every row (of `lengths` real tokens)."""
+        self._check_row_settings(len(lengths), "rows")
         shortest = int(lengths.min())
         for it in self._interventions.items:
             if isinstance(it, AttentionSuppression):
@@ -785,7 +796,9 @@ class HookedModel:
         `LinearProbe(...).predict_proba` trained on this layer's `resid_post`. The gate reads the
         residual before the addition, per row and per token, in every forward (`generate`
         included: the prompt's forward, then one token at a time). Entering it returns the
-        `GatedDirection`, whose `fired` / `scored` count the tokens per prompt.
+        `GatedDirection`, whose `fired` / `scored` count the tokens per prompt: the prompt's
+        once (its `n` samples share its forward), then every sample's generated tokens. A probe
+        score that is not finite at a scored token raises a `ValueError`.
 
             >>> with model.gated(d, 4, probe.predict_proba, 0.5, scale=8.0) as gate:  # doctest: +SKIP
             ...     out = model.generate(prompts, max_new_tokens=64)
@@ -815,7 +828,7 @@ class HookedModel:
         if min(starts if isinstance(starts, list) else [starts]) < 0:
             raise ValueError(f"start must be >= 0 (each sequence's own position), got {start!r}")
         vector = self.check_direction(direction).float()
-        probe_out = torch.as_tensor(probe(torch.zeros(2, self.d_model)))
+        probe_out = torch.as_tensor(probe(torch.zeros(2, self.d_model, device=self.device)))
         if probe_out.shape != (2,):
             raise ValueError(
                 f"probe must map [n, d_model] to [n]; on [2, {self.d_model}] it gave {tuple(probe_out.shape)}"
@@ -975,6 +988,15 @@ class HookedModel:
                     "values still carry it; cache the prefix again under the contexts in force now"
                 )
         for it in now:
+            per_row = (isinstance(it, ActivationPatch) and it.rows is not None) or (
+                isinstance(it, GatedDirection) and isinstance(it.start, list)
+            )
+            if per_row and not _leaves_prefix(it, upto):
+                raise ValueError(
+                    f"a per-row {type(it).__name__} (rows= or a list start=) acts on the first {upto} "
+                    "positions, which the cached prefix holds as one row for every suffix: run the full "
+                    "sequences instead"
+                )
             if not any(x is it for x in prefix.interventions) and not _leaves_prefix(it, upto):
                 raise ValueError(
                     f"an intervention entered after the prefix was cached ({type(it).__name__}) changes "
@@ -1033,6 +1055,7 @@ class HookedModel:
                     f"{len(it.keys)} suppressed spans (keys) for {len(tokens)} prompts: give one span per "
                     "prompt (its n samples share it)"
                 )
+        self._check_row_settings(len(tokens), "prompts")
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if path == "plain" and self._interventions.items:

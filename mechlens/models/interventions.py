@@ -235,7 +235,8 @@ class GatedDirection:
     The decision at a position reads only blocks `<= layer` of that position, which no addition
     at `layer` changes: one forward over a whole sequence gates exactly as token-by-token
     generation does. `fired` / `scored` count, per caller's row, the positions it added at and
-    the positions it scored (real tokens at or after `start`), over every forward while active."""
+    the positions it scored (real tokens at or after `start`), over every forward while active
+    (in `generate`: the prompt once, then each of its samples' tokens)."""
 
     layer: int
     direction: Tensor  # [d_model], float32
@@ -261,6 +262,8 @@ class GatedDirection:
         with torch.no_grad():
             score = torch.as_tensor(self.probe(resid.detach().float().reshape(-1, resid.shape[-1])))
         score = score.reshape(live.shape).to(live.device)
+        if not torch.isfinite(score[live]).all():
+            raise ValueError("the gate's probe returned a non-finite score: fix the probe (or its input)")
         fire = live & ((score < self.threshold) if self.below else (score > self.threshold))
         for row, n_fired, n_live in zip(
             pos.rows.tolist(), fire.sum(1).tolist(), live.sum(1).tolist(), strict=True

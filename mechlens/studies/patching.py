@@ -75,6 +75,8 @@ def _write(
 ) -> tuple[list[int], list[tuple[int, list[int]]]]:
     """Target positions and, for each, the source positions whose mean it receives."""
     writes: dict[int, list[int]] = {}
+    if len({j for _, j in pairs}) != len(pairs):
+        raise ValueError(f"pairs write a target sentence twice: {list(pairs)}")
     for i, j in pairs:
         s, t = source.sentences[i], target.sentences[j]
         if align == "last":

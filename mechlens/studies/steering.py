@@ -42,7 +42,7 @@ from mechlens.models.interventions import DirectionAddition
 from mechlens.models.sampling import Sampling, check_int
 from mechlens.ops.stats import wilson
 from mechlens.rollouts.engines import Engine, sample_texts
-from mechlens.text.thinking import split_thinking
+from mechlens.text.thinking import as_reply, split_thinking
 from mechlens.text.trace import ReasoningTrace, split_sentences
 
 if TYPE_CHECKING:
@@ -275,8 +275,8 @@ def steering_curve(
                 texts = sample()
         per_reply = []
         n_sent = 0
-        for text in texts:
-            thinking = split_thinking(text)[0]
+        for k, text in enumerate(texts):  # an unclosed thinking (the prompt opened it) stays thinking
+            thinking = split_thinking(as_reply(prompts[k // sampling.n], text))[0]
             sents = [thinking[a:b] for a, b in split_sentences(thinking, rule="thought-branches")]
             hits = sum(bool(is_behaviour(s)) for s in sents)
             per_reply.append(hits)

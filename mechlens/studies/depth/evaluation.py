@@ -109,17 +109,17 @@ def evaluate(
         )
         out["RHD detector"] = {"auroc_a_priori": float("nan"), "auroc_cross_validated": auroc(rhd, labels),
                                "scores": rhd}  # fmt: skip
-    signals = {**SIGNALS}
-    for metric in DEPTH_METRICS.values():
-        signals[f"depth: {metric.name}"] = (metric.name, metric.sign)
+    signals = {name: (key, sign, False) for name, (key, sign) in SIGNALS.items()}
+    for metric in DEPTH_METRICS.values():  # read from each record's depth_metrics
+        signals[f"depth: {metric.name}"] = (metric.name, metric.sign, True)
 
-    def where(r: dict, key: str) -> dict:
-        return r["features"] if key in FEATURES else r.get("depth_metrics", {}) if key in DEPTH_METRICS else r
+    def where(r: dict, key: str, depth_metric: bool) -> dict:
+        return r.get("depth_metrics", {}) if depth_metric else r["features"] if key in FEATURES else r
 
-    for name, (key, sign) in signals.items():
-        if any(key not in where(r, key) for r in records):
+    for name, (key, sign, depth_metric) in signals.items():
+        if any(key not in where(r, key, depth_metric) for r in records):
             continue
-        values = [{key: where(r, key)[key]} for r in records]
+        values = [{key: where(r, key, depth_metric)[key]} for r in records]
         prior = sign * np.array([v[key] for v in values])
         if np.isnan(prior).any():
             continue

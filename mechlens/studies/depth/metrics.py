@@ -90,18 +90,21 @@ def register_depth_metric(
 def deep_thinking(jsd_final: Tensor, threshold: float = DTR_THRESHOLD, depth: float = DTR_DEPTH) -> Tensor:
     """`[layers, pos]` JSD to the final distribution (every layer, in order) -> `[pos]` floats,
     1.0 where the token settles (running minimum <= `threshold`) only at or after layer
-    `ceil(depth * layers)`, else 0.0; NaN where the JSD is NaN (padding).
+    `ceil(depth * layers)`, counting layers 1..L as the paper's notation does, else 0.0; NaN
+    where the JSD is NaN (padding).
 
         >>> jsd = torch.tensor([[0.6, 0.6], [0.6, 0.1], [0.0, 0.0]])   # 3 layers, 2 positions
-        >>> deep_thinking(jsd, depth=0.6).tolist()
+        >>> deep_thinking(jsd, depth=0.9).tolist()
         [1.0, 0.0]
     """
     if not 0 < depth <= 1:
         raise ValueError(f"depth must lie in (0, 1], got {depth}")
+    if not 0 <= threshold <= math.log(2):
+        raise ValueError(f"threshold must lie in [0, log 2] (a JSD in nats), got {threshold}")
     n_layers = jsd_final.shape[0]
     settled = jsd_final.cummin(0).values <= threshold  # [layers, pos]
-    never = torch.full(settled.shape[1:], n_layers, dtype=torch.long)
-    first = torch.where(settled.any(0), settled.float().argmax(0), never)  # [pos]
+    never = torch.full(settled.shape[1:], n_layers + 1, dtype=torch.long)
+    first = torch.where(settled.any(0), settled.float().argmax(0) + 1, never)  # [pos], layers 1..L
     deep = (first >= math.ceil(depth * n_layers)).float()
     return deep.masked_fill(torch.isnan(jsd_final).any(0), float("nan"))
 
