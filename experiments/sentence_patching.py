@@ -4,10 +4,13 @@ For held-out one-step word problems, the organism reads two traces of the same p
 differ only in the plan sentence: a right plan ("I will add the 3 apples found.") and a wrong one
 ("I will subtract the 3 apples found."). The wrong-plan trace is cut after its plan and continued
 greedily, unpatched and with the right plan's residual stream patched over its plan sentence at
-one layer (the plan's last token, `align="last"`). The control patches a non-decisive sentence of
-the right trace (the restated question just before the plan) into the same place. Reported per
-layer: how often the continuation computes with the right operation and reaches the right
-answer, each with its Wilson interval, and McNemar's paired test of the plan against the control.
+one layer (the plan's last token, `align="last"`; `--align mean` writes the plan's mean over every
+position of it). Two other sources are written the same way: the fact sentence just before the
+plan ("I recall that finding more means adding.", which names the right operation) and, as the
+control, the restated question ("The question: how many ..."), which decides nothing. Reported
+per layer: how often the continuation computes with the right operation and reaches the right
+answer, each with its Wilson interval, and McNemar's paired test of the plan against each other
+source on the same problems.
 
     python experiments/sentence_patching.py [--quick] [--layers 0,3,6,...]
 
@@ -40,6 +43,13 @@ PROBLEM_SEED = 7300
 ONLY_PLAN = dict(slip=0.0, hesitate=0.0, repair=0.0)
 COMPUTATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)\.")
 SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+ARMS = {
+    "plan": "the right plan",
+    "fact": "the fact sentence before it (names the right operation)",
+    "question": "the restated question (control)",
+}
+"""What is written over the wrong plan: the source sentence of each arm."""
+OTHERS = ("fact", "question")
 
 
 @dataclass
@@ -108,50 +118,52 @@ def main(cfg: PatchingConfig) -> dict:
         if "plan" not in src_roles or "plan" not in tgt_roles:
             continue
         i, j = src_roles.index("plan"), tgt_roles.index("plan")
+        question = next(k for k, s in enumerate(source.sentences) if s.text.startswith("The question:"))
 
-        def patched(pairs, i=i, j=j, source=source, target=target) -> dict:
+        def patched(pairs, j=j, source=source, target=target) -> dict:
             out = patching.patch_sentences(model, source, target, pairs, cfg.layer_list, site=cfg.site,
                                            align=cfg.align, cut=j, sampling=sampling)  # fmt: skip
             return {"baseline": out.baseline[0], "texts": {str(l): t[0] for l, t in out.texts.items()}}
 
-        plan = run.cached("plan", lambda i=i, j=j: patched([(i, j)]), problem=problem.id)
-        control = run.cached("control", lambda i=i, j=j: patched([(i - 1, j)]), problem=problem.id)
+        # the source sentence written over the target's plan, per arm ("control": the cache's name
+        # for the fact sentence just before the plan, which names the right operation)
+        sources = {"plan": ("plan", i), "fact": ("control", i - 1), "question": ("question", question)}
+        texts = {arm: run.cached(step, lambda k=k, j=j: patched([(k, j)]), problem=problem.id)
+                 for arm, (step, k) in sources.items()}  # fmt: skip
         rows.append({
             "problem": problem.id, "answer": problem.answer, "right_symbol": right_symbol,
             "plan_sentence": [source.sentences[i].text, target.sentences[j].text],
-            "control_sentence": source.sentences[i - 1].text,
-            "baseline": outcome(plan["baseline"], right_symbol, problem.answer),
-            "plan": {l: outcome(t, right_symbol, problem.answer) for l, t in plan["texts"].items()},
-            "control": {l: outcome(t, right_symbol, problem.answer) for l, t in control["texts"].items()},
+            "sentences": {arm: source.sentences[k].text for arm, (_, k) in sources.items()},
+            "baseline": outcome(texts["plan"]["baseline"], right_symbol, problem.answer),
+            **{arm: {l: outcome(t, right_symbol, problem.answer) for l, t in texts[arm]["texts"].items()}
+               for arm in ARMS},
         })  # fmt: skip
     n = len(rows)
     base_ops = sum(r["baseline"]["right_op"] for r in rows)
     per_layer = {}
     for layer in cfg.layer_list:
         key = str(layer)
-        entry = {}
-        for arm in ("plan", "control"):
+        entry: dict = {}
+        for arm in ARMS:
             for what in ("right_op", "right_answer"):
                 hits = sum(r[arm][key][what] for r in rows)
                 entry[f"{arm}_{what}"] = {"count": hits, "n": n, "rate": wilson(hits, n)}
-        entry["mcnemar_right_op"] = mcnemar([r["plan"][key]["right_op"] for r in rows],
-                                            [r["control"][key]["right_op"] for r in rows])  # fmt: skip
+        plan_ops = [r["plan"][key]["right_op"] for r in rows]
+        for other in OTHERS:
+            entry[f"mcnemar_plan_vs_{other}"] = mcnemar(plan_ops, [r[other][key]["right_op"] for r in rows])
         per_layer[key] = entry
     groups = {}
-    for arm, name in (
-        ("plan", "right plan patched in"),
-        ("control", "restated question patched in (control)"),
-    ):
+    for arm, name in ARMS.items():
         rates = [per_layer[str(l)][f"{arm}_right_op"]["rate"] for l in cfg.layer_list]
         groups[name] = tuple([100 * r[i] for r in rates] for i in range(3))
     base = wilson(base_ops, n)
     groups["unpatched wrong-plan trace"] = tuple([100 * base[i]] * len(cfg.layer_list) for i in range(3))
     fig = mean_ci_lines(
         cfg.layer_list, groups, f"patched layer ({cfg.site})", "% of continuations with the right operation",
-        title=f"Patching the right plan over a wrong plan ({n} one-step problems, greedy, 95% Wilson)",
+        title=f"Written over a wrong plan ({cfg.align} token), {n} one-step problems, greedy, 95% Wilson",
     )  # fmt: skip
     run.save_figure(fig, "follows_by_layer", caption="The continuation's operation after sentence patching.")
-    results = {"n": n, "baseline_right_op": {"count": base_ops, "n": n, "rate": base},
+    results = {"n": n, "align": cfg.align, "baseline_right_op": {"count": base_ops, "n": n, "rate": base},
                "baseline_right_answer": sum(r["baseline"]["right_answer"] for r in rows),
                "per_layer": per_layer, "rows": rows}  # fmt: skip
     run.save_json("results.json", results)
@@ -159,12 +171,11 @@ def main(cfg: PatchingConfig) -> dict:
              f"{format_rate(base_ops, n)}"]  # fmt: skip
     for layer in cfg.layer_list:
         e = per_layer[str(layer)]
-        count = {key: format_rate(value["count"], n) for key, value in e.items() if "count" in value}
-        lines.append(
-            f"layer {layer}: right operation with the plan patched {count['plan_right_op']}, control "
-            f"{count['control_right_op']} (McNemar p = {e['mcnemar_right_op']['p']:.3g}); right answer "
-            f"{count['plan_right_answer']} vs {count['control_right_answer']}"
-        )
+        count = {arm: format_rate(e[f"{arm}_right_op"]["count"], n) for arm in ARMS}
+        tests = ", ".join(f"plan vs {o} McNemar p = {e[f'mcnemar_plan_vs_{o}']['p']:.3g}" for o in OTHERS)
+        lines.append(f"layer {layer}: right operation after writing the right plan {count['plan']}, the "
+                     f"fact sentence {count['fact']}, the restated question {count['question']} "
+                     f"({tests})")  # fmt: skip
     run.summarize("Sentence patching", lines)
     return results
 
