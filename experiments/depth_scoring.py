@@ -71,9 +71,9 @@ class DepthConfig:
     def __post_init__(self):
         if self.unit == "auto":
             self.unit = "line" if self.model == "base" else "sentence"
-        if self.quick:
+        if self.quick:  # no depth metrics: the all-layer lens would double the demo's analysis time
             self.n_arithmetic, self.n_factual, self.max_new_tokens = 4, 8, 200
-            self.subset = "all"
+            self.subset, self.metrics = "all", ""
         if self.subset not in SUBSET_TITLES:
             raise ValueError(f"subset must be one of {list(SUBSET_TITLES)}, got {self.subset!r}")
 
