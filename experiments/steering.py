@@ -13,7 +13,7 @@ provenance), results.json and summary.json. Steps are cached, so a rerun resumes
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
@@ -107,11 +107,8 @@ def direction_traces(model, cfg: SteeringConfig) -> tuple[list[ReasoningTrace], 
 
 
 def curve_rows(curve: steering.SteeringCurve) -> dict:
-    return {
-        "scales": curve.scales, "replies": curve.replies, "with_behaviour": curve.with_behaviour,
-        "rate": curve.rate, "sentences": curve.sentences, "behaviour_sentences": curve.behaviour_sentences,
-        "correct": curve.correct, "accuracy": curve.accuracy,
-    }  # fmt: skip
+    """The curve's counts and intervals, JSON-able (the texts left out)."""
+    return {k: v for k, v in asdict(curve).items() if k != "texts"}
 
 
 def main(cfg: SteeringConfig) -> dict:

@@ -99,9 +99,7 @@ def _prompt_only(item: Intervention, upto: int) -> bool:
     if isinstance(item, ActivationPatch):
         return max(item.positions) < upto
     if isinstance(item, DirectionAddition) or (
-        isinstance(item, HeadAblation)
-        and item.rescale is None
-        and (item.mode == "zero" or item.means is not None)
+        isinstance(item, HeadAblation) and not item.per_forward_statistic
     ):
         return item.positions is not None and max(item.positions) < upto
     return False

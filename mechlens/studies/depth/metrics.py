@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from mechlens.ops.lens import STATS, LensResult, logit_lens
-from mechlens.studies.depth.scoring import late_layers
+from mechlens.studies.depth.scoring import _token_scores, late_layers
 from mechlens.text.trace import ReasoningTrace
 
 if TYPE_CHECKING:
@@ -143,5 +143,5 @@ def token_depth(
         per_position = torch.as_tensor(DEPTH_METRICS[name].fn(lens)).float().reshape(-1)
         if per_position.shape != (trace.n_tokens,):
             raise ValueError(f"depth metric {name!r} returned shape {tuple(per_position.shape)}, want [pos]")
-        out[name] = torch.cat([torch.full((1,), float("nan")), per_position[:-1]])
+        out[name] = _token_scores(per_position)
     return out
