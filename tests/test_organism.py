@@ -351,23 +351,6 @@ def test_load_subject_names_and_checks():
         load_subject("tiny-llama", dtype="int8")
 
 
-def test_packaged_gguf_joins_part_packages(tmp_path, monkeypatch):
-    from mechlens.models.loading import packaged_gguf
-
-    monkeypatch.setenv("MECHLENS_CACHE", str(tmp_path / "cache"))
-    for k, chunk in enumerate([b"GGUF-first-", b"second"]):
-        package = tmp_path / "site" / f"fake_model_part_{k:04d}"
-        package.mkdir(parents=True)
-        (package / "__init__.py").write_text("")
-        (package / f"model.gguf.{k:02d}").write_bytes(chunk)
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    joined = packaged_gguf("fake-model")
-    assert joined.read_bytes() == b"GGUF-first-second" and joined.parent == tmp_path / "cache" / "models"
-    assert packaged_gguf("fake-model") == joined  # joined once
-    with pytest.raises(ValueError, match="no package other-model-part-0000"):
-        packaged_gguf("other-model")
-
-
 def test_gpu_smoke_configures_every_study_with_the_model_given(tmp_path):
     import importlib.util
     from pathlib import Path

@@ -57,6 +57,7 @@ class Architecture:
     d_head: int
     d_vocab: int
     n_ctx: int
+    d_mlp: int
     logit_softcap: float | None
     out_proj_transposed: bool = False  # GPT-2's Conv1D stores the weight as [in, out]
 
@@ -100,6 +101,7 @@ class Architecture:
             d_head=d_head,
             d_vocab=cfg.vocab_size,
             n_ctx=_first_attr(cfg, "max_position_embeddings", "n_positions"),
+            d_mlp=getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d_model,
             logit_softcap=getattr(cfg, "final_logit_softcapping", None),
             out_proj_transposed=type(getattr(attn, out_proj_name)).__name__ == "Conv1D",
         )

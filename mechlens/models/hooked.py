@@ -200,6 +200,7 @@ class HookedModel:
     d_model = property(lambda self: self.arch.d_model)
     d_head = property(lambda self: self.arch.d_head)
     d_vocab = property(lambda self: self.arch.d_vocab)
+    d_mlp = property(lambda self: self.arch.d_mlp)
     n_ctx = property(lambda self: self.arch.n_ctx)
 
     @property
@@ -501,11 +502,12 @@ class HookedModel:
         reduce: Reducer | None = None,
     ) -> int:
         """Estimated bytes a one-pass forward of `shape = (batch, pos)` holds (captures, logits, one
-        layer's eager attention scores); `ValueError` naming the ways out when it exceeds
+        layer's eager attention scores and MLP activations); `ValueError` naming the ways out when it exceeds
         `model.memory_budget` (bytes; default 8 GiB or `$MECHLENS_MEMORY_BUDGET_GB`)."""
         batch, pos = int(shape[0]), int(shape[1])
         held = forward_bytes(shape, capture, logits, self.d_model, self.n_heads, self.d_head, self.d_vocab,
-                             torch.finfo(self.dtype).bits // 8, reduced=reduce is not None)  # fmt: skip
+                             torch.finfo(self.dtype).bits // 8, reduced=reduce is not None,
+                             d_mlp=self.d_mlp)  # fmt: skip
         if held > self.memory_budget:
             gib = 2**30
             raise ValueError(

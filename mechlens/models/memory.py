@@ -30,10 +30,12 @@ def forward_bytes(
     d_vocab: int,
     item: int,
     reduced: bool = False,
+    d_mlp: int = 0,
 ) -> int:
     """Bytes a one-pass forward of `shape = (batch, pos)` holds: the `capture`d layers (none when
     each capture is `reduced` as it is taken), the logits when kept, and one layer's eager
-    attention scores, softmax and copy; `item` bytes per number."""
+    attention scores, softmax and copy and its MLP activations (gate, up and their product, `d_mlp`
+    wide); `item` bytes per number."""
     batch, pos = int(shape[0]), int(shape[1])
     dims = {"pos": pos, "d_model": d_model, "n_heads": n_heads, "d_head": d_head}
     held = 0
@@ -45,6 +47,7 @@ def forward_bytes(
             held += size * len(layers)
     held += batch * pos * d_vocab if logits else 0
     held += 3 * batch * n_heads * pos * pos  # scores, softmax and its copy, one layer at a time
+    held += 3 * batch * pos * d_mlp  # the MLP's gate, up and their product, one layer at a time
     return held * item
 
 

@@ -40,6 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechlens.models.interventions import HeadScaling
+from mechlens.models.memory import forward_bytes
 from mechlens.models.padding import as_positions, row_columns
 from mechlens.models.sampling import check_int
 
@@ -95,23 +96,38 @@ def head_ablation_effects(
 
     layer_list = model.check_layers(layers)
     effects = torch.full((model.n_layers, model.n_heads), float("nan"))
+    batch, n_pos = ids.shape
     if method == "exact":
+        # heads ablated in one pass: as many copies of the batch as `model.memory_budget` holds
+        per_pass = max(
+            1, min(model.n_heads, model.memory_budget // _pass_bytes(model, batch, n_pos, not stop))
+        )
         with torch.no_grad():
             capture = {"resid_pre": layer_list, **hidden.get("capture", {})}
             clean_out = model.forward(ids, mask, capture=capture)
-            clean = _check_metric(measure(clean_out), ids.shape[0])  # [batch]
-            batch, heads = ids.shape[0], model.n_heads
-            # row h * batch + b zeroes head h: factor 0 for that head, 1 for the others
-            keep = (1 - torch.eye(heads)).repeat_interleave(batch, 0)  # [heads * batch, heads]
-            rows = torch.arange(batch, device=ids.device).repeat(heads)  # each row's own row of the batch
+            clean = _check_metric(measure(clean_out), batch)  # [batch]
             for layer in tqdm(layer_list, desc="ablate heads", disable=not progress):
-                resid = clean_out.acts["resid_pre"][layer].repeat(heads, 1, 1)  # [heads * batch, pos, d]
-                with model.intervene(HeadScaling({layer: keep}, per_row="forward")):
-                    out = model.forward(ids.repeat(heads, 1), mask.repeat(heads, 1),
-                                         start_at=layer, resid_in=resid, rows=rows, **hidden)  # fmt: skip
-                ablated = _check_metric(measure(out), heads * batch)
-                effects[layer] = (ablated.reshape(heads, batch) - clean).mean(1).float().cpu()
+                ablated = []
+                for first in range(0, model.n_heads, per_pass):
+                    heads = min(per_pass, model.n_heads - first)
+                    # row h * batch + b zeroes head first + h: factor 0 for that head, 1 for the others
+                    keep = (1 - torch.eye(model.n_heads)[first : first + heads]).repeat_interleave(batch, 0)
+                    rows = torch.arange(batch, device=ids.device).repeat(heads)  # each row's row of the batch
+                    resid = clean_out.acts["resid_pre"][layer].repeat(heads, 1, 1)  # [heads * batch, pos, d]
+                    with model.intervene(HeadScaling({layer: keep}, per_row="forward")):
+                        out = model.forward(ids.repeat(heads, 1), mask.repeat(heads, 1),
+                                            start_at=layer, resid_in=resid, rows=rows, **hidden)  # fmt: skip
+                    ablated.append(_check_metric(measure(out), heads * batch).reshape(heads, batch))
+                effects[layer] = (torch.cat(ablated) - clean).mean(1).float().cpu()
         return effects
+    # the backward pass keeps every layer's activations: refuse what would not fit
+    saved = model.n_layers * _pass_bytes(model, batch, n_pos, logits=False)
+    if saved > model.memory_budget:
+        raise ValueError(
+            f"attribution over {batch} x {n_pos} tokens keeps about {saved / 2**30:.1f} GiB of activations "
+            f"for its backward pass (budget {model.memory_budget / 2**30:.1f} GiB, model.memory_budget): "
+            'use method="exact" (memory of one forward per pass), fewer tokens, or a larger budget'
+        )
     # attribution: scale every head's z by a factor alpha = 1; d metric / d alpha_h = sum z . grad,
     # so the first-order effect of alpha_h -> 0 (zero ablation) is -d metric / d alpha_h
     scales = {l: torch.ones(model.n_heads, requires_grad=True) for l in layer_list}
@@ -121,6 +137,13 @@ def head_ablation_effects(
     for layer, g in zip(layer_list, grads, strict=True):
         effects[layer] = -g.float().cpu()
     return effects
+
+
+def _pass_bytes(model: HookedModel, batch: int, n_pos: int, logits: bool) -> int:
+    """Bytes one forward of `batch x n_pos` tokens holds at a time (`forward_bytes`)."""
+    item = torch.finfo(model.dtype).bits // 8
+    dims = (model.d_model, model.n_heads, model.d_head, model.d_vocab)
+    return forward_bytes((batch, n_pos), {}, logits, *dims, item, d_mlp=model.d_mlp)
 
 
 def _check_metric(value: Tensor, batch: int) -> Tensor:
