@@ -34,7 +34,7 @@ def forward_bytes(
 ) -> int:
     """Bytes a one-pass forward of `shape = (batch, pos)` holds: the `capture`d layers (none when
     each capture is `reduced` as it is taken), the logits when kept, and one layer's eager
-    attention scores, softmax and copy and its MLP activations (gate, up and their product, `d_mlp`
+    attention scores, float32 softmax and copy and its MLP activations (gate, up and their product, `d_mlp`
     wide); `item` bytes per number."""
     batch, pos = int(shape[0]), int(shape[1])
     dims = {"pos": pos, "d_model": d_model, "n_heads": n_heads, "d_head": d_head}
@@ -46,9 +46,10 @@ def forward_bytes(
                 size *= dims[dim]
             held += size * len(layers)
     held += batch * pos * d_vocab if logits else 0
-    held += 3 * batch * n_heads * pos * pos  # scores, softmax and its copy, one layer at a time
     held += 3 * batch * pos * d_mlp  # the MLP's gate, up and their product, one layer at a time
-    return held * item
+    held *= item
+    # one layer's scores and their cast back in the model's dtype, the softmax in float32
+    return held + batch * n_heads * pos * pos * (2 * item + 4)
 
 
 def chunk_size(n_pos: int, n_heads: int, budget_mb: float = 128) -> int:
