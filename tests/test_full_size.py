@@ -119,6 +119,19 @@ def test_weights_that_do_not_fit_raise_naming_the_dtype(monkeypatch):
         random_causal_lm(r1_config(), dtype=torch.float32)
 
 
+def test_load_model_by_name_refuses_float32_where_it_does_not_fit(monkeypatch):
+    import psutil
+
+    header_or_skip()
+
+    class Little:
+        available = 20 * 2**30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Little())
+    with pytest.raises(ValueError, match="dtype='bfloat16'"):
+        ml.load_model(R1_RANDOM)  # float32 by default: 30.5 GB
+
+
 def test_config_overrides_are_checked():
     with pytest.raises(ValueError, match="unknown Qwen2Config fields: \\['hiden_size'\\]"):
         r1_config(hiden_size=64)

@@ -275,5 +275,5 @@ def random_causal_lm(
                 continue
             for start in range(0, flat.numel(), 1 << 24):  # 32 MB blocks: no large temporary
                 flat[start : start + (1 << 24)].normal_(0.0, std, generator=gen)
-    hf.config._name_or_path = R1_RANDOM if config.hidden_size == R1_QWEN2["hidden_size"] else "random-qwen2"
+    hf.config._name_or_path = f"random-{config.model_type}"
     return hf.eval()
