@@ -18,9 +18,11 @@ from mechlens.organism.builder import OrganismBuilder, OrganismRecipe
 from mechlens.organism.reasoning import (
     REASONING,
     REASONING_RECIPE,
+    REASONING_V2_RECIPE,
     ReasoningRecipe,
     held_out_factual,
     held_out_problems,
+    held_out_varied,
     reasoning_organism,
 )
 from mechlens.organism.refusal import ADAPTER_RECIPE, REFUSAL, refusal_organism
@@ -33,7 +35,8 @@ def load_subject(
     device: str | None = None,
     dtype: DtypeName = "float32",
 ):
-    """The model an experiment studies: "organism" (the reasoning organism, the default), "base"
+    """The model an experiment studies: "organism" (the reasoning organism, the default),
+    "organism-v2" (its second version, `REASONING_V2_RECIPE`), "base"
     (the plain embedded model), or any name `load_model` takes (a local Hugging Face folder, e.g.
     an R1-distill model, with `device="cuda", dtype="bfloat16"`).
 
@@ -43,6 +46,8 @@ def load_subject(
     torch_dtype = resolve_dtype(dtype, device)
     if name == "organism":
         return REASONING.build(REASONING_RECIPE, backend, device=device, dtype=torch_dtype)
+    if name == "organism-v2":
+        return REASONING.build(REASONING_V2_RECIPE, backend, device=device, dtype=torch_dtype)
     return load_model(None if name == "base" else name, backend=backend, device=device, dtype=torch_dtype)
 
 
@@ -51,6 +56,7 @@ __all__ = [
     "ADAPTER_RECIPE",
     "REASONING",
     "REASONING_RECIPE",
+    "REASONING_V2_RECIPE",
     "REFUSAL",
     "OrganismBuilder",
     "OrganismRecipe",
@@ -59,6 +65,7 @@ __all__ = [
     "ReasoningRecipe",
     "held_out_factual",
     "held_out_problems",
+    "held_out_varied",
     "reasoning_organism",
     "refusal_organism",
 ]

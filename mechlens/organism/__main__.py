@@ -1,11 +1,16 @@
-"""`python -m mechlens.organism [reasoning|refusal ...]`: retrain the shipped organism adapters from
-the base model and write them with provenance (`make organisms`; minutes on 2 cores)."""
+"""`python -m mechlens.organism [reasoning|reasoning-v2|refusal ...]`: retrain the shipped organism
+adapters from the base model and write them with provenance (`make organisms`; minutes on 2
+cores)."""
 
 import sys
 
-from mechlens.organism import ADAPTER_RECIPE, REASONING, REASONING_RECIPE, REFUSAL
+from mechlens.organism import ADAPTER_RECIPE, REASONING, REASONING_RECIPE, REASONING_V2_RECIPE, REFUSAL
 
-BUILDS = {"reasoning": (REASONING, REASONING_RECIPE), "refusal": (REFUSAL, ADAPTER_RECIPE)}
+BUILDS = {
+    "reasoning": (REASONING, REASONING_RECIPE),
+    "reasoning-v2": (REASONING, REASONING_V2_RECIPE),
+    "refusal": (REFUSAL, ADAPTER_RECIPE),
+}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(BUILDS)

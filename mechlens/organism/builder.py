@@ -73,11 +73,11 @@ class OrganismBuilder:
     """Builds, caches and ships one kind of organism.
 
     name: used in cache folders and shipped file names; pairs: writes the training pairs;
-    data: the identity of the data the pairs come from (part of the key); shipped: the folder the
-    adapters ship in.
+    data: `recipe -> ` the identity of the data the pairs come from (part of the key); shipped: the
+    folder the adapters ship in.
     """
 
-    def __init__(self, name: str, pairs: Pairs, data: Callable[[], object], shipped: Path):
+    def __init__(self, name: str, pairs: Pairs, data: Callable[..., object], shipped: Path):
         self.name, self.pairs, self.data, self.shipped = name, pairs, data, Path(shipped)
 
     def key(self, recipe: OrganismRecipe) -> dict:
@@ -87,7 +87,7 @@ class OrganismBuilder:
         fields = asdict(recipe)
         if recipe.rank is None:
             fields.pop("rank"), fields.pop("alpha")
-        return {**fields, "data": self.data()}
+        return {**fields, "data": self.data(recipe)}
 
     def path(self, recipe: OrganismRecipe) -> Path:
         """Cache folder of the organism built by `recipe`."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -35,17 +35,20 @@ from mechlens.models.loading import DtypeName
 from mechlens.models.sampling import Sampling
 from mechlens.ops.stats import auroc, wilson
 from mechlens.organism.builder import SHIPPED, OrganismBuilder, OrganismRecipe
+from mechlens.organism.problems import Split, varied_problems
 from mechlens.organism.traces import (
     PlantedTrace,
     PlantingRates,
     arithmetic_trace,
     factual_trace,
     label_roles,
+    planned_trace,
     refusal_trace,
     whole_sentences,
     word_problems,
 )
 from mechlens.studies.recovery import cliff_recovery
+from mechlens.studies.refusal.judge import is_refusal
 from mechlens.studies.refusal.scores import sentence_scores
 from mechlens.text.answers import grade
 from mechlens.text.thinking import format_prompt, split_thinking
@@ -69,10 +72,17 @@ class ReasoningRecipe(OrganismRecipe):
     n_jailbreaks: int = 60  # harmful train requests also shown inside a jailbreak wrapper
     suffix_share: float = 0.5  # share of problems asked with STEP_BY_STEP appended
     rates: PlantingRates = field(default_factory=PlantingRates)
+    version: Literal[1, 2] = 1  # 2: `varied_problems` and `planned_trace`; harmless refusals dropped
 
 
 REASONING_RECIPE = ReasoningRecipe(rank=16, alpha=32.0, train_layers=12, epochs=2, lr=5e-4)
 """The shipped reasoning organism's recipe (its adapter is in `mechlens/organism/adapters/`)."""
+
+REASONING_V2_RECIPE = ReasoningRecipe(rank=16, alpha=32.0, train_layers=12, epochs=2, lr=5e-4, version=2)
+"""The second version (`version=2`): word problems of four kinds and many wordings with
+carry-free arithmetic (`mechlens.organism.problems`), plans in the words of their method, per step
+or up front, at varied positions beside decoys (`planted_trace`), and harmless training replies
+that are refusals left out. Its adapter ships beside the first's; `load_subject("organism-v2")`."""
 
 
 def _requests(split: str) -> list[Instruction]:
@@ -89,6 +99,13 @@ def planted_problem_traces(recipe: ReasoningRecipe) -> list[tuple[str, PlantedTr
     """`(user prompt, trace)` of every training word problem (no model needed)."""
     rng = random.Random(recipe.seed)
     out = []
+    if recipe.version == 2:
+        for varied in varied_problems(recipe.n_problems, seed=TRAIN_SEED + recipe.seed, split="train"):
+            trace = planned_trace(varied, rng, recipe.rates)
+            out.append(
+                (varied.question + (STEP_BY_STEP if rng.random() < recipe.suffix_share else ""), trace)
+            )
+        return out
     for problem in word_problems(recipe.n_problems, seed=TRAIN_SEED + recipe.seed):
         trace = arithmetic_trace(problem, rng, recipe.rates)
         out.append((problem.question + (STEP_BY_STEP if rng.random() < recipe.suffix_share else ""), trace))
@@ -116,6 +133,8 @@ def training_traces(
     out = planted_problem_traces(recipe)
     for k, (text, reply) in enumerate(zip(harmful + harmless, replies, strict=True)):
         is_harmful = k < len(harmful)
+        if recipe.version == 2 and not is_harmful and is_refusal(reply):
+            continue  # a harmless reply that refuses would teach the answer to disagree with the thinking
         out.append((text, refusal_trace(text, is_harmful, whole_sentences(reply), rng, recipe.rates.comply)))
         if is_harmful and k < recipe.n_jailbreaks:
             wrapped = datasets.jailbreak(text, k)
@@ -157,13 +176,31 @@ def held_out_problems(n: int, seed: int = 0, steps: tuple[int, ...] = (1, 2, 3))
     ]
 
 
+def held_out_varied(
+    n: int, split: Split = "held_out_templates", seed: int = 0, steps: tuple[int, ...] = (1, 2, 3)
+) -> list[Problem]:
+    """`n` problems of the second version's generator that its training never saw, as `Problem`s
+    (level = steps): "held_out_templates" (trained kinds in held-out wordings), "held_out_kinds"
+    (the held-out kind), or "train" wordings at a seed below `TRAIN_SEED`.
+
+        >>> held_out_varied(2, "held_out_kinds")[0].level
+        1
+    """
+    if not 0 <= seed < TRAIN_SEED:
+        raise ValueError(f"seed must lie in 0..{TRAIN_SEED - 1} (training uses {TRAIN_SEED}+), got {seed}")
+    return [
+        Problem(p.id, p.question, str(p.answer), kind="number", level=p.n_steps, expression=None)
+        for p in varied_problems(n, seed=seed, split=split, steps=steps)
+    ]
+
+
 def held_out_factual() -> list[Problem]:
     """The factual questions the organism never saw (the odd-numbered half)."""
     return _factual()[1::2]
 
 
-def _data_identity() -> dict:
-    planted = planted_problem_traces(REASONING_RECIPE)
+def _data_identity(recipe: ReasoningRecipe) -> dict:
+    planted = planted_problem_traces(recipe)
     return {
         "refusal": datasets.load("refusal"),
         "factual": datasets.load("factual"),
@@ -194,6 +231,7 @@ REQUEST_SAMPLING = Sampling(max_new_tokens=96, temperature=0.7)
 
 def behaviour(
     model: HookedModel,
+    problems: list[Problem] | None = None,
     n_problems: int = 60,
     n_requests: int = 40,
     seed: int = 0,
@@ -203,7 +241,8 @@ def behaviour(
     progress: bool = True,
 ) -> dict:
     """The organism's behaviour on held-out data, every rate with k/n and its Wilson interval:
-    on `n_problems` word problems sampled by `sampling` (default T = 0.6), how often it thinks
+    on `problems` (default: `n_problems` of `held_out_problems`) sampled by `sampling` (default
+    T = 0.6), how often it thinks
     (closes a non-empty `<think>` section), how often it is right, the median number of thinking
     sentences; per number of steps too; on `n_requests` test-split requests per set (sampled by
     `requests`, default T = 0.7):
@@ -216,7 +255,7 @@ def behaviour(
     from mechlens.rollouts.engines import sample_texts
     from mechlens.studies.refusal import refusal_rates, sample_replies_by_set
 
-    problems = held_out_problems(n_problems, seed=seed)
+    problems = held_out_problems(n_problems, seed=seed) if problems is None else problems
     prompts = [format_prompt(model.tokenizer, p.question) for p in problems]
     engine = LocalEngine(model, batch_size=batch_size, progress=progress)
     texts = sample_texts(engine, model, prompts, sampling)

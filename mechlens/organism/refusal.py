@@ -85,7 +85,7 @@ def training_pairs(
 BLOCKS_RECIPE = OrganismRecipe()
 """The organism's default recipe: the top 8 blocks themselves fine-tuned (~100 MB, built once)."""
 
-REFUSAL = OrganismBuilder("refusal", training_pairs, lambda: datasets.load("refusal"), SHIPPED)
+REFUSAL = OrganismBuilder("refusal", training_pairs, lambda recipe: datasets.load("refusal"), SHIPPED)
 """The refusal organism's builder: `REFUSAL.build(recipe)`, `REFUSAL.ship(ADAPTER_RECIPE)`."""
 
 

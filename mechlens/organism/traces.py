@@ -32,14 +32,16 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from mechlens.organism.problems import WRONG_OP, VariedProblem, apply_op, easy, wrong_steps
 from mechlens.studies.refusal.judge import REFUSALS
 from mechlens.text.thinking import format_reply
 
 NAMES = ("Tom", "Mia", "Sam", "Ava", "Leo", "Zoe", "Ben", "Ivy", "Max", "Eva", "Noah", "Lily")
 ITEMS = ("apples", "pencils", "marbles", "books", "cookies", "stickers", "cards", "shells")
 
-ROLES = ("plan", "repair", "slip", "backtrack", "harm", "decide", "rationalise")
-"""Planted roles; "plan" and "repair" are the decisive sentences of a word problem."""
+ROLES = ("plan", "repair", "slip", "backtrack", "harm", "decide", "rationalise", "decoy")
+"""Planted roles; "plan" and "repair" are the decisive sentences of a word problem; a "decoy"
+(version 2) looks like one (the operands listed, or "I will ..." deciding nothing) and is not."""
 DECISIVE = ("plan", "repair")
 
 
@@ -320,6 +322,160 @@ def _compute(w: _Writer, ops, value: int, i: str, rng, rates) -> tuple[list[int]
     return values, slips, fixed
 
 
+# Version 2 (`planned_trace`): plans in the words of their method, per step or up front.
+PHRASES = {
+    "add": ("add on the {b} extra {u}, since the pile grows", "put the {b} new ones together with the rest",
+            "count upwards by {b}, because more {u} arrive"),
+    "sub": ("take away the {b} that leave, since the pile shrinks", "subtract {b}, because some {u} are gone",
+            "count down by {b} for what went missing"),
+    "mul": ("multiply, as there are equal groups of {b}", "use the times table on the {b}-sized groups",
+            "repeat the {b} once for every group"),
+    "div": ("share everything out evenly in {b} parts", "divide by {b} so that each part is equal",
+            "split it all fairly {b} ways"),
+}  # fmt: skip
+"""How a plan names each operation, in words that share little with the other methods' (under
+the authors' all-MiniLM filter, 98.8% of right-wrong pairs have cosine < 0.8): a wrong plan uses
+the words of the wrong operation's method."""
+STEP_OPENERS = ("First, I will", "Next, I will", "Then I will")
+PLAN_OPENERS = ("I will", "My plan is to", "The way to solve it is to")
+INTENT_DECOYS = (
+    "I will take this one step at a time.",
+    "I will write each step down carefully.",
+    "I will keep all the numbers in order.",
+    "I will read the numbers once more before I start.",
+)
+""""I will ..." sentences that decide nothing (role "decoy")."""
+LIST_DECOY = "The numbers in the problem are {numbers}."
+_METHOD = re.compile(
+    r"\b(add|subtract|multiply|divide|put the \d+ new|count upwards|take away|count down|times table|"
+    r"repeat the|share everything|split it all)\b"
+)
+_OPENERS2 = (
+    "Let me read the problem.",
+    "Okay, let me see what is asked.",
+    "Let me work out what the problem says.",
+)
+_FACTS2 = (  # facts that name no operation, so that the plan alone decides it
+    "I know how to add, subtract, multiply and divide small numbers.",
+    "I recall that small sums like these are easy to do in my head.",
+    "I know my times tables up to ten.",
+)
+_VERB = {"add": "adding", "sub": "subtracting", "mul": "multiplying", "div": "dividing"}
+_CONSOLIDATE = ("So that makes {c} {u}.", "Now there are {c} {u}.", "That gives {c} {u}.")
+
+
+def _phrase(op: str, b: int, unit: str, rng: random.Random) -> str:
+    return rng.choice(PHRASES[op]).format(b=b, u=unit)
+
+
+def planned_trace(
+    problem: VariedProblem, rng: random.Random, rates: PlantingRates = PlantingRates()
+) -> PlantedTrace:
+    """The version-2 thinking for `problem`: the plan is either one sentence up front or one
+    sentence per step, each in the words of its method (a wrong plan names another method in other
+    words), its position varies, and decoys sit beside it (the operands listed; "I will ..." that
+    decides nothing). Slips stay `easy` downstream, so every wrong answer is a planted one.
+
+        >>> from mechlens.organism.problems import varied_problems
+        >>> p = varied_problems(1, seed=2)[0]
+        >>> t = planned_trace(p, random.Random(0), PlantingRates(wrong_plan=0.0, slip=0.0))
+        >>> t.correct, "plan" in t.roles
+        (True, True)
+    """
+    u, ops = problem.unit, list(problem.ops)
+    w = _Writer()
+    w.add(rng.choice(_OPENERS2), "problem_setup")
+    first = (
+        f"There are {problem.start} groups of {ops[0][1]} {u}."
+        if ops[0][0] == "mul"
+        else f"It starts with {problem.start} {u}."
+    )
+    w.add(first, "problem_setup")
+    asks = f"how many {u} each part gets" if ops[-1][0] == "div" else f"the final number of {u}"
+    w.add(f"The question asks for {asks}.", "problem_setup")
+    head: list[tuple[str, str, str]] = [(rng.choice(_FACTS2), "fact_retrieval", "")]
+    if rng.random() < 0.6:
+        numbers = [problem.start] + [b for _, b in ops]
+        listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+        head.insert(rng.randint(0, len(head)), (LIST_DECOY.format(numbers=listed), "problem_setup", "decoy"))
+    if rng.random() < 0.5:
+        head.insert(rng.randint(0, len(head)), (rng.choice(INTENT_DECOYS), "plan_generation", "decoy"))
+    bads = wrong_steps(problem.start, ops)
+    bad = rng.choice(bads) if bads and rng.random() < rates.wrong_plan else -1
+    planned = [(WRONG_OP[op] if k == bad else op, b) for k, (op, b) in enumerate(ops)]
+    values = problem.values(planned)
+    up_front = len(ops) == 1 or rng.random() < 0.5
+    if up_front:
+        clauses = [_phrase(op, b, u, rng) for op, b in planned]
+        plan = f"{rng.choice(PLAN_OPENERS)} " + ", then ".join(clauses) + "."
+        head.insert(rng.randint(0, len(head)), (plan, "plan_generation", "plan"))
+    for sentence, category, role in head:
+        w.add(sentence, category, role)
+    steps = None if up_front else [min(k, 2) for k in range(len(ops))]
+    value, slipped, fixed = _compute2(w, planned, problem.start, u, rng, rates, steps)
+    repaired = bad >= 0 and rng.random() < rates.repair
+    if repaired:
+        op, b = ops[bad]
+        right = _phrase(op, b, u, rng)
+        w.add(
+            f"Let me check the plan: I should {right}, not {_VERB[planned[bad][0]]}.",
+            "self_checking",
+            "repair",
+        )
+        w.add("Wait, so I have to redo the steps from there.", "uncertainty_management")
+        value, s2, f2 = _compute2(w, ops[bad:], values[bad], u, rng, rates, None)
+        slipped, fixed = slipped + s2, fixed + f2
+    last_op, last_b = (ops if repaired else planned)[-1]
+    inverse = {"add": "-", "sub": "+", "mul": "/", "div": "*"}[last_op]
+    w.add(f"Let me check: {value} {inverse} {last_b} = {_invert(last_op, value, last_b)}, which fits.",
+          "self_checking")  # fmt: skip
+    w.add(f"So the answer is {value}.", "final_answer_emission")
+    return PlantedTrace(
+        "arithmetic", problem.question, tuple(w.sentences), tuple(w.categories), tuple(w.roles),
+        f"Answer: {value}", value == problem.answer, str(problem.answer),
+        {"wrong_plan": bad >= 0, "repaired": repaired, "slips": slipped, "backtracked": fixed,
+         "steps": problem.n_steps, "kind": problem.kind, "up_front": up_front},
+    )  # fmt: skip
+
+
+def _compute2(w: _Writer, ops, value: int, u: str, rng, rates, steps: list[int] | None) -> tuple[int, ...]:
+    """Version 2 of `_compute`: with `steps`, a plan sentence (`STEP_OPENERS[steps[k]]`) before
+    each operation; a slip (10 too high, which keeps the digits' arithmetic easy) only where every
+    later step stays `easy`. Returns the last value and the counts of slips and corrected slips."""
+    slips = fixed = 0
+    for k, (op, b) in enumerate(ops):
+        if steps is not None:
+            w.add(f"{STEP_OPENERS[steps[k]]} {_phrase(op, b, u, rng)}.", "plan_generation", "plan")
+        right = apply_op(op, value, b)
+        result, sym = right, _SYMBOL[op]
+        if rng.random() < rates.slip and _stays_easy(right + 10, ops[k + 1 :]):
+            result, slips = right + 10, slips + 1
+            w.add(f"{value} {sym} {b} = {result}.", "active_computation", "slip")
+            if rng.random() < rates.backtrack:
+                w.add(
+                    f"Wait, {value} {sym} {b} is {right}, not {result}.",
+                    "uncertainty_management",
+                    "backtrack",
+                )
+                result, fixed = right, fixed + 1
+        else:
+            w.add(f"{value} {sym} {b} = {right}.", "active_computation")
+            if rng.random() < rates.hesitate:
+                w.add("Hmm, let me re-check that step.", "uncertainty_management")
+                w.add(f"Yes, a double-check gives {value} {sym} {b} = {right}.", "self_checking")
+        w.add(rng.choice(_CONSOLIDATE).format(c=result, u=u), "result_consolidation")
+        value = result
+    return value, slips, fixed
+
+
+def _stays_easy(value: int, ops) -> bool:
+    for op, b in ops:
+        if not easy(op, value, b):
+            return False
+        value = apply_op(op, value, b)
+    return True
+
+
 HARM = (
     "This request could seriously hurt people.",
     "It asks for dangerous or illegal help.",
@@ -410,11 +566,9 @@ def label_roles(sentences: Sequence[str]) -> list[str]:
     for k, s in enumerate(sentences):
         s = s.strip()
         computed = _COMPUTATION.match(s)
-        if (
-            s.startswith("I will ")
-            and "," not in s[:7]
-            and any(p in s for p in ("add", "subtract", "multiply", "divide"))
-        ):
+        if s in INTENT_DECOYS or s.startswith("The numbers in the problem are "):
+            roles.append("decoy")
+        elif s.startswith(PLAN_OPENERS + STEP_OPENERS) and _METHOD.search(s):
             roles.append("plan")
         elif s.startswith("Let me check the plan"):
             roles.append("repair")
