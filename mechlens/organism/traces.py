@@ -337,7 +337,7 @@ PHRASES = {
 the authors' all-MiniLM filter, 98.8% of right-wrong pairs have cosine < 0.8): a wrong plan uses
 the words of the wrong operation's method."""
 STEP_OPENERS = ("First, I will", "Next, I will", "Then I will")
-PLAN_OPENERS = ("I will", "My plan is to", "The way to solve it is to")
+PLAN_OPENERS = ("I will", "My plan is to", "To solve it, I will")
 INTENT_DECOYS = (
     "I will take this one step at a time.",
     "I will write each step down carefully.",
@@ -345,23 +345,23 @@ INTENT_DECOYS = (
     "I will read the numbers once more before I start.",
 )
 """"I will ..." sentences that decide nothing (role "decoy")."""
-LIST_DECOY = "The numbers in the problem are {numbers}."
+LIST_DECOY = "We know the numbers {numbers} from the problem."
 _METHOD = re.compile(
     r"\b(add|subtract|multiply|divide|put the \d+ new|count upwards|take away|count down|times table|"
     r"repeat the|share everything|split it all)\b"
 )
 _OPENERS2 = (
     "Let me read the problem.",
-    "Okay, let me see what is asked.",
+    "Let me see what is asked.",
     "Let me work out what the problem says.",
 )
 _FACTS2 = (  # facts that name no operation, so that the plan alone decides it
-    "I know how to add, subtract, multiply and divide small numbers.",
+    "I recall how to add, subtract, multiply and divide small numbers.",
     "I recall that small sums like these are easy to do in my head.",
-    "I know my times tables up to ten.",
+    "I remember my times tables up to ten.",
 )
 _VERB = {"add": "adding", "sub": "subtracting", "mul": "multiplying", "div": "dividing"}
-_CONSOLIDATE = ("So that makes {c} {u}.", "Now there are {c} {u}.", "That gives {c} {u}.")
+_CONSOLIDATE = ("So that makes {c} {u}.", "So now there are {c} {u}.", "So that gives {c} {u}.")
 
 
 def _phrase(op: str, b: int, unit: str, rng: random.Random) -> str:
@@ -384,24 +384,20 @@ def planned_trace(
     """
     u, ops = problem.unit, list(problem.ops)
     w = _Writer()
-    w.add(rng.choice(_OPENERS2), "problem_setup")
-    first = (
-        f"There are {problem.start} groups of {ops[0][1]} {u}."
-        if ops[0][0] == "mul"
-        else f"It starts with {problem.start} {u}."
-    )
-    w.add(first, "problem_setup")
-    asks = f"how many {u} each part gets" if ops[-1][0] == "div" else f"the final number of {u}"
-    w.add(f"The question asks for {asks}.", "problem_setup")
+    w.add(rng.choice(_OPENERS2), "plan_generation")
+    w.add(problem.question.split(". ")[0].rstrip(".") + ".", "problem_setup")  # the opening, restated
+    ask = problem.question.rsplit(". ", 1)[-1].rstrip("?")
+    w.add(f"The question: {ask[0].lower() + ask[1:]}.", "problem_setup")
     head: list[tuple[str, str, str]] = [(rng.choice(_FACTS2), "fact_retrieval", "")]
     if rng.random() < 0.6:
         numbers = [problem.start] + [b for _, b in ops]
         listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
-        head.insert(rng.randint(0, len(head)), (LIST_DECOY.format(numbers=listed), "problem_setup", "decoy"))
+        head.insert(rng.randint(0, len(head)), (LIST_DECOY.format(numbers=listed), "fact_retrieval", "decoy"))
     if rng.random() < 0.5:
         head.insert(rng.randint(0, len(head)), (rng.choice(INTENT_DECOYS), "plan_generation", "decoy"))
     bads = wrong_steps(problem.start, ops)
-    bad = rng.choice(bads) if bads and rng.random() < rates.wrong_plan else -1
+    draw, which = rng.random(), rng.random()  # always two draws: the text before the plan never depends on it
+    bad = bads[int(which * len(bads))] if bads and draw < rates.wrong_plan else -1
     planned = [(WRONG_OP[op] if k == bad else op, b) for k, (op, b) in enumerate(ops)]
     values = problem.values(planned)
     up_front = len(ops) == 1 or rng.random() < 0.5
@@ -566,7 +562,7 @@ def label_roles(sentences: Sequence[str]) -> list[str]:
     for k, s in enumerate(sentences):
         s = s.strip()
         computed = _COMPUTATION.match(s)
-        if s in INTENT_DECOYS or s.startswith("The numbers in the problem are "):
+        if s in INTENT_DECOYS or s.startswith("We know the numbers "):
             roles.append("decoy")
         elif s.startswith(PLAN_OPENERS + STEP_OPENERS) and _METHOD.search(s):
             roles.append("plan")
