@@ -22,7 +22,7 @@ Example (seconds: the adapter ships with mechlens):
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -35,7 +35,7 @@ from mechlens.models.loading import DtypeName
 from mechlens.models.sampling import Sampling
 from mechlens.ops.stats import auroc, wilson
 from mechlens.organism.builder import SHIPPED, OrganismBuilder, OrganismRecipe
-from mechlens.organism.problems import Split, varied_problems
+from mechlens.organism.problems import Split, VariedProblem, run_ops, varied_problems
 from mechlens.organism.traces import (
     PlantedTrace,
     PlantingRates,
@@ -51,7 +51,7 @@ from mechlens.studies.recovery import cliff_recovery
 from mechlens.studies.refusal.judge import is_refusal
 from mechlens.studies.refusal.scores import sentence_scores
 from mechlens.text.answers import grade
-from mechlens.text.thinking import format_prompt, split_thinking
+from mechlens.text.thinking import REPLY_OPEN, format_prompt, split_thinking
 from mechlens.text.trace import split_sentences
 
 if TYPE_CHECKING:
@@ -293,6 +293,89 @@ def behaviour(
         "requests": refusal_rates(replies),
         "rows": rows,
     }
+
+
+EDITS = ("plan kept", "plan edited", "slip", "slip corrected")
+"""The edits `forced_edits` writes into a trace before the model continues it."""
+
+
+def edited_prefixes(problem: VariedProblem, seed: int) -> dict[str, tuple[str, int] | None]:
+    """The thinking up to one edited sentence, and the answer that follows it when the model obeys
+    the edit, for each of `EDITS` (None when the problem admits no such edit):
+
+    - "plan kept": up to the plan sentence of the right method (target: the right answer);
+    - "plan edited": the same text with that sentence naming the wrong method instead (target: the
+      answer of the edited plan, computed right);
+    - "slip": up to a computation written 10 too high (target: the rest computed from it);
+    - "slip corrected": the slip and its "Wait, ..." correction (target: the right answer).
+
+    The right and the edited text are written from the same seed by `planned_trace`, so they agree
+    word for word before the edited sentence.
+
+        >>> p = varied_problems(1, seed=4, split="held_out_templates")[0]
+        >>> sorted(edited_prefixes(p, 0)) == sorted(EDITS)
+        True
+    """
+    quiet = PlantingRates(wrong_plan=0.0, repair=0.0, slip=0.0, backtrack=0.0, hesitate=0.0)
+    right = planned_trace(problem, random.Random(seed), quiet)
+    out: dict[str, tuple[str, int] | None] = dict.fromkeys(EDITS)
+    wrong = planned_trace(problem, random.Random(seed), replace(quiet, wrong_plan=1.0))
+    if wrong.flags["wrong_plan"]:
+        d = next(k for k, (a, b) in enumerate(zip(right.sentences, wrong.sentences, strict=False)) if a != b)
+        out["plan kept"] = (" ".join(right.sentences[: d + 1]), problem.answer)
+        out["plan edited"] = (" ".join(wrong.sentences[: d + 1]), _written_answer(wrong))
+    for key, backtrack in (("slip", 0.0), ("slip corrected", 1.0)):
+        slipped = planned_trace(problem, random.Random(seed), replace(quiet, slip=1.0, backtrack=backtrack))
+        if not slipped.flags["slips"]:
+            continue
+        k = slipped.roles.index("slip")
+        step = slipped.categories[:k].count("active_computation")
+        written = int(slipped.sentences[k].rstrip(".").split()[-1])
+        target = problem.answer if backtrack else run_ops(written, problem.ops[step + 1 :])
+        out[key] = (" ".join(slipped.sentences[: k + 1 + (backtrack > 0)]), target)
+    return out
+
+
+def _written_answer(trace: PlantedTrace) -> int:
+    return int(trace.answer.removeprefix("Answer: "))
+
+
+def forced_edits(
+    model: HookedModel,
+    n: int = 60,
+    split: Split = "held_out_templates",
+    seed: int = 0,
+    max_new_tokens: int = 200,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict:
+    """The second version's acceptance test, with no sampling: on `n` held-out problems, write the
+    thinking up to an edited sentence (`edited_prefixes`), continue it greedily, and count how
+    often the answer follows the edit. Each of `EDITS` gets k/n with its Wilson interval (n counts
+    the problems that admit the edit); the target is >= 80% for "plan edited" and both slips.
+
+        >>> forced_edits(model, n=6)["plan edited"]["n"]  # doctest: +SKIP
+        6
+    """
+    problems = varied_problems(n, seed=seed, split=split)
+    tok = model.tokenizer
+    jobs = []  # (edit, prompt, target)
+    for k, problem in enumerate(problems):
+        for edit, made in edited_prefixes(problem, seed * 100_003 + k).items():
+            if made is not None:
+                jobs.append((edit, format_prompt(tok, problem.question) + REPLY_OPEN + made[0], made[1]))
+    texts = model.generate(
+        [p for _, p, _ in jobs], max_new_tokens=max_new_tokens, temperature=0, batch_size=batch_size,
+        progress=progress,
+    ).texts  # fmt: skip
+    out: dict = {"split": split, "n_problems": n}
+    for edit in EDITS:
+        hits = [
+            grade(t, str(target)).correct for (e, _, target), t in zip(jobs, texts, strict=True) if e == edit
+        ]
+        rate, low, high = wilson(sum(hits), len(hits))
+        out[edit] = {"count": sum(hits), "n": len(hits), "rate": rate, "low": low, "high": high}
+    return out
 
 
 def planted_cliff(model: HookedModel, study: RefusalStudy) -> tuple[dict | None, dict[str, list]]:

@@ -339,13 +339,13 @@ the words of the wrong operation's method."""
 STEP_OPENERS = ("First, I will", "Next, I will", "Then I will")
 PLAN_OPENERS = ("I will", "My plan is to", "To solve it, I will")
 INTENT_DECOYS = (
-    "I will take this one step at a time.",
-    "I will write each step down carefully.",
-    "I will keep all the numbers in order.",
-    "I will read the numbers once more before I start.",
+    "I will take this one step at a time and keep every number in order.",
+    "I will write each step down carefully so that nothing gets lost.",
+    "I will read all of the numbers once more before I start on them.",
+    "I will go slowly here and think about what each sentence says.",
 )
 """"I will ..." sentences that decide nothing (role "decoy")."""
-LIST_DECOY = "We know the numbers {numbers} from the problem."
+LIST_DECOY = "We know the numbers {numbers} from the problem, and we need all of them."
 _METHOD = re.compile(
     r"\b(add|subtract|multiply|divide|put the \d+ new|count upwards|take away|count down|times table|"
     r"repeat the|share everything|split it all)\b"
