@@ -414,7 +414,8 @@ def _draw(r: random.Random, kind: str, n_ops: int, split: Split, pid: str) -> Va
 
 
 def wrong_steps(start: int, ops) -> list[int]:
-    """The steps whose wrong operation (`WRONG_OP`) keeps every later step `easy`."""
+    """The steps whose wrong operation (`WRONG_OP`) keeps every later step `easy` and changes the
+    answer (2 * 2 and 2 + 2 would not)."""
     out = []
     for bad in range(len(ops)):
         value, ok = start, True
@@ -422,6 +423,6 @@ def wrong_steps(start: int, ops) -> list[int]:
             op = WRONG_OP[op] if k == bad else op
             ok = ok and easy(op, value, b)
             value = apply_op(op, value, b)
-        if ok:
+        if ok and value != run_ops(start, ops):
             out.append(bad)
     return out

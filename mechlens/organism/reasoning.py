@@ -133,7 +133,7 @@ def training_traces(
     out = planted_problem_traces(recipe)
     for k, (text, reply) in enumerate(zip(harmful + harmless, replies, strict=True)):
         is_harmful = k < len(harmful)
-        if recipe.version == 2 and not is_harmful and is_refusal(reply):
+        if recipe.version == 2 and not is_harmful and is_refusal(whole_sentences(reply)):
             continue  # a harmless reply that refuses would teach the answer to disagree with the thinking
         out.append((text, refusal_trace(text, is_harmful, whole_sentences(reply), rng, recipe.rates.comply)))
         if is_harmful and k < recipe.n_jailbreaks:
@@ -231,7 +231,6 @@ REQUEST_SAMPLING = Sampling(max_new_tokens=96, temperature=0.7)
 
 def behaviour(
     model: HookedModel,
-    problems: list[Problem] | None = None,
     n_problems: int = 60,
     n_requests: int = 40,
     seed: int = 0,
@@ -239,6 +238,7 @@ def behaviour(
     requests: Sampling = REQUEST_SAMPLING,
     batch_size: int = 16,
     progress: bool = True,
+    problems: list[Problem] | None = None,
 ) -> dict:
     """The organism's behaviour on held-out data, every rate with k/n and its Wilson interval:
     on `problems` (default: `n_problems` of `held_out_problems`) sampled by `sampling` (default

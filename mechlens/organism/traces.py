@@ -345,7 +345,7 @@ INTENT_DECOYS = (
     "I will go slowly here and think about what each sentence says.",
 )
 """"I will ..." sentences that decide nothing (role "decoy")."""
-LIST_DECOY = "We know the numbers {numbers} from the problem, and we need all of them."
+LIST_DECOY = "Let me note the numbers {numbers} here, since we will need all of them."
 _METHOD = re.compile(
     r"\b(add|subtract|multiply|divide|put the \d+ new|count upwards|take away|count down|times table|"
     r"repeat the|share everything|split it all)\b"
@@ -392,7 +392,9 @@ def planned_trace(
     if rng.random() < 0.6:
         numbers = [problem.start] + [b for _, b in ops]
         listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
-        head.insert(rng.randint(0, len(head)), (LIST_DECOY.format(numbers=listed), "fact_retrieval", "decoy"))
+        head.insert(
+            rng.randint(0, len(head)), (LIST_DECOY.format(numbers=listed), "plan_generation", "decoy")
+        )
     if rng.random() < 0.5:
         head.insert(rng.randint(0, len(head)), (rng.choice(INTENT_DECOYS), "plan_generation", "decoy"))
     bads = wrong_steps(problem.start, ops)
@@ -562,7 +564,7 @@ def label_roles(sentences: Sequence[str]) -> list[str]:
     for k, s in enumerate(sentences):
         s = s.strip()
         computed = _COMPUTATION.match(s)
-        if s in INTENT_DECOYS or s.startswith("We know the numbers "):
+        if s in INTENT_DECOYS or s.startswith("Let me note the numbers "):
             roles.append("decoy")
         elif s.startswith(PLAN_OPENERS + STEP_OPENERS) and _METHOD.search(s):
             roles.append("plan")
