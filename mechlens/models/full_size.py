@@ -244,12 +244,16 @@ def model_bytes(config, dtype: torch.dtype = torch.bfloat16) -> int:
 
 
 def random_causal_lm(
-    config, seed: int = 0, dtype: torch.dtype = torch.bfloat16, std: float | None = None
+    config,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    std: float | None = None,
+    name: str | None = None,
 ) -> nn.Module:
     """A transformers causal LM of `config` with seeded random weights in `dtype`, allocated in
     `dtype` and filled in place (no float32 copy of the model is ever held): normal(0, `std`)
     matrices and biases (`std` default: `config.initializer_range`), unit norm weights. The same
-    seed gives the same weights.
+    seed gives the same weights. `name` is its `config._name_or_path` (default `random-{type}`).
 
     Raises ValueError when the weights would not fit in the memory available now.
     """
@@ -275,5 +279,5 @@ def random_causal_lm(
                 continue
             for start in range(0, flat.numel(), 1 << 24):  # 32 MB blocks: no large temporary
                 flat[start : start + (1 << 24)].normal_(0.0, std, generator=gen)
-    hf.config._name_or_path = f"random-{config.model_type}"
+    hf.config._name_or_path = name or f"random-{config.model_type}"
     return hf.eval()

@@ -193,8 +193,7 @@ def _load_hf(name: str, dtype: torch.dtype, device: str | None) -> tuple[nn.Modu
         return hf.to(dtype=dtype, device=device or "cpu"), tok
     elif name == R1_RANDOM:
         tok = r1_tokenizer()  # first: a missing header fails before minutes of building
-        hf = random_causal_lm(r1_config(), dtype=dtype)
-        hf.config._name_or_path = R1_RANDOM
+        hf = random_causal_lm(r1_config(), dtype=dtype, name=R1_RANDOM)
         return hf.to(device=device or "cpu"), tok
     else:
         source = name
