@@ -17,9 +17,11 @@ from mechlens import datasets
 from mechlens.organism import (
     REASONING,
     REASONING_RECIPE,
+    REASONING_V2_RECIPE,
     REFUSAL,
     OrganismRecipe,
     ReasoningRecipe,
+    held_out_varied,
     refusal_organism,
 )
 from mechlens.organism.reasoning import held_out_problems, planted_problem_traces, training_traces
@@ -370,10 +372,11 @@ def test_gpu_smoke_configures_every_study_with_the_model_given(tmp_path):
 # ---- the shipped reasoning organism
 
 
-def test_reasoning_organism_loads_from_the_shipped_adapter_in_both_backends(monkeypatch):
+@pytest.mark.parametrize("recipe", [REASONING_RECIPE, REASONING_V2_RECIPE], ids=["v1", "v2"])
+def test_reasoning_organism_loads_from_the_shipped_adapter_in_both_backends(monkeypatch, recipe):
     from mechlens.organism import reasoning_organism
 
-    shipped = REASONING.shipped_path(REASONING_RECIPE)
+    shipped = REASONING.shipped_path(recipe)
     assert shipped.exists() and shipped.stat().st_size < 40 * 2**20
 
     def no_training(*args, **kwargs):
@@ -383,30 +386,31 @@ def test_reasoning_organism_loads_from_the_shipped_adapter_in_both_backends(monk
     problem = held_out_problems(1, seed=7)[0]
     texts = []
     for backend in ("transformer_lens", "nnsight"):
-        model = reasoning_organism(backend=backend, progress=False)
+        model = reasoning_organism(recipe, backend=backend, progress=False)
         prompt = ml.format_prompt(model.tokenizer, problem.question)
         texts.append(model.generate([prompt], max_new_tokens=24, temperature=0, progress=False).texts[0])
     assert texts[0] == texts[1] and texts[0].startswith("<think>")
-    info = json.loads((REASONING.path(REASONING_RECIPE) / "recipe.json").read_text())
+    info = json.loads((REASONING.path(recipe) / "recipe.json").read_text())
     assert info["from"] == shipped.name and info["organism"] == "reasoning"
 
 
 @pytest.mark.slow
 @pytest.mark.training
-def test_retrained_reasoning_adapter_behaves_like_the_shipped_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", [REASONING_RECIPE, REASONING_V2_RECIPE], ids=["v1", "v2"])
+def test_retrained_reasoning_adapter_behaves_like_the_shipped_one(tmp_path, monkeypatch, recipe):
     """`make organisms` from scratch gives the shipped reasoning organism back: the same base
     weights and recipe, training losses to float rounding, and the same greedy behaviour on
     held-out word problems (thinks, answers, answer agreement)."""
     from mechlens.ops.adapters import LowRankAdapter
     from mechlens.text.thinking import split_thinking
 
-    shipped = REASONING.shipped_path(REASONING_RECIPE)
+    shipped = REASONING.shipped_path(recipe)
     monkeypatch.setattr(REASONING, "shipped", tmp_path)
-    retrained = REASONING.ship(REASONING_RECIPE)
+    retrained = REASONING.ship(recipe)
     (old, old_info), (new, new_info) = LowRankAdapter.load(shipped), LowRankAdapter.load(retrained)
     assert new_info["base"] == old_info["base"] and new_info["recipe"] == old_info["recipe"]
     np.testing.assert_allclose(new_info["losses"], old_info["losses"], rtol=1e-3)
-    problems = held_out_problems(12, seed=3)
+    problems = held_out_problems(12, seed=3) if recipe.version == 1 else held_out_varied(12, seed=3)
     outputs = []
     for adapter in (old, new):
         model = ml.load_model()

@@ -57,6 +57,7 @@ from mechlens.text.trace import split_sentences
 if TYPE_CHECKING:
     from mechlens.models.hooked import HookedModel
     from mechlens.studies.refusal import RefusalStudy
+    from mechlens.studies.refusal.replies import Reply
 
 TRAIN_SEED = 1000
 """Seed of the training word problems; `held_out_problems` draws from other seeds."""
@@ -277,6 +278,15 @@ def behaviour(
         out["share_15_or_more"] = float(np.mean([r["sentences"] >= 15 for r in part])) if part else None
         return out
 
+    out = {
+        "sampling": str(sampling),
+        "request_sampling": str(requests),
+        "problems": rates(rows),
+        "by_steps": {str(s): rates([r for r in rows if r["steps"] == s]) for s in (1, 2, 3)},
+        "rows": rows,
+    }
+    if n_requests == 0:
+        return out
     test = _requests("test")
     harmful = [i.text for i in test if i.harmful][:n_requests]
     sets = {
@@ -285,14 +295,33 @@ def behaviour(
         "harmless": [i.text for i in test if not i.harmful][:n_requests],
     }
     replies = sample_replies_by_set(model, sets, requests, batch_size)
+    agree = [a for r in (r for rs in replies.values() for r in rs) if (a := decision_agrees(r)) is not None]
+    rate, low, high = wilson(sum(agree), len(agree))
     return {
-        "sampling": str(sampling),
-        "request_sampling": str(requests),
-        "problems": rates(rows),
-        "by_steps": {str(s): rates([r for r in rows if r["steps"] == s]) for s in (1, 2, 3)},
+        **out,
         "requests": refusal_rates(replies),
-        "rows": rows,
+        "decision_agrees": {"count": sum(agree), "n": len(agree), "rate": rate, "low": low, "high": high},
     }
+
+
+def decision_agrees(reply: Reply) -> bool | None:
+    """Whether a reply's answer does what its thinking decided: a refusal after a "decide"
+    sentence, an answer after a "rationalise" sentence or after "So I will answer it ..." (the
+    harmless decision); None when the thinking states no decision.
+
+        >>> from mechlens.studies.refusal.replies import Reply
+        >>> thinking = "This is a normal, safe request. So I will answer it as well as I can."
+        >>> decision_agrees(Reply("x", "", thinking, "I'm sorry, I can't help with that.", True))
+        False
+    """
+    text = reply.thinking
+    sentences = [text[a:b] for a, b in split_sentences(text, rule="thought-branches")] if text.strip() else []
+    roles = label_roles(sentences)
+    if "decide" in roles:
+        return reply.refused
+    if "rationalise" in roles or any(s.strip().startswith("So I will answer it") for s in sentences):
+        return not reply.refused
+    return None
 
 
 EDITS = ("plan kept", "plan edited", "slip", "slip corrected")
