@@ -30,7 +30,7 @@ import mechlens as ml
 from mechlens import anchors, datasets
 from mechlens.datasets import STEP_BY_STEP
 from mechlens.ops.stats import format_rate
-from mechlens.organism import held_out_problems, load_subject
+from mechlens.organism import held_out_problems, held_out_varied, load_subject
 from mechlens.organism.traces import DECISIVE, label_roles
 from mechlens.plots import (
     category_scatter,
@@ -49,7 +49,7 @@ from mechlens.text.thinking import format_prompt
 
 @dataclass
 class AnchorsConfig:
-    model: str = "organism"  # the reasoning organism; "base": the plain embedded model; or a path
+    model: str = "organism"  # the reasoning organism ("organism-v2": its second version); "base"; or a path
     backend: Literal["transformer_lens", "nnsight"] = "transformer_lens"
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -103,9 +103,11 @@ class AnchorsConfig:
 def select_traces(run: Run, model, cfg: AnchorsConfig, engine) -> tuple[list, list[dict]]:
     """Sample every candidate problem `n_select` times; keep problems solved 25-75% of the time and,
     for each, the first correct sample with enough sentences as its base trace."""
+    steps = tuple(int(k) for k in cfg.problem_steps.split(","))
     if cfg.model == "organism":
-        steps = tuple(int(k) for k in cfg.problem_steps.split(","))
         problems = held_out_problems(cfg.n_candidates, seed=cfg.seed, steps=steps)
+    elif cfg.model == "organism-v2":  # trained kinds in held-out wordings
+        problems = held_out_varied(cfg.n_candidates, "held_out_templates", seed=cfg.seed, steps=steps)
     else:
         problems = datasets.load("arithmetic", n=cfg.n_candidates, seed=cfg.seed, levels=(1, 2))
     prompts = [p.question + STEP_BY_STEP for p in problems]
@@ -252,7 +254,7 @@ def main(cfg: AnchorsConfig) -> dict:
     long = [t for t in per_trace if len(t.sentences) >= cfg.long_trace]
     rho_long = anchors.method_correlations(long)["pooled"] if long else {}
     recovery = None
-    if cfg.model == "organism":
+    if cfg.model in ("organism", "organism-v2"):
         base = base_control(run, per_trace, cfg) if cfg.base_control else {}
         recovery = planted_recovery(run, per_trace, cfg, base)
 
@@ -325,6 +327,9 @@ def main(cfg: AnchorsConfig) -> dict:
             if "vs_length" in r:
                 v = r["vs_length"]
                 line += f"; vs length: better {v['better']}, tied {v['tied']}, worse {v['worse']} of {v['n']}"
+            if "vs_decoys" in r:
+                v = r["vs_decoys"]
+                line += f"; vs decoys: better {v['better']}, tied {v['tied']}, worse {v['worse']} of {v['n']}"
             if "vs_base" in r:
                 v = r["vs_base"]
                 line += (
@@ -438,7 +443,12 @@ def planted_recovery(run: Run, per_trace: list, cfg: AnchorsConfig, controls: di
         [-float(i) for i in range(len(t.sentences))] for t in per_trace
     ]
     out = {name: rank_recovery(v, planted, k=3, seed=cfg.seed) for name, v in scores.items()}
+    # organism-v2 plants decoys (the operands listed, "I will ..." deciding nothing): a method is
+    # credited only where it ranks the decisive sentences above the decoys of the same trace
+    decoys = [[k for k, r in enumerate(label_roles(t.sentences)) if r == "decoy"] for t in per_trace]
     for name, r in out.items():
+        if any(decoys):
+            r["vs_decoys"] = paired_ranks(r, rank_recovery(scores[name], decoys, k=3, seed=cfg.seed))
         if not name.startswith("baseline"):
             r["vs_length"] = paired_ranks(r, out[LENGTH])
         if f"{name}, base model (same text)" in out:
