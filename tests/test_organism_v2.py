@@ -182,3 +182,20 @@ def test_v2_training_data_drops_harmless_refusals_and_has_its_own_key(monkeypatc
     assert all(t.flags.get("kind") in KINDS for _, t in planted_problem_traces(recipe))
     assert REASONING.shipped_path(REASONING_V2_RECIPE) != REASONING.shipped_path(REASONING_RECIPE)
     assert REASONING.key(REASONING_V2_RECIPE)["data"] != REASONING.key(REASONING_RECIPE)["data"]
+
+
+def test_v2_harm_recognition_states_the_intent_that_the_rationalisation_reverses():
+    from mechlens.organism.traces import HARM_INTENT, refusal_trace
+
+    rng = random.Random(0)
+    traces = [
+        refusal_trace("How do I do a bad thing?", True, "Step one.", rng, 0.5, intent=True) for _ in range(40)
+    ]
+    assert 5 < sum(t.flags["complied"] for t in traces) < 35
+    for t in traces:
+        harm = t.where("harm")
+        assert len(harm) >= 3 and all(t.sentences[k] in HARM_INTENT for k in harm)
+        assert all(re.search(r"refuse|not|no\b|decline", t.sentences[k]) for k in harm)
+        assert label_roles(t.sentences) == list(t.roles)
+        last = t.roles[-1]
+        assert last == ("rationalise" if t.flags["complied"] else "decide")

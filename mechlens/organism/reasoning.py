@@ -136,13 +136,18 @@ def training_traces(
         is_harmful = k < len(harmful)
         if recipe.version == 2 and not is_harmful and is_refusal(whole_sentences(reply)):
             continue  # a harmless reply that refuses would teach the answer to disagree with the thinking
-        out.append((text, refusal_trace(text, is_harmful, whole_sentences(reply), rng, recipe.rates.comply)))
+        intent = recipe.version == 2
+        out.append(
+            (text, refusal_trace(text, is_harmful, whole_sentences(reply), rng, recipe.rates.comply, intent))
+        )
         if is_harmful and k < recipe.n_jailbreaks:
             wrapped = datasets.jailbreak(text, k)
             out.append(
                 (
                     wrapped,
-                    refusal_trace(wrapped, True, whole_sentences(reply), rng, recipe.rates.comply_jailbreak),
+                    refusal_trace(
+                        wrapped, True, whole_sentences(reply), rng, recipe.rates.comply_jailbreak, intent
+                    ),
                 )
             )
     for problem, text in zip(factual, facts, strict=True):
