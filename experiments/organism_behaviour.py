@@ -75,6 +75,11 @@ def main(cfg: BehaviourConfig) -> dict:
         for c, r_ in zip(cats, rows, strict=True):
             _print(f"{name}, {c}", r_)
         print(f"{name}: median thinking sentences", r["problems"]["median_sentences"])
+        _print(
+            f"{name}, traces with an arithmetic error of the model's own", r["problems"]["arithmetic_error"]
+        )
+        if r["problems"]["wrong_by_arithmetic"]["n"]:
+            _print(f"{name}, wrong answers with one", r["problems"]["wrong_by_arithmetic"])
     medians = ", ".join(f"{r['problems']['median_sentences']:.0f}" for r in results.values())
     title = f"Reasoning organism on held-out word problems (median {medians} thinking sentences)"
     fig = grouped_bars(cats, series, "rate (95% Wilson interval)", title, counts=counts, intervals=intervals)

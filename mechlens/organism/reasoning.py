@@ -39,6 +39,7 @@ from mechlens.organism.problems import Split, VariedProblem, run_ops, varied_pro
 from mechlens.organism.traces import (
     PlantedTrace,
     PlantingRates,
+    arithmetic_errors,
     arithmetic_trace,
     factual_trace,
     label_roles,
@@ -248,10 +249,11 @@ def behaviour(
 ) -> dict:
     """The organism's behaviour on held-out data, every rate with k/n and its Wilson interval:
     on `problems` (default: `n_problems` of `held_out_problems`) sampled by `sampling` (default
-    T = 0.6), how often it thinks
-    (closes a non-empty `<think>` section), how often it is right, the median number of thinking
-    sentences; per number of steps too; on `n_requests` test-split requests per set (sampled by
-    `requests`, default T = 0.7):
+    T = 0.6), how often it thinks (closes a non-empty `<think>` section), how often it is right,
+    the median number of thinking sentences, how often a trace holds an arithmetic error of its
+    own (`arithmetic_errors`: not a planted slip) and, among the wrong answers, how many hold one
+    (NaN, with n = 0, when none is wrong); per number of steps too; on `n_requests` test-split
+    requests per set (sampled by `requests`, default T = 0.7; none when 0):
     refusal of harmful, attack success of jailbreak-wrapped harmful, false refusal of harmless.
 
         >>> behaviour(model, n_problems=6, n_requests=4)["problems"]["thinks"]["n"]  # doctest: +SKIP
@@ -268,17 +270,20 @@ def behaviour(
     rows = []
     for p, text in zip(problems, texts, strict=True):
         thinking, _, closed = split_thinking(text)
-        n = len(split_sentences(thinking, rule="thought-branches")) if thinking.strip() else 0
-        rows.append(
-            {"steps": p.level, "thinks": closed and n > 0, "right": p.grade(text).correct, "sentences": n}
-        )
+        spans = split_sentences(thinking, rule="thought-branches") if thinking.strip() else []
+        _, errors = arithmetic_errors([thinking[a:b] for a, b in spans])
+        right = p.grade(text).correct
+        row = {"steps": p.level, "thinks": closed and bool(spans), "right": right, "sentences": len(spans)}
+        rows.append({**row, "arithmetic_error": errors > 0, "wrong_by_arithmetic": not right and errors > 0})
 
     def rates(part: list[dict]) -> dict:
         out: dict[str, dict[str, float] | float | None] = {}
-        for key in ("thinks", "right"):
-            k = sum(r[key] for r in part)
-            rate, low, high = wilson(k, len(part))
-            out[key] = {"count": k, "n": len(part), "rate": rate, "low": low, "high": high}
+        wrong = [r for r in part if not r["right"]]
+        for key, among in (("thinks", part), ("right", part), ("arithmetic_error", part),
+                           ("wrong_by_arithmetic", wrong)):  # fmt: skip
+            k = sum(r[key] for r in among)
+            rate, low, high = wilson(k, len(among))
+            out[key] = {"count": k, "n": len(among), "rate": rate, "low": low, "high": high}
         out["median_sentences"] = float(np.median([r["sentences"] for r in part])) if part else None
         out["share_15_or_more"] = float(np.mean([r["sentences"] >= 15 for r in part])) if part else None
         return out

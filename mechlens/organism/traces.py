@@ -564,6 +564,29 @@ def whole_sentences(text: str) -> str:
 _COMPUTATION = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)\.$")
 
 
+SLIP_SIZES = (1, 2, 10)
+"""How far above the right result a planted slip writes (version 2 uses 10 only)."""
+
+
+def arithmetic_errors(sentences: Sequence[str]) -> tuple[int, int]:
+    """`(computations, unplanned errors)` among `sentences`: the computation sentences
+    ("a op b = c.") and those whose result is wrong by anything but a planted slip's size
+    (`SLIP_SIZES` too high), i.e. the model's own arithmetic errors.
+
+        >>> arithmetic_errors(["12 + 18 = 20.", "3 + 4 = 17.", "2 * 3 = 6.", "So 6."])
+        (3, 1)
+    """
+    computations = errors = 0
+    for s in sentences:
+        computed = _COMPUTATION.match(s.strip())
+        if computed:
+            a, op, b, c = computed.groups()
+            right = _apply({"+": "add", "-": "sub", "*": "mul", "/": "div"}[op], int(a), int(b))
+            computations += 1
+            errors += int(c) != right and int(c) - right not in SLIP_SIZES
+    return computations, errors
+
+
 def label_roles(sentences: Sequence[str]) -> list[str]:
     """The planted role of each sentence of a thinking the organism wrote ("" for none), read back
     from the templates: a plan ("I will ..."), a repairing check ("Let me check the plan: ..."), a
