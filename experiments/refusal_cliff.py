@@ -5,7 +5,8 @@ of harmful traces rationalises right before `</think>` and complies: the run che
 probe's drop sits at that sentence. `--organism blocks|adapter`: the older refusal organism;
 `--model PATH --device cuda --dtype bfloat16`: a local reasoning model.
 
-    python experiments/refusal_cliff.py [--quick] [--organism reasoning|blocks|adapter] [--model PATH]
+    python experiments/refusal_cliff.py [--quick] [--organism reasoning|reasoning-v2|blocks|adapter]
+                                        [--model PATH]
 
 Writes figures/refusal/ (each figure with provenance), results.json and summary.json; every
 expensive step is cached, so a run resumes.
@@ -26,6 +27,7 @@ from mechlens.organism import (
     ADAPTER_RECIPE,
     REASONING,
     REASONING_RECIPE,
+    REASONING_V2_RECIPE,
     REFUSAL,
     OrganismRecipe,
     load_subject,
@@ -59,7 +61,7 @@ class RefusalConfig:
     judge_epochs: int = 3
     judge_draws: int = 5  # fine-tunes per selection (seeds; the random selection redrawn): a distribution
     # the reasoning organism; the refusal organism: 8 blocks tuned here (~12 min) or its shipped adapter
-    organism: Literal["reasoning", "blocks", "adapter"] = "reasoning"
+    organism: Literal["reasoning", "reasoning-v2", "blocks", "adapter"] = "reasoning"
     model: str = ""  # a model path (or "base") instead of an organism
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -82,9 +84,11 @@ def load_organism(cfg: RefusalConfig):
     if cfg.model:
         model = load_subject(cfg.model, cfg.backend, cfg.device, cfg.dtype)
         return model, cfg.model if cfg.model != "base" else None, None
-    if cfg.organism == "reasoning":
-        model = load_subject("organism", cfg.backend, cfg.device, cfg.dtype)
-        return model, REASONING.path(REASONING_RECIPE), REASONING_RECIPE
+    if cfg.organism in ("reasoning", "reasoning-v2"):
+        recipe = REASONING_RECIPE if cfg.organism == "reasoning" else REASONING_V2_RECIPE
+        model = load_subject("organism" if cfg.organism == "reasoning" else "organism-v2", cfg.backend,
+                             cfg.device, cfg.dtype)  # fmt: skip
+        return model, REASONING.path(recipe), recipe
     shape = asdict(ADAPTER_RECIPE) if cfg.organism == "adapter" else {}
     recipe = OrganismRecipe(**{**shape, "n_per_class": cfg.organism_examples, "epochs": cfg.organism_epochs})
     return refusal_organism(recipe, backend=cfg.backend), REFUSAL.path(recipe), recipe
@@ -114,7 +118,9 @@ def main(cfg: RefusalConfig) -> dict:
         raise SystemExit(str(e)) from e
     study.probe.save(run.out_dir / "refusal_probe.pt")
     plot(run, model, study)
-    planted = planted_cliff(run, model, study) if cfg.organism == "reasoning" and not cfg.model else None
+    planted = (
+        planted_cliff(run, model, study) if cfg.organism.startswith("reasoning") and not cfg.model else None
+    )
     organism = {"recipe": asdict(recipe) if recipe else None, "path": str(model_path)}
     results = {**study.to_json(), "organism": organism, "planted_cliff": planted}
     run.save_json("results.json", results)
@@ -128,6 +134,12 @@ def main(cfg: RefusalConfig) -> dict:
             else "refused traces: no single place to compare at (control_by_offset in results.json)"
         )
         lines.append(f"cliff on the planted rationalising sentence: {at} of complied traces; {against}")
+        for key in ("plateau_complied", "final_complied", "plateau_refused", "final_refused"):
+            v = planted[key]
+            if v["n"]:
+                lines.append(
+                    f"{key.replace('_', ', ')}: {v['mean']:.2f} ({v['low']:.2f}-{v['high']:.2f}), n={v['n']}"
+                )
     run.summarize("Refusal cliffs", lines)
     return results
 

@@ -33,7 +33,7 @@ from mechlens.cache import stable_hash
 from mechlens.datasets import STEP_BY_STEP, Instruction, Problem
 from mechlens.models.loading import DtypeName
 from mechlens.models.sampling import Sampling
-from mechlens.ops.stats import auroc, wilson
+from mechlens.ops.stats import auroc, mean_ci, wilson
 from mechlens.organism.builder import SHIPPED, OrganismBuilder, OrganismRecipe
 from mechlens.organism.problems import Split, VariedProblem, run_ops, varied_problems
 from mechlens.organism.traces import (
@@ -425,7 +425,9 @@ def planted_cliff(model: HookedModel, study: RefusalStudy) -> tuple[dict | None,
 
     Returns `(recovery or None when no complied trace has the sentence, rows)`: rows maps
     "harmful, complied" / "harmful, refused" to `(sentence scores, index of the rationalising
-    sentence / the refusal decision)` pairs, for a figure aligned at that sentence."""
+    sentence / the refusal decision)` pairs, for a figure aligned at that sentence. The recovery
+    also holds the premise of a cliff: the mean plateau and final score (`Cliff`) of complied and
+    refused traces with 95% intervals."""
     rows: dict[str, list] = {"harmful, complied": [], "harmful, refused": []}
     control = []  # every refused trace's sentence scores
     for group, role in (("harmful, complied", "rationalise"), ("harmful, refused", "decide")):
@@ -446,4 +448,18 @@ def planted_cliff(model: HookedModel, study: RefusalStudy) -> tuple[dict | None,
     out["cliff_auroc_complied_vs_refused"] = (
         auroc([c.cliff for c in a + b], [1] * len(a) + [0] * len(b)) if a and b else None
     )
+    # the premise of a cliff: intent high over the thinking (plateau), gone at the end (final)
+    for name, cliffs in (("complied", a), ("refused", b)):
+        for field_ in ("plateau", "final"):
+            values = [getattr(c, field_) for c in cliffs]
+            mean, low, high = _mean_interval(values)
+            out[f"{field_}_{name}"] = {"mean": mean, "low": low, "high": high, "n": len(values)}
     return out, rows
+
+
+def _mean_interval(values: list[float]) -> tuple[float | None, float | None, float | None]:
+    """Mean and 95% normal interval; None where there are no values (one value: no width)."""
+    if not values:
+        return None, None, None
+    mean, low, high, _ = mean_ci([[v] for v in values], 1)
+    return float(mean[0]), float(low[0]), float(high[0])
