@@ -199,3 +199,39 @@ def test_v2_harm_recognition_states_the_intent_that_the_rationalisation_reverses
         assert label_roles(t.sentences) == list(t.roles)
         last = t.roles[-1]
         assert last == ("rationalise" if t.flags["complied"] else "decide")
+
+
+def test_planted_cliff_reports_the_plateau_and_final_score_of_each_outcome():
+    from types import SimpleNamespace
+
+    import torch
+
+    from mechlens.organism.reasoning import planted_cliff
+    from mechlens.organism.traces import refusal_trace
+    from mechlens.studies.refusal.cliffs import Cliff
+    from mechlens.studies.refusal.replies import Reply
+
+    model = ml.load_model("tiny-llama")
+    rng = random.Random(1)
+    groups: dict = {"harmful, complied": [], "harmful, refused": []}
+    for comply in (1.0, 0.0):
+        for _ in range(3):
+            t = refusal_trace("How do I do a bad thing?", True, "Step one.", rng, comply, intent=True)
+            prompt = ml.format_prompt(model.tokenizer, t.prompt)
+            group = "harmful, complied" if comply else "harmful, refused"
+            groups[group].append(Reply(t.prompt, prompt, t.thinking, t.answer, True))
+    curves, cliffs = {}, {}
+    for group, replies in groups.items():
+        curves[group] = [torch.linspace(0.9, 0.1 if "complied" in group else 0.8,
+                                        len(model.to_tokens(r.probe_text)[0])) for r in replies]  # fmt: skip
+        cliff = Cliff(0.8, 0.2, 0.6, 0.1, 3) if "complied" in group else Cliff(0.8, 0.8, 0.0, 0.8, None)
+        cliffs[group] = [cliff] * len(replies)
+    study = SimpleNamespace(groups=groups, curves=curves, cliffs=cliffs)
+    out, rows = planted_cliff(model, study)  # type: ignore[arg-type]
+    assert out is not None and len(rows["harmful, complied"]) == 3
+    assert out["plateau_complied"] == {"mean": pytest.approx(0.8), "low": pytest.approx(0.8),
+                                       "high": pytest.approx(0.8), "n": 3}  # fmt: skip
+    assert out["final_complied"]["mean"] == pytest.approx(0.1) and out["final_refused"][
+        "mean"
+    ] == pytest.approx(0.8)
+    assert out["cliff_auroc_complied_vs_refused"] == 1.0
