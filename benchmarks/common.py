@@ -73,3 +73,10 @@ def report(name: str, results: dict) -> None:
         if key.endswith("ratio"):
             print(f"{name}.{key}: {value:.3f}")
     print(json.dumps({"benchmark": name, **results}), file=sys.stdout)
+
+
+def is_oom(text: str) -> bool:
+    """Whether an error's text (an exception's type and message, or a child's stderr) says that
+    memory ran out."""
+    text = text.lower()
+    return "memoryerror" in text or "can't allocate" in text or "out of memory" in text

@@ -44,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import is_oom
+
 ANALYSES = ("lens", "score", "attention", "suppression")
 SENTENCES = 8
 BARS = {  # issue 26, point 4: (length, row key, comparison, goal, unit)
@@ -173,7 +175,7 @@ def run_child(
     )  # fmt: skip
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
-        oom = "MemoryError" in done.stderr or "out of memory" in done.stderr.lower() or done.returncode == -9
+        oom = is_oom(done.stderr) or done.returncode == -9
         return {
             "analysis": analysis,
             "tokens": n_tokens,

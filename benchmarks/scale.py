@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import is_oom
+
 TRACE_ROWS = ("forward", "cache_one_layer", "lens", "reasoning_score", "receiver_attention", "suppression",
               "head_sweep_last_layer", "attribution", "probe")  # fmt: skip
 SAMPLING_BATCHES = (1, 16, 64)
@@ -49,11 +51,6 @@ SAMPLING_ROWS = tuple(f"sampling_{b}_{kind}" for b in SAMPLING_BATCHES for kind 
 ROWS = TRACE_ROWS + SAMPLING_ROWS
 NEW_TOKENS = 8
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def _oom(err: BaseException) -> bool:
-    text = str(err).lower()
-    return isinstance(err, MemoryError) or "can't allocate" in text or "out of memory" in text
 
 
 def child(name: str, n_tokens: int, rows: list[str], device: str, sources: int) -> None:
@@ -154,7 +151,8 @@ def child(name: str, n_tokens: int, rows: list[str], device: str, sources: int) 
                 new = sum(len(t) for t in out.tokens)
                 record |= {"new_tokens": new, "tokens_per_s": round(new / seconds, 2)}
         except Exception as err:  # a row that fails is reported, the others still run
-            record["error"] = "out of memory" if _oom(err) else f"{type(err).__name__}: {str(err)[:300]}"
+            text = f"{type(err).__name__}: {err}"
+            record["error"] = "out of memory" if is_oom(text) else text[:300]
         print(json.dumps(record), flush=True)
 
 

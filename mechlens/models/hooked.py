@@ -494,6 +494,25 @@ class HookedModel:
         with torch.no_grad():
             return _logits(self.forward(tokens, attention_mask))
 
+    def forward_bytes(
+        self,
+        shape: tuple[int, ...],
+        capture: dict[str, list[int]] | None = None,
+        logits: bool = False,
+        reduce: Reducer | None = None,
+    ) -> int:
+        """Estimated bytes a one-pass forward of `shape = (batch, pos)` holds at a time in this
+        model's dtype: captures, logits, one layer's eager attention scores (and their float32
+        softmax) and MLP activations (`mechlens.models.memory.forward_bytes`).
+
+            >>> model.forward_bytes((1, 4096)) < model.forward_bytes((1, 4096), logits=True)  # doctest: +SKIP
+            True
+        """
+        dims = (self.d_model, self.n_heads, self.d_head, self.d_vocab, torch.finfo(self.dtype).bits // 8)
+        return forward_bytes(
+            shape, capture or {}, logits, *dims, reduced=reduce is not None, d_mlp=self.d_mlp
+        )
+
     def check_memory(
         self,
         shape: tuple[int, ...],
@@ -501,13 +520,10 @@ class HookedModel:
         logits: bool,
         reduce: Reducer | None = None,
     ) -> int:
-        """Estimated bytes a one-pass forward of `shape = (batch, pos)` holds (captures, logits, one
-        layer's eager attention scores and MLP activations); `ValueError` naming the ways out when it exceeds
+        """`forward_bytes` of a one-pass forward; `ValueError` naming the ways out when it exceeds
         `model.memory_budget` (bytes; default 8 GiB or `$MECHLENS_MEMORY_BUDGET_GB`)."""
         batch, pos = int(shape[0]), int(shape[1])
-        held = forward_bytes(shape, capture, logits, self.d_model, self.n_heads, self.d_head, self.d_vocab,
-                             torch.finfo(self.dtype).bits // 8, reduced=reduce is not None,
-                             d_mlp=self.d_mlp)  # fmt: skip
+        held = self.forward_bytes(shape, capture, logits, reduce)
         if held > self.memory_budget:
             gib = 2**30
             raise ValueError(

@@ -40,7 +40,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechlens.models.interventions import HeadScaling
-from mechlens.models.memory import forward_bytes
 from mechlens.models.padding import as_positions, row_columns
 from mechlens.models.sampling import check_int
 
@@ -100,7 +99,7 @@ def head_ablation_effects(
     if method == "exact":
         # heads ablated in one pass: as many copies of the batch as `model.memory_budget` holds
         per_pass = max(
-            1, min(model.n_heads, model.memory_budget // _pass_bytes(model, batch, n_pos, not stop))
+            1, min(model.n_heads, model.memory_budget // model.forward_bytes((batch, n_pos), logits=not stop))
         )
         with torch.no_grad():
             capture = {"resid_pre": layer_list, **hidden.get("capture", {})}
@@ -121,7 +120,7 @@ def head_ablation_effects(
                 effects[layer] = (torch.cat(ablated) - clean).mean(1).float().cpu()
         return effects
     # the backward pass keeps every layer's activations: refuse what would not fit
-    saved = model.n_layers * _pass_bytes(model, batch, n_pos, logits=False)
+    saved = model.n_layers * model.forward_bytes((batch, n_pos))
     if saved > model.memory_budget:
         raise ValueError(
             f"attribution over {batch} x {n_pos} tokens keeps about {saved / 2**30:.1f} GiB of activations "
@@ -137,13 +136,6 @@ def head_ablation_effects(
     for layer, g in zip(layer_list, grads, strict=True):
         effects[layer] = -g.float().cpu()
     return effects
-
-
-def _pass_bytes(model: HookedModel, batch: int, n_pos: int, logits: bool) -> int:
-    """Bytes one forward of `batch x n_pos` tokens holds at a time (`forward_bytes`)."""
-    item = torch.finfo(model.dtype).bits // 8
-    dims = (model.d_model, model.n_heads, model.d_head, model.d_vocab)
-    return forward_bytes((batch, n_pos), {}, logits, *dims, item, d_mlp=model.d_mlp)
 
 
 def _check_metric(value: Tensor, batch: int) -> Tensor:
