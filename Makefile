@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(PY) experiments/self_evolving.py --quick --out figures/demo/evolution
 	$(PY) -m mechlens.gallery figures/demo --report
 
-# retrain the shipped organism adapters from the base model (~20 + 3 minutes on 2 cores): writes
+# retrain the shipped organism adapters from the base model (~20 + 25 + 3 minutes on 2 cores): writes
 # mechlens/organism/adapters/ with provenance (recipe, base weights, seed, wall time, commit)
 organisms: $(STAMP)
 	$(PY) -m mechlens.organism
@@ -40,9 +40,12 @@ organisms: $(STAMP)
 figures: $(STAMP)
 	$(PY) experiments/demo.py
 	$(PY) experiments/organism_behaviour.py
+	$(PY) experiments/organism_behaviour.py --model organism-v2
 	$(PY) experiments/depth_scoring.py
 	$(PY) experiments/refusal_cliff.py
+	$(PY) experiments/refusal_cliff.py --organism reasoning-v2 --out figures/refusal-v2
 	$(PY) experiments/thought_anchors.py
+	$(PY) experiments/thought_anchors.py --model organism-v2 --out figures/anchors-v2
 	$(PY) experiments/echoes.py
 	$(PY) experiments/stepwise_values.py
 	$(PY) experiments/budget.py
