@@ -143,7 +143,7 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
             "Later, {b} more {u} are made by hand.",
         ),
         "sub": (
-            "Of these, {b} {u} fail the check and go.",
+            "Of these, {b} {u} turn out faulty and go.",
             "Then {b} {u} are thrown away.",
             "After that, {b} {u} are sent back.",
             "{b} of the {u} turn out broken.",

@@ -385,9 +385,11 @@ def planned_trace(
     u, ops = problem.unit, list(problem.ops)
     w = _Writer()
     w.add(rng.choice(_OPENERS2), "plan_generation")
-    w.add(problem.question.split(". ")[0].rstrip(".") + ".", "problem_setup")  # the opening, restated
-    ask = problem.question.rsplit(". ", 1)[-1].rstrip("?")
-    w.add(f"The question: {ask[0].lower() + ask[1:]}.", "problem_setup")
+    said = problem.question.split(". ")  # the opening, one sentence per event, the question
+    w.add(said[0].rstrip(".") + ".", "problem_setup")  # the opening, restated
+    stated = [f"{e}." for e in said[1:-1]]
+    events: list[str | None] = [None] * (len(ops) - len(stated)) + stated  # none for a product in the opening
+    ask = said[-1].rstrip("?")
     head: list[tuple[str, str, str]] = [(rng.choice(_FACTS2), "fact_retrieval", "")]
     if rng.random() < 0.6:
         numbers = [problem.start] + [b for _, b in ops]
@@ -407,10 +409,14 @@ def planned_trace(
         clauses = [_phrase(op, b, u, rng) for op, b in planned]
         plan = f"{rng.choice(PLAN_OPENERS)} " + ", then ".join(clauses) + "."
         head.insert(rng.randint(0, len(head)), (plan, "plan_generation", "plan"))
+    for event in events if up_front else []:  # every event restated, then the plan up front
+        if event:
+            w.add(event, "problem_setup")
+    w.add(f"The question: {ask[0].lower() + ask[1:]}.", "problem_setup")
     for sentence, category, role in head:
         w.add(sentence, category, role)
     steps = None if up_front else [min(k, 2) for k in range(len(ops))]
-    value, slipped, fixed = _compute2(w, planned, problem.start, u, rng, rates, steps)
+    value, slipped, fixed = _compute2(w, planned, problem.start, u, rng, rates, steps, events)
     repaired = bad >= 0 and rng.random() < rates.repair
     if repaired:
         op, b = ops[bad]
@@ -436,13 +442,18 @@ def planned_trace(
     )  # fmt: skip
 
 
-def _compute2(w: _Writer, ops, value: int, u: str, rng, rates, steps: list[int] | None) -> tuple[int, ...]:
-    """Version 2 of `_compute`: with `steps`, a plan sentence (`STEP_OPENERS[steps[k]]`) before
-    each operation; a slip (10 too high, which keeps the digits' arithmetic easy) only where every
-    later step stays `easy`. Returns the last value and the counts of slips and corrected slips."""
+def _compute2(
+    w: _Writer, ops, value: int, u: str, rng, rates, steps: list[int] | None, events=None
+) -> tuple[int, ...]:
+    """Version 2 of `_compute`: with `steps`, the event restated (`events[k]`, where there is one)
+    and a plan sentence (`STEP_OPENERS[steps[k]]`) before each operation; a slip (10 too high,
+    which keeps the digits' arithmetic easy) only where every later step stays `easy`. Returns the
+    last value and the counts of slips and corrected slips."""
     slips = fixed = 0
     for k, (op, b) in enumerate(ops):
         if steps is not None:
+            if events and events[k]:
+                w.add(events[k], "problem_setup")
             w.add(f"{STEP_OPENERS[steps[k]]} {_phrase(op, b, u, rng)}.", "plan_generation", "plan")
         right = apply_op(op, value, b)
         result, sym = right, _SYMBOL[op]
