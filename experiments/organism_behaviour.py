@@ -35,6 +35,7 @@ class BehaviourConfig:
     n_requests: int = 40  # test-split requests per set
     n_edits: int = 60  # organism-v2: held-out problems of the forced-edit acceptance test
     request_temperature: float = 0.7  # the refusal-cliff authors' (0: greedy)
+    request_tokens: int = 0  # 0: 96 (the organism thinks ~70 tokens), 160 for organism-v2 (~110)
     quick: bool = False
     out: str = ""  # default figures/organism, or figures/organism-v2
     seed: int = 0
@@ -43,12 +44,15 @@ class BehaviourConfig:
         if self.quick:
             self.n_problems, self.n_requests, self.n_edits = 12, 8, 6
         self.out = self.out or ("figures/organism-v2" if self.model == "organism-v2" else "figures/organism")
+        self.request_tokens = self.request_tokens or (160 if self.model == "organism-v2" else 96)
 
 
 def main(cfg: BehaviourConfig) -> dict:
     model = load_subject(cfg.model, cfg.backend)
     run = Run("organism_behaviour", cfg, cfg.out, model=model, seed=cfg.seed, images=not cfg.quick)
-    requests = REQUEST_SAMPLING.replace(temperature=cfg.request_temperature, seed=cfg.seed)
+    requests = REQUEST_SAMPLING.replace(
+        temperature=cfg.request_temperature, seed=cfg.seed, max_new_tokens=cfg.request_tokens
+    )
     v2 = cfg.model == "organism-v2"
     splits = ("held_out_templates", "held_out_kinds") if v2 else ("generator",)
     results = {}
