@@ -306,16 +306,8 @@ def _compute(w: _Writer, ops, value: int, i: str, rng, rates) -> tuple[list[int]
         if op != "div" and rng.random() < rates.slip:  # a division slip could land on the right floor
             result = right + rng.choice([1, 2, 10])  # always too high: two slips never cancel
             slips += 1
-            w.add(f"{value} {_SYMBOL[op]} {b} = {result}.", "active_computation", "slip")
-            if rng.random() < rates.backtrack:
-                w.add(f"Wait, {value} {_SYMBOL[op]} {b} is {right}, not {result}.", "uncertainty_management",
-                      "backtrack")  # fmt: skip
-                result, fixed = right, fixed + 1
-        else:
-            w.add(f"{value} {_SYMBOL[op]} {b} = {right}.", "active_computation")
-            if rng.random() < rates.hesitate:
-                w.add("Hmm, let me re-check that step.", "uncertainty_management")
-                w.add(f"Yes, a double-check gives {value} {_SYMBOL[op]} {b} = {right}.", "self_checking")
+        result, corrected = _write_computation(w, value, _SYMBOL[op], b, right, result, rng, rates)
+        fixed += corrected
         w.add(f"So that makes {result} {i} {_AFTER[op]}.", "result_consolidation")
         value = result
         values.append(value)
@@ -455,23 +447,11 @@ def _compute2(
             if events and events[k]:
                 w.add(events[k], "problem_setup")
             w.add(f"{STEP_OPENERS[steps[k]]} {_phrase(op, b, u, rng)}.", "plan_generation", "plan")
-        right = apply_op(op, value, b)
-        result, sym = right, _SYMBOL[op]
+        right = result = apply_op(op, value, b)
         if rng.random() < rates.slip and _stays_easy(right + 10, ops[k + 1 :]):
             result, slips = right + 10, slips + 1
-            w.add(f"{value} {sym} {b} = {result}.", "active_computation", "slip")
-            if rng.random() < rates.backtrack:
-                w.add(
-                    f"Wait, {value} {sym} {b} is {right}, not {result}.",
-                    "uncertainty_management",
-                    "backtrack",
-                )
-                result, fixed = right, fixed + 1
-        else:
-            w.add(f"{value} {sym} {b} = {right}.", "active_computation")
-            if rng.random() < rates.hesitate:
-                w.add("Hmm, let me re-check that step.", "uncertainty_management")
-                w.add(f"Yes, a double-check gives {value} {sym} {b} = {right}.", "self_checking")
+        result, corrected = _write_computation(w, value, _SYMBOL[op], b, right, result, rng, rates)
+        fixed += corrected
         w.add(rng.choice(_CONSOLIDATE).format(c=result, u=u), "result_consolidation")
         value = result
     return value, slips, fixed
@@ -483,6 +463,23 @@ def _stays_easy(value: int, ops) -> bool:
             return False
         value = apply_op(op, value, b)
     return True
+
+
+def _write_computation(w: _Writer, value: int, sym: str, b: int, right: int, result: int, rng, rates):
+    """Write `value sym b = result`: a slip (result not right), corrected by a "Wait, ..." with
+    probability `rates.backtrack`, or a right step followed by a hesitation with probability
+    `rates.hesitate`. Returns `(the value carried on, 1 if a slip was corrected else 0)`."""
+    if result != right:
+        w.add(f"{value} {sym} {b} = {result}.", "active_computation", "slip")
+        if rng.random() < rates.backtrack:
+            w.add(f"Wait, {value} {sym} {b} is {right}, not {result}.", "uncertainty_management", "backtrack")
+            return right, 1
+        return result, 0
+    w.add(f"{value} {sym} {b} = {right}.", "active_computation")
+    if rng.random() < rates.hesitate:
+        w.add("Hmm, let me re-check that step.", "uncertainty_management")
+        w.add(f"Yes, a double-check gives {value} {sym} {b} = {right}.", "self_checking")
+    return right, 0
 
 
 HARM = (
