@@ -32,7 +32,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mechlens.organism.problems import WRONG_OP, VariedProblem, apply_op, easy, wrong_steps
+from mechlens.organism.problems import WRONG_OP, VariedProblem, apply_op, easy, run_ops, wrong_steps
 from mechlens.studies.refusal.judge import REFUSALS
 from mechlens.text.thinking import format_reply
 
@@ -86,7 +86,7 @@ class WordProblem:
 
     @property
     def answer(self) -> int:
-        return _run(self.first_value, self.steps)
+        return run_ops(self.first_value, [(s.op, s.operand) for s in self.steps])
 
     @property
     def first_value(self) -> int:
@@ -106,6 +106,7 @@ _PLAN = {  # (right phrase, wrong phrase) per operation
 }
 _WRONG_OP = {"mul": "add", "add": "sub", "sub": "add", "div": "sub"}
 _SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+_OP_OF = {symbol: op for op, symbol in _SYMBOL.items()}
 _FACT = {
     "mul": "I recall that equal packs mean multiplication.",
     "add": "I recall that finding more means adding.",
@@ -124,16 +125,6 @@ _AFTER = {
     "sub": "after giving some away",
     "div": "for each friend",
 }
-
-
-def _apply(op: str, a: int, b: int) -> int:
-    return {"add": a + b, "sub": a - b, "mul": a * b, "div": a // b if b else 0}[op]
-
-
-def _run(value: int, steps: tuple[Step, ...]) -> int:
-    for s in steps:
-        value = _apply(s.op, value, s.operand)
-    return value
 
 
 def word_problems(n: int, seed: int = 0, steps: tuple[int, ...] = (1, 2, 3)) -> list[WordProblem]:
@@ -160,7 +151,7 @@ def word_problems(n: int, seed: int = 0, steps: tuple[int, ...] = (1, 2, 3)) -> 
                 else:
                     op, b = "add", r.randint(2, 20)
                 ops.append(Step(op, b))
-                value = _apply(op, value, b)
+                value = apply_op(op, value, b)
             if ops or packs:
                 break
         problem = WordProblem(f"wp-{want}-{k:04d}", r.choice(NAMES), r.choice(ITEMS), start, tuple(ops), per)
@@ -287,7 +278,7 @@ def _wrong_step(ops: list[tuple[str, int]], start: int, rng: random.Random) -> i
     for bad in order:
         value, ok = start, True
         for k, (op, b) in enumerate(ops):
-            value = _apply(_WRONG_OP[op] if k == bad else op, value, b)
+            value = apply_op(_WRONG_OP[op] if k == bad else op, value, b)
             ok = ok and value > 0
         if ok:
             return bad
@@ -301,7 +292,7 @@ def _compute(w: _Writer, ops, value: int, i: str, rng, rates) -> tuple[list[int]
     slips = fixed = 0
     values = [value]
     for op, b in ops:
-        right = _apply(op, value, b)
+        right = apply_op(op, value, b)
         result = right
         if op != "div" and rng.random() < rates.slip:  # a division slip could land on the right floor
             result = right + rng.choice([1, 2, 10])  # always too high: two slips never cancel
@@ -589,7 +580,7 @@ def arithmetic_errors(sentences: Sequence[str]) -> tuple[int, int]:
         computed = _COMPUTATION.match(s.strip())
         if computed:
             a, op, b, c = computed.groups()
-            right = _apply({"+": "add", "-": "sub", "*": "mul", "/": "div"}[op], int(a), int(b))
+            right = apply_op(_OP_OF[op], int(a), int(b))
             computations += 1
             errors += int(c) != right and int(c) - right not in SLIP_SIZES
     return computations, errors
@@ -616,8 +607,7 @@ def label_roles(sentences: Sequence[str]) -> list[str]:
             roles.append("repair")
         elif computed:
             a, op, b, c = computed.groups()
-            op = {"+": "add", "-": "sub", "*": "mul", "/": "div"}[op]
-            roles.append("slip" if _apply(op, int(a), int(b)) != int(c) else "")
+            roles.append("slip" if apply_op(_OP_OF[op], int(a), int(b)) != int(c) else "")
         elif s.startswith("Wait, ") and ", not " in s:
             roles.append("backtrack")
         elif s in HARM or s in HARM_INTENT:
