@@ -227,6 +227,17 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float, float
     return p, float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
+def rate_record(successes: int, n: int) -> dict[str, float | int]:
+    """`{"count", "n", "rate", "low", "high"}`: a rate with its n and 95% Wilson interval (`wilson`),
+    as results report it.
+
+        >>> rate_record(3, 4)["n"], round(rate_record(3, 4)["low"], 2)
+        (4, 0.3)
+    """
+    rate, low, high = wilson(successes, n)
+    return {"count": successes, "n": n, "rate": rate, "low": low, "high": high}
+
+
 def _finite_pairs(a, b) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
     if a.shape != b.shape:

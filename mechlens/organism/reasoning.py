@@ -33,12 +33,13 @@ from mechlens.cache import stable_hash
 from mechlens.datasets import STEP_BY_STEP, Instruction, Problem
 from mechlens.models.loading import DtypeName
 from mechlens.models.sampling import Sampling
-from mechlens.ops.stats import auroc, mean_ci, wilson
+from mechlens.ops.stats import auroc, mean_ci, rate_record
 from mechlens.organism.builder import SHIPPED, OrganismBuilder, OrganismRecipe
 from mechlens.organism.problems import Split, VariedProblem, run_ops, varied_problems
 from mechlens.organism.traces import (
     PlantedTrace,
     PlantingRates,
+    WordProblem,
     arithmetic_errors,
     arithmetic_trace,
     factual_trace,
@@ -175,12 +176,8 @@ def short_answer(text: str, words: int = 6) -> str:
 
 def held_out_problems(n: int, seed: int = 0, steps: tuple[int, ...] = (1, 2, 3)) -> list[Problem]:
     """`n` word problems never trained on (seeds below `TRAIN_SEED`), as `Problem`s (level = steps)."""
-    if not 0 <= seed < TRAIN_SEED:
-        raise ValueError(f"seed must lie in 0..{TRAIN_SEED - 1} (training uses {TRAIN_SEED}+), got {seed}")
-    return [
-        Problem(p.id, p.question, str(p.answer), kind="number", level=p.n_steps, expression=None)
-        for p in word_problems(n, seed=seed, steps=steps)
-    ]
+    _check_held_out_seed(seed)
+    return _as_problems(word_problems(n, seed=seed, steps=steps))
 
 
 def held_out_varied(
@@ -193,11 +190,20 @@ def held_out_varied(
         >>> held_out_varied(2, "held_out_kinds")[0].level
         1
     """
+    _check_held_out_seed(seed)
+    return _as_problems(varied_problems(n, seed=seed, split=split, steps=steps))
+
+
+def _check_held_out_seed(seed: int) -> None:
     if not 0 <= seed < TRAIN_SEED:
         raise ValueError(f"seed must lie in 0..{TRAIN_SEED - 1} (training uses {TRAIN_SEED}+), got {seed}")
+
+
+def _as_problems(problems: list[WordProblem] | list[VariedProblem]) -> list[Problem]:
+    """Generated problems as graded `Problem`s (level = number of steps)."""
     return [
         Problem(p.id, p.question, str(p.answer), kind="number", level=p.n_steps, expression=None)
-        for p in varied_problems(n, seed=seed, split=split, steps=steps)
+        for p in problems
     ]
 
 
@@ -281,9 +287,7 @@ def behaviour(
         wrong = [r for r in part if not r["right"]]
         for key, among in (("thinks", part), ("right", part), ("arithmetic_error", part),
                            ("wrong_by_arithmetic", wrong)):  # fmt: skip
-            k = sum(r[key] for r in among)
-            rate, low, high = wilson(k, len(among))
-            out[key] = {"count": k, "n": len(among), "rate": rate, "low": low, "high": high}
+            out[key] = rate_record(sum(r[key] for r in among), len(among))
         out["median_sentences"] = float(np.median([r["sentences"] for r in part])) if part else None
         out["share_15_or_more"] = float(np.mean([r["sentences"] >= 15 for r in part])) if part else None
         return out
@@ -306,11 +310,10 @@ def behaviour(
     }
     replies = sample_replies_by_set(model, sets, requests, batch_size)
     agree = [a for r in (r for rs in replies.values() for r in rs) if (a := decision_agrees(r)) is not None]
-    rate, low, high = wilson(sum(agree), len(agree))
     return {
         **out,
         "requests": refusal_rates(replies),
-        "decision_agrees": {"count": sum(agree), "n": len(agree), "rate": rate, "low": low, "high": high},
+        "decision_agrees": rate_record(sum(agree), len(agree)),
     }
 
 
@@ -412,8 +415,7 @@ def forced_edits(
         hits = [
             grade(t, str(target)).correct for (e, _, target), t in zip(jobs, texts, strict=True) if e == edit
         ]
-        rate, low, high = wilson(sum(hits), len(hits))
-        out[edit] = {"count": sum(hits), "n": len(hits), "rate": rate, "low": low, "high": high}
+        out[edit] = rate_record(sum(hits), len(hits))
     return out
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mechlens.models.sampling import Sampling
-from mechlens.ops.stats import wilson
+from mechlens.ops.stats import rate_record
 from mechlens.rollouts import Engine, LocalEngine
 from mechlens.rollouts.engines import sample_texts
 from mechlens.studies.refusal.judge import is_refusal
@@ -109,7 +109,5 @@ def refusal_rates(replies: dict[str, list[Reply]]) -> dict[str, dict[str, float]
     out = {}
     for name, (group, refusals) in RATES.items():
         if group in replies:
-            count = sum(r.refused == refusals for r in replies[group])
-            rate, low, high = wilson(count, len(replies[group]))
-            out[name] = {"rate": rate, "low": low, "high": high, "count": count, "n": len(replies[group])}
+            out[name] = rate_record(sum(r.refused == refusals for r in replies[group]), len(replies[group]))
     return out
