@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from mechlens.ops.stats import format_rate
 from mechlens.organism import held_out_varied, load_subject
 from mechlens.organism.reasoning import EDITS, REQUEST_SAMPLING, behaviour, forced_edits
 from mechlens.plots import grouped_bars
@@ -82,8 +83,7 @@ def main(cfg: BehaviourConfig) -> dict:
         _print(
             f"{name}, traces with an arithmetic error of the model's own", r["problems"]["arithmetic_error"]
         )
-        if r["problems"]["wrong_by_arithmetic"]["n"]:
-            _print(f"{name}, wrong answers with one", r["problems"]["wrong_by_arithmetic"])
+        _print(f"{name}, wrong answers with one", r["problems"]["wrong_by_arithmetic"])
     medians = ", ".join(f"{r['problems']['median_sentences']:.0f}" for r in results.values())
     title = f"Reasoning organism on held-out word problems (median {medians} thinking sentences)"
     fig = grouped_bars(cats, series, "rate (95% Wilson interval)", title, counts=counts, intervals=intervals)
@@ -127,7 +127,7 @@ def _add(series: dict, counts: dict, intervals: dict, name: str, rows: list[dict
 
 
 def _print(name: str, r: dict) -> None:
-    print(f"{name}: {r['count']}/{r['n']} = {r['rate']:.2f} ({r['low']:.2f}-{r['high']:.2f})")
+    print(f"{name}: {format_rate(r['count'], r['n'])}")
 
 
 if __name__ == "__main__":
