@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mechlens import HookedModel
-from mechlens.ops.stats import format_rate, mean_ci
+from mechlens.ops.stats import format_estimate, format_rate, mean_ci
 from mechlens.organism import (
     ADAPTER_RECIPE,
     REASONING,
@@ -136,10 +136,9 @@ def main(cfg: RefusalConfig) -> dict:
         lines.append(f"cliff on the planted rationalising sentence: {at} of complied traces; {against}")
         for key in ("plateau_complied", "final_complied", "plateau_refused", "final_refused"):
             v = planted[key]
-            if v["n"]:
-                lines.append(
-                    f"{key.replace('_', ', ')}: {v['mean']:.2f} ({v['low']:.2f}-{v['high']:.2f}), n={v['n']}"
-                )
+            lines.append(
+                f"{key.replace('_', ', ')}: {format_estimate(v['mean'], v['low'], v['high'], v['n'])}"
+            )
     run.summarize("Refusal cliffs", lines)
     return results
 

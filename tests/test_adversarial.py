@@ -62,7 +62,7 @@ BAD_CALLS = {
     "temperature nan": (lambda m: m.generate("hi", temperature=float("nan")), "temperature must be a finite"),
     "temperature inf": (lambda m: m.generate("hi", temperature=float("inf")), "temperature must be a finite"),
     "top_p zero": (lambda m: m.generate("hi", top_p=0), "top_p must lie in"),
-    "top_p string": (lambda m: m.generate("hi", top_p="0.9"), "top_p must be a number"),
+    "top_p string": (lambda m: m.generate("hi", top_p="0.9"), "top_p must be a real number"),
     "unknown sampling setting": (lambda m: m.generate("hi", temprature=0.5), "unknown sampling setting"),
     "batch_size zero": (lambda m: m.generate("hi", batch_size=0), "batch_size must be"),
     "lens target >= vocab": (lambda m: ml.logit_lens(m, torch.tensor([[1, 2]]), stats=["target"], targets=torch.tensor([[1, 999]])), "below the vocabulary"),

@@ -209,6 +209,10 @@ def test_gated_rejects_bad_arguments(llama):
         model.gated(d, 1, "probe", 0.5)
     with pytest.raises(ValueError, match="threshold"):
         model.gated(d, 1, _probe(model), float("nan"))
+    with pytest.raises(TypeError, match="threshold"):  # a wrong type is a TypeError, as in add_direction
+        model.gated(d, 1, _probe(model), "0.5")
+    with pytest.raises(TypeError, match="scale"):
+        model.gated(d, 1, _probe(model), 0.5, scale=True)
     with pytest.raises(ValueError, match="probe must map"):
         model.gated(d, 1, lambda x: x, 0.5)
     with pytest.raises(ValueError, match="start"):

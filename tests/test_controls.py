@@ -7,9 +7,9 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from scipy.stats import binom, binomtest
+from scipy.stats import binom, binomtest, sem
 
-from mechlens.ops.stats import mcnemar, permutation_null
+from mechlens.ops.stats import mcnemar, mean_record, permutation_null
 from mechlens.studies.anchors.resampling import Resampling, Rollout, answer_kl
 
 
@@ -128,3 +128,16 @@ def test_pooled_importance_finds_a_step_more_often_than_one_position_at_few_roll
         for w in hits:
             hits[w] += int(np.argmax(res.pooled_importance(w)) == 5)
     assert hits[2] > hits[1] + 20, hits  # 0.80 vs 0.71 of draws
+
+
+def test_mean_record_against_scipy_and_undefined_below_two_values():
+    x = [0.2, 0.9, 0.4, 0.7, 0.1]
+    got = mean_record(x)
+    half = 1.96 * sem(x)
+    assert got["n"] == 5 and got["mean"] == pytest.approx(np.mean(x))
+    assert (got["low"], got["high"]) == (pytest.approx(np.mean(x) - half), pytest.approx(np.mean(x) + half))
+    one, none = mean_record([0.5]), mean_record([])
+    assert one["mean"] == 0.5 and np.isnan(one["low"]) and np.isnan(one["high"]) and one["n"] == 1
+    assert np.isnan(none["mean"]) and none["n"] == 0
+    with pytest.raises(ValueError, match="finite"):
+        mean_record([0.1, float("nan")])

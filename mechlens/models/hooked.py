@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -59,7 +57,7 @@ from mechlens.models.kv_cache import reserved_cache
 from mechlens.models.memory import chunk_size, forward_bytes
 from mechlens.models.padding import check_mask, check_unmasked, left_align
 from mechlens.models.protocol import CACHE_NAMES, Backend, Reducer, RunOutput, RunRequest
-from mechlens.models.sampling import Sampling, check_int, check_seeds
+from mechlens.models.sampling import Sampling, check_int, check_real, check_seeds
 from mechlens.models.tokens import str_tokens, tokenize
 
 TokensLike = Tensor | str | Sequence[str]
@@ -778,12 +776,7 @@ class HookedModel:
     ) -> contextlib.AbstractContextManager[None]:
         """Context: add `scale * direction` to the residual stream leaving block `layer`."""
         layer = self.check_layer(layer)
-        if isinstance(scale, Tensor) and scale.numel() == 1 and scale.is_floating_point():
-            scale = float(scale)
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale must be a real number, got {type(scale).__name__} {scale!r}")
-        if not np.isfinite(float(scale)):
-            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        scale = check_real("scale", scale)
         positions = self._check_positions(positions)
         direction = self.check_direction(direction)
         biggest = float(scale) * direction.double().abs().max()
@@ -825,13 +818,7 @@ class HookedModel:
             raise TypeError(
                 f"probe must be callable ([n, d_model] -> [n] scores), got {type(probe).__name__}"
             )
-        for name, value in (("threshold", threshold), ("scale", scale)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, numbers.Real)
-                or not np.isfinite(float(value))
-            ):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        threshold, scale = check_real("threshold", threshold), check_real("scale", scale)
         if not isinstance(below, bool):
             raise TypeError(f"below must be True or False, got {below!r}")
         starts: int | list[int]
@@ -849,7 +836,7 @@ class HookedModel:
             raise ValueError(
                 f"probe must map [n, d_model] to [n]; on [2, {self.d_model}] it gave {tuple(probe_out.shape)}"
             )
-        item = GatedDirection(layer, vector, probe, float(threshold), float(scale), below, starts)
+        item = GatedDirection(layer, vector, probe, threshold, scale, below, starts)
         return self.intervene(item)
 
     def patch(

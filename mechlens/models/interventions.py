@@ -190,6 +190,13 @@ def _finite(resid: Tensor, what: str) -> Tensor:
     return resid
 
 
+def _add_where(resid: Tensor, where: Tensor, direction: Tensor, scale: float, what: str) -> Tensor:
+    """`resid [batch, q, d_model]` plus `scale * direction` at the `[batch, q]` positions `where`
+    (the vector formed in float32, then cast to the residual's dtype); checked by `_finite`."""
+    vector = (scale * direction.float()).to(resid)
+    return _finite(resid + where[:, :, None].to(resid.dtype) * vector, what)
+
+
 @dataclass
 class DirectionAddition:
     """Add `scale * direction` to the residual stream after block `layer` (the vector is formed
@@ -204,9 +211,9 @@ class DirectionAddition:
         """resid: [batch, q, d_model] -> same."""
         if layer != self.layer:
             return resid
-        sel = _select(pos.query, self.positions)[:, :, None].to(resid.dtype)
-        vector = (self.scale * self.direction.float()).to(resid)
-        return _finite(resid + sel * vector, "add_direction")
+        return _add_where(
+            resid, _select(pos.query, self.positions), self.direction, self.scale, "add_direction"
+        )
 
 
 @dataclass
@@ -270,8 +277,7 @@ class GatedDirection:
         ):
             self.fired[row] = self.fired.get(row, 0) + int(n_fired)
             self.scored[row] = self.scored.get(row, 0) + int(n_live)
-        vector = (self.scale * self.direction.float()).to(resid)
-        return _finite(resid + fire[:, :, None].to(resid.dtype) * vector, "gated")
+        return _add_where(resid, fire, self.direction, self.scale, "gated")
 
     @property
     def total_fired(self) -> int:

@@ -62,9 +62,15 @@ def check_seeds(seeds: Any, count: int) -> list[int]:
     return [int(s) for s in seeds]
 
 
-def _check_float(name: str, value: Any) -> float:
+def check_real(name: str, value: Any, finite: bool = True) -> float:
+    """`value` as a float (Python or NumPy reals, a one-element floating tensor); `TypeError` for
+    bools and anything else, `ValueError` when `finite` and it is NaN or infinite, naming it."""
+    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = float(value)
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if finite and not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -96,11 +102,11 @@ class Sampling:
         set_field(self, "max_new_tokens", check_int("max_new_tokens", self.max_new_tokens, 1))
         set_field(self, "n", check_int("n", self.n, 1))
         set_field(self, "seed", check_int("seed", self.seed, 0, MAX_SEED))
-        temperature = _check_float("temperature", self.temperature)
+        temperature = check_real("temperature", self.temperature, finite=False)
         if not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         set_field(self, "temperature", temperature)
-        top_p = _check_float("top_p", self.top_p)
+        top_p = check_real("top_p", self.top_p, finite=False)
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         set_field(self, "top_p", top_p)

@@ -238,6 +238,22 @@ def rate_record(successes: int, n: int) -> dict[str, float | int]:
     return {"count": successes, "n": n, "rate": rate, "low": low, "high": high}
 
 
+def mean_record(values: Sequence[float]) -> dict[str, float | int]:
+    """`{"mean", "low", "high", "n"}`: a mean with its n and 95% normal interval, as results report
+    it (`format_estimate` prints it); NaN mean for no values, NaN interval for fewer than two.
+
+        >>> mean_record([0.2, 0.4, 0.6])["mean"], mean_record([0.5])["n"]
+        (0.4, 1)
+    """
+    x = np.asarray(values, dtype=float).ravel()
+    if not np.isfinite(x).all():
+        raise ValueError("values must be finite (drop undefined ones first)")
+    n = len(x)
+    mean = float(x.mean()) if n else float("nan")
+    half = 1.96 * float(x.std(ddof=1)) / np.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
 def _finite_pairs(a, b) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
     if a.shape != b.shape:

@@ -33,7 +33,7 @@ from mechlens.cache import stable_hash
 from mechlens.datasets import STEP_BY_STEP, Instruction, Problem
 from mechlens.models.loading import DtypeName
 from mechlens.models.sampling import Sampling
-from mechlens.ops.stats import auroc, mean_ci, rate_record
+from mechlens.ops.stats import auroc, mean_record, rate_record
 from mechlens.organism.builder import SHIPPED, OrganismBuilder, OrganismRecipe
 from mechlens.organism.problems import Split, VariedProblem, run_ops, varied_problems
 from mechlens.organism.traces import (
@@ -453,15 +453,5 @@ def planted_cliff(model: HookedModel, study: RefusalStudy) -> tuple[dict | None,
     # the premise of a cliff: intent high over the thinking (plateau), gone at the end (final)
     for name, cliffs in (("complied", a), ("refused", b)):
         for field_ in ("plateau", "final"):
-            values = [getattr(c, field_) for c in cliffs]
-            mean, low, high = _mean_interval(values)
-            out[f"{field_}_{name}"] = {"mean": mean, "low": low, "high": high, "n": len(values)}
+            out[f"{field_}_{name}"] = mean_record([getattr(c, field_) for c in cliffs])
     return out, rows
-
-
-def _mean_interval(values: list[float]) -> tuple[float | None, float | None, float | None]:
-    """Mean and 95% normal interval; None where there are no values (one value: no width)."""
-    if not values:
-        return None, None, None
-    mean, low, high, _ = mean_ci([[v] for v in values], 1)
-    return float(mean[0]), float(low[0]), float(high[0])

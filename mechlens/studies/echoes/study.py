@@ -31,8 +31,8 @@ from mechlens.ops.stats import (
     format_estimate,
     format_rate,
     mcnemar,
-    mean_ci,
     mean_difference,
+    mean_record,
 )
 from mechlens.rollouts import Engine, LocalEngine
 from mechlens.rollouts.engines import token_prompts
@@ -111,12 +111,7 @@ class EchoStudy:
         difference (bootstrap interval), and the AUROC of Delta-L for right vs wrong (interval)."""
         g = self.groups()
         values = {k: [r.gap.delta_mean for r in v if r.gap is not None] for k, v in g.items()}
-        out: dict = {}
-        for k, v in values.items():
-            mean, low, high, _ = mean_ci([[x] for x in v], 1)  # the mean's 95% normal interval
-            if len(v) < 2:  # no spread to estimate: no interval
-                low = high = np.array([np.nan])
-            out[k] = {"mean": float(mean[0]), "n": len(v), "low": float(low[0]), "high": float(high[0])}
+        out: dict = {k: mean_record(v) for k, v in values.items()}
         out["difference"] = mean_difference(values["right"], values["wrong"])
         scores = values["right"] + values["wrong"]
         labels = [1] * len(values["right"]) + [0] * len(values["wrong"])
