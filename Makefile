@@ -44,6 +44,7 @@ figures: $(STAMP)
 	$(PY) experiments/depth_scoring.py
 	$(PY) experiments/refusal_cliff.py
 	$(PY) experiments/refusal_cliff.py --organism reasoning-v2 --out figures/refusal-v2
+	$(PY) experiments/refusal_cliff.py --organism reasoning-v2-heads --out figures/refusal-v2-heads
 	$(PY) experiments/thought_anchors.py
 	$(PY) experiments/thought_anchors.py --model organism-v2 --out figures/anchors-v2
 	$(PY) experiments/echoes.py

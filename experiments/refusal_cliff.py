@@ -5,8 +5,12 @@ of harmful traces rationalises right before `</think>` and complies: the run che
 probe's drop sits at that sentence. `--organism blocks|adapter`: the older refusal organism;
 `--model PATH --device cuda --dtype bfloat16`: a local reasoning model.
 
-    python experiments/refusal_cliff.py [--quick] [--organism reasoning|reasoning-v2|blocks|adapter]
-                                        [--model PATH]
+    python experiments/refusal_cliff.py [--quick] [--model PATH]
+        [--organism reasoning|reasoning-v2|reasoning-v2-heads|blocks|adapter]
+
+`--organism reasoning-v2-heads` is the second version with refusal-suppression heads planted
+(`SUPPRESSION_RECIPE`): the run also ablates the planted heads and scores every head ranking
+against them (`heads.known` in results.json).
 
 Writes figures/refusal/ (each figure with provenance), results.json and summary.json; every
 expensive step is cached, so a run resumes.
@@ -29,6 +33,8 @@ from mechlens.organism import (
     REASONING_RECIPE,
     REASONING_V2_RECIPE,
     REFUSAL,
+    SUPPRESSION,
+    SUPPRESSION_RECIPE,
     OrganismRecipe,
     load_subject,
     reasoning,
@@ -61,7 +67,7 @@ class RefusalConfig:
     judge_epochs: int = 3
     judge_draws: int = 5  # fine-tunes per selection (seeds; the random selection redrawn): a distribution
     # the reasoning organism; the refusal organism: 8 blocks tuned here (~12 min) or its shipped adapter
-    organism: Literal["reasoning", "reasoning-v2", "blocks", "adapter"] = "reasoning"
+    organism: Literal["reasoning", "reasoning-v2", "reasoning-v2-heads", "blocks", "adapter"] = "reasoning"
     model: str = ""  # a model path (or "base") instead of an organism
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -89,6 +95,9 @@ def load_organism(cfg: RefusalConfig):
         model = load_subject("organism" if cfg.organism == "reasoning" else "organism-v2", cfg.backend,
                              cfg.device, cfg.dtype)  # fmt: skip
         return model, REASONING.path(recipe), recipe
+    if cfg.organism == "reasoning-v2-heads":
+        model = load_subject("organism-v2-heads", cfg.backend, cfg.device, cfg.dtype)
+        return model, SUPPRESSION.path(SUPPRESSION_RECIPE), SUPPRESSION_RECIPE
     shape = asdict(ADAPTER_RECIPE) if cfg.organism == "adapter" else {}
     recipe = OrganismRecipe(**{**shape, "n_per_class": cfg.organism_examples, "epochs": cfg.organism_epochs})
     return refusal_organism(recipe, backend=cfg.backend), REFUSAL.path(recipe), recipe
@@ -112,7 +121,7 @@ def main(cfg: RefusalConfig) -> dict:
             sweep_examples=cfg.sweep_examples, head_fraction=cfg.head_fraction, head_ranking=cfg.head_ranking,
             rescale=None if cfg.rescale == "none" else "norm", random_sets=cfg.random_sets,
             control_sets=cfg.control_sets.split(","), judge=judge, batch_size=cfg.batch_size, seed=cfg.seed,
-            cache=run.cache,
+            cache=run.cache, known_heads=recipe.heads if recipe is not None and not cfg.model else None,
         )  # fmt: skip
     except ValueError as e:
         raise SystemExit(str(e)) from e
@@ -169,6 +178,11 @@ def plot(run: Run, model: HookedModel, study: RefusalStudy) -> None:
     label = "- direct write along the refusal direction"
     fig = head_heatmap(heads.scores["direct"], label, marked=heads.top_by_method["direct"], title=title)
     run.save_figure(fig, "head_direct_scores", caption="Each head's write against the refusal direction.")
+    if heads.known is not None:
+        r = heads.known["recovery"]["direct"]
+        title = f"Direct score; the {r['planted']} planted heads boxed ({r['found']} in its top {r['top']})"
+        fig = head_heatmap(heads.scores["direct"], label, marked=heads.known["heads"], title=title)
+        run.save_figure(fig, "head_direct_planted", caption="The direct score with the planted heads boxed.")
     title = f"Effect of zero-ablating each head on the refusal score (top {k} boxed)"
     fig = head_heatmap(
         heads.scores["exact"], "change in refusal logit", marked=heads.top_by_method["exact"], title=title

@@ -14,6 +14,7 @@ import mechlens as ml
 from mechlens.ops.heads import direct_head_scores
 from mechlens.ops.stats import auroc, mcnemar
 from mechlens.studies import refusal
+from mechlens.studies.recovery import head_recovery
 from mechlens.studies.refusal import RefusalStudy, Reply, cliff_metrics, refusal_features, refusal_scores
 from mechlens.studies.refusal.heads import top_heads
 
@@ -137,6 +138,29 @@ def test_the_heads_and_their_controls(setup):
     mid = np.mean(values < after["rate"]) + np.mean(values == after["rate"]) / 2  # ties count half
     assert h.percentile["jailbreak: attack success"] == pytest.approx(100 * mid)
     assert np.isfinite(h.perplexity["none"]) and len(h.perplexity["random heads"]) == 3
+
+
+def test_known_heads_are_ablated_and_scored_against_each_ranking(setup):
+    model, sets, _, study, kwargs = setup
+    known = [(2, 3), (1, 0)]
+    again = refusal.analyze(
+        model, sets, refusal.REPLY_SAMPLING.replace(max_new_tokens=8), known_heads=known, **kwargs
+    )
+    h = again.heads.known
+    assert h["heads"] == [(1, 0), (2, 3)] and again.heads.top == study.heads.top  # the rest unchanged
+    k = len(study.heads.top)
+    for method, scores in study.heads.scores.items():
+        assert h["recovery"][method] == head_recovery(scores.numpy(), known, k)
+    sampling = refusal.REPLY_SAMPLING.replace(max_new_tokens=8)
+    jb = {"jailbreak": [r.instruction for r in study.replies["jailbreak"]]}
+    with model.ablate_heads(known, rescale="norm"):
+        ablated = refusal.sample_replies_by_set(model, jb, sampling)["jailbreak"]
+    assert h["rates"]["jailbreak: attack success"]["count"] == sum(not r.refused for r in ablated)
+    assert set(h["paired"]) == set(study.heads.paired)
+    assert any("known heads among the top" in line for line in again.summary_lines())
+    json.dumps(again.to_json())  # the known set's results serialise with the rest
+    with pytest.raises(ValueError, match="out of range"):
+        refusal.analyze(model, sets, known_heads=[(9, 0)], **kwargs)
 
 
 def test_the_study_reads_back_from_its_cache(setup):

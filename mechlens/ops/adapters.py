@@ -23,7 +23,7 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,14 +38,16 @@ FORMAT = "mechlens-low-rank-adapter-1"
 
 
 class _Delta(nn.Module):
-    """The parametrization `W -> W + scale * B @ A` used while training."""
+    """The parametrization `W -> W + scale * (B * rows) @ (A * columns)` used while training (the
+    masks are ones unless the adapter is restricted to some heads)."""
 
-    def __init__(self, a: nn.Parameter, b: nn.Parameter, scale: float):
+    def __init__(self, a: nn.Parameter, b: nn.Parameter, scale: float, rows: Tensor, columns: Tensor):
         super().__init__()
         self.a, self.b, self.scale = a, b, scale
+        self.rows, self.columns = rows[:, None], columns[None, :]
 
     def forward(self, weight: Tensor) -> Tensor:
-        return weight + self.scale * (self.b @ self.a)
+        return weight + self.scale * ((self.b * self.rows) @ (self.a * self.columns))
 
 
 @dataclass
@@ -56,27 +58,55 @@ class LowRankAdapter:
         rank: the rank r of every update.
         scale: the factor of `B @ A` (LoRA's alpha / r).
         factors: name -> `(A [r, in], B [out, r])`; the update of that weight is `scale * B @ A`.
+        masks: name -> `(rows [out], columns [in])` 0/1 masks that training keeps the update within
+            (`init(heads=...)`); the trained factors are zero outside them, so a saved adapter
+            needs no masks. Empty: unrestricted.
     """
 
     rank: int
     scale: float
     factors: dict[str, tuple[Tensor, Tensor]]
+    masks: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @classmethod
     def init(
-        cls, model: HookedModel, layers: Sequence[int], rank: int = 16, alpha: float = 32.0, seed: int = 0
+        cls,
+        model: HookedModel,
+        layers: Sequence[int],
+        rank: int = 16,
+        alpha: float = 32.0,
+        seed: int = 0,
+        heads: Sequence[tuple[int, int]] | None = None,
     ):
         """Fresh factors for every 2-D weight of the blocks `layers`: A random (Kaiming-uniform, as
-        LoRA), B zero, so the model starts unchanged."""
+        LoRA), B zero, so the model starts unchanged.
+
+        `heads` (`(layer, head)` pairs) restricts the adapter to those attention heads instead:
+        in each of their blocks only the query weight, masked to the heads' output rows (where
+        they attend), and the output projection, masked to the heads' input columns (what they
+        write). Keys and values are left out: under grouped-query attention one key/value head
+        serves several query heads. `layers` is then ignored.
+
+            >>> import mechlens as ml
+            >>> model = ml.load_model("tiny-llama")
+            >>> a = LowRankAdapter.init(model, [], rank=2, heads=[(1, 0)])
+            >>> sorted(a.factors)
+            ['model.layers.1.self_attn.o_proj.weight', 'model.layers.1.self_attn.q_proj.weight']
+        """
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        masks: dict[str, tuple[Tensor, Tensor]] = {}
+        if heads is not None:
+            weights, masks = _head_weights(model, heads)
+        else:
+            weights = _block_weights(model, layers)
         gen = torch.Generator().manual_seed(seed)
         factors = {}
-        for name, p in _block_weights(model, layers):
+        for name, p in weights:
             bound = 1 / math.sqrt(p.shape[1])
             a = (torch.rand(rank, p.shape[1], generator=gen) * 2 - 1) * bound
             factors[name] = (a.to(p), torch.zeros(p.shape[0], rank).to(p))
-        return cls(rank, alpha / rank, factors)
+        return cls(rank, alpha / rank, factors, masks)
 
     def delta(self, name: str) -> Tensor:
         """The update of weight `name`, `[out, in]`."""
@@ -111,15 +141,18 @@ class LowRankAdapter:
         try:
             for name, (a, b) in self.factors.items():
                 pa, pb = nn.Parameter(a.clone()), nn.Parameter(b.clone())
+                rows, columns = self.masks.get(name, (b.new_ones(b.shape[0]), a.new_ones(a.shape[1])))
                 module, attr = owners[name]
-                parametrize.register_parametrization(module, attr, _Delta(pa, pb, self.scale), unsafe=True)
-                done.append((name, module, attr, pa, pb))
+                delta = _Delta(pa, pb, self.scale, rows.to(b), columns.to(a))
+                parametrize.register_parametrization(module, attr, delta, unsafe=True)
+                done.append((name, module, attr, pa, pb, delta))
                 params += [pa, pb]
             yield params
         finally:
-            for name, module, attr, pa, pb in done:
+            for name, module, attr, pa, pb, delta in done:
                 parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
-                self.factors[name] = (pa.detach().clone(), pb.detach().clone())
+                a, b = (pa * delta.columns).detach().clone(), (pb * delta.rows).detach().clone()
+                self.factors[name] = (a, b)  # zero outside the masks
             for p, flag in before.items():
                 p.requires_grad_(flag)
 
@@ -152,6 +185,33 @@ def _block_weights(model: HookedModel, layers: Sequence[int]) -> list[tuple[str,
     """`(name, parameter)` of every 2-D weight in blocks `layers`, by checkpoint name."""
     prefixes = tuple(f"{model.arch.layers_path}.{model.check_layer(i, 'layers')}." for i in layers)
     return [(n, p) for n, p in model.plain_model.named_parameters() if n.startswith(prefixes) and p.ndim == 2]
+
+
+def _head_weights(
+    model: HookedModel, heads: Sequence[tuple[int, int]]
+) -> tuple[list[tuple[str, nn.Parameter]], dict[str, tuple[Tensor, Tensor]]]:
+    """The query and output-projection weights of the blocks holding `heads`, and their masks
+    `(rows, columns)`: the heads' query rows, the heads' output-projection input columns."""
+    by_layer = model.check_heads(heads)
+    if model.arch.out_proj_transposed:
+        raise ValueError("head-restricted adapters need [out, in] projection weights (not GPT-2's Conv1D)")
+    params = dict(model.plain_model.named_parameters())
+    weights, masks = [], {}
+    d = model.d_head
+    for layer in sorted(by_layer):
+        attn = f"{model.arch.layers_path}.{layer}.{model.arch.attn_name}"
+        q_name, o_name = f"{attn}.q_proj.weight", f"{attn}.{model.arch.out_proj_name}.weight"
+        if q_name not in params or o_name not in params:
+            raise ValueError(f"head-restricted adapters need {q_name} and {o_name}; this model has neither")
+        q, o = params[q_name], params[o_name]
+        q_rows, o_columns = torch.zeros(q.shape[0]), torch.zeros(o.shape[1])
+        for h in by_layer[layer]:
+            q_rows[h * d : (h + 1) * d] = 1
+            o_columns[h * d : (h + 1) * d] = 1
+        weights += [(q_name, q), (o_name, o)]
+        masks[q_name] = (q_rows, torch.ones(q.shape[1]))
+        masks[o_name] = (torch.ones(o.shape[0]), o_columns)
+    return weights, masks
 
 
 def _owners(model: HookedModel, names: set[str]) -> dict[str, tuple[nn.Module, str]]:

@@ -65,9 +65,13 @@ def finetune_adapter(
     weight_decay: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    heads: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[LowRankAdapter, list[float]]:
     """Train a low-rank adapter (LoRA: `W + alpha / rank * B @ A` on every 2-D weight of the last
     `train_layers` blocks; norms and all else frozen), then merge it into `model` in place.
+    `heads` (`(layer, head)` pairs) trains only those attention heads' query and output slices
+    instead (`LowRankAdapter.init`), so a behaviour learnt lives in them; `train_layers` is then
+    ignored.
 
     Returns `(adapter, losses)`: `adapter.save(path, info)` keeps it in a few MB, and
     `LowRankAdapter.load(path)[0].merge_into(base)` rebuilds this model exactly.
@@ -79,8 +83,11 @@ def finetune_adapter(
         >>> adapter.rank, losses[1] < losses[0]
         (2, True)
     """
+    if heads is not None:  # the frozen prefix ends at the first head's block
+        train_layers = model.n_layers - min(model.check_heads(heads))
     examples, first = _prepare(model, prompts, targets, train_layers, epochs, batch_size)
-    adapter = LowRankAdapter.init(model, range(first, model.n_layers), rank, alpha, seed)
+    layers = range(first, model.n_layers)
+    adapter = LowRankAdapter.init(model, layers, rank, alpha, seed, heads=heads)
     with adapter.training(model) as params:
         losses = _train(model, examples, params, first, epochs, lr, batch_size, weight_decay, seed, progress)
     adapter.merge_into(model)

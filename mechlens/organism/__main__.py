@@ -1,14 +1,23 @@
-"""`python -m mechlens.organism [reasoning|reasoning-v2|refusal ...]`: retrain the shipped organism
-adapters from the base model and write them with provenance (`make organisms`; minutes on 2
-cores)."""
+"""`python -m mechlens.organism [reasoning|reasoning-v2|suppression|refusal ...]`: retrain the
+shipped organism adapters (from the base model, or from the first stage they build on) and write
+them with provenance (`make organisms`; minutes on 2 cores)."""
 
 import sys
 
-from mechlens.organism import ADAPTER_RECIPE, REASONING, REASONING_RECIPE, REASONING_V2_RECIPE, REFUSAL
+from mechlens.organism import (
+    ADAPTER_RECIPE,
+    REASONING,
+    REASONING_RECIPE,
+    REASONING_V2_RECIPE,
+    REFUSAL,
+    SUPPRESSION,
+    SUPPRESSION_RECIPE,
+)
 
 BUILDS = {
     "reasoning": (REASONING, REASONING_RECIPE),
     "reasoning-v2": (REASONING, REASONING_V2_RECIPE),
+    "suppression": (SUPPRESSION, SUPPRESSION_RECIPE),
     "refusal": (REFUSAL, ADAPTER_RECIPE),
 }
 

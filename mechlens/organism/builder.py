@@ -49,6 +49,7 @@ class OrganismRecipe:
     seed: int = 0
     rank: int | None = None  # None: train the blocks themselves; an int: a low-rank adapter on them
     alpha: float = 32.0  # the adapter's scale is alpha / rank
+    heads: tuple[tuple[int, int], ...] | None = None  # an adapter on these (layer, head)s' q and o only
 
 
 class _TrainSettings(TypedDict):
@@ -68,23 +69,30 @@ SHIPPED = Path(__file__).parent / "adapters"
 Pairs = Callable[..., tuple[list[str], list[str]]]
 """`(base_model, recipe, progress) -> (prompts, targets)`: an organism's training data."""
 
+Base = Callable[..., "HookedModel"]
+"""`(recipe, backend) -> HookedModel`: the model an organism is trained from (a first stage)."""
+
 
 class OrganismBuilder:
     """Builds, caches and ships one kind of organism.
 
     name: used in cache folders and shipped file names; pairs: writes the training pairs;
     data: `recipe -> ` the identity of the data the pairs come from (part of the key); shipped: the
-    folder the adapters ship in.
+    folder the adapters ship in; base: the model it is trained from (default: `recipe.base` loaded
+    by `load_model`), e.g. another organism for a second stage.
     """
 
-    def __init__(self, name: str, pairs: Pairs, data: Callable[..., object], shipped: Path):
+    def __init__(
+        self, name: str, pairs: Pairs, data: Callable[..., object], shipped: Path, base: Base | None = None
+    ):
         self.name, self.pairs, self.data, self.shipped = name, pairs, data, Path(shipped)
+        self.base = base or (lambda recipe, backend: load_model(recipe.base, backend=backend))
 
     def key(self, recipe: OrganismRecipe) -> dict:
         """The recipe's identity: its fields (the adapter's only when it has one) and the data."""
         if not isinstance(recipe, OrganismRecipe):
             raise TypeError(f"recipe must be an OrganismRecipe, got {type(recipe).__name__}")
-        fields = asdict(recipe)
+        fields = _fields(recipe)
         if recipe.rank is None:
             fields.pop("rank"), fields.pop("alpha")
         return {**fields, "data": self.data(recipe)}
@@ -110,7 +118,7 @@ class OrganismBuilder:
         folder holds the weights, the tokenizer and `recipe.json`."""
         path = self.path(recipe)
         if not (path / "recipe.json").exists():
-            base = load_model(recipe.base, backend=backend)
+            base = self.base(recipe, backend)
             info = self._from_shipped(base, recipe)
             if info is None:
                 info, _ = self.train(base, recipe, progress)
@@ -119,6 +127,8 @@ class OrganismBuilder:
 
     def train(self, base, recipe: OrganismRecipe, progress: bool = True):
         """Fine-tune `base` in place by `recipe`; `(info, adapter)` (adapter None for blocks)."""
+        if recipe.heads is not None and recipe.rank is None:
+            raise ValueError("recipe.heads restricts an adapter: set recipe.rank too")
         start, before = time.perf_counter(), model_weights_digest(base)
         prompts, targets = self.pairs(base, recipe, progress)
         kw = _TrainSettings(train_layers=recipe.train_layers, epochs=recipe.epochs, lr=recipe.lr,
@@ -128,11 +138,11 @@ class OrganismBuilder:
             losses = finetune(base, prompts, targets, **kw)
         else:
             adapter, losses = finetune_adapter(
-                base, prompts, targets, rank=recipe.rank, alpha=recipe.alpha, **kw
+                base, prompts, targets, rank=recipe.rank, alpha=recipe.alpha, heads=recipe.heads, **kw
             )
         info = {
             "organism": self.name,
-            "recipe": asdict(recipe),
+            "recipe": _fields(recipe),
             "base": before,
             "losses": losses,
             "examples": len(prompts),
@@ -145,7 +155,7 @@ class OrganismBuilder:
         folder with provenance (recipe, base weights, seed, wall time, losses, commit)."""
         if recipe.rank is None:
             raise ValueError("recipe.rank must be set: only adapters ship (the blocks are ~100 MB)")
-        base = load_model(recipe.base, backend=backend)
+        base = self.base(recipe, backend)
         info, adapter = self.train(base, recipe)
         info["commit"] = _commit()
         info["torch"] = torch.__version__
@@ -166,6 +176,15 @@ class OrganismBuilder:
             return None
         adapter.merge_into(base)
         return {**info, "from": str(path.name)}
+
+
+def _fields(recipe: OrganismRecipe) -> dict:
+    """The recipe's fields, without `heads` when it is None (recipes from before it existed keep
+    their keys and provenance)."""
+    fields = asdict(recipe)
+    if recipe.heads is None:
+        fields.pop("heads")
+    return fields
 
 
 def _commit() -> str | None:

@@ -81,14 +81,17 @@ class ReasoningRecipe(OrganismRecipe):
 REASONING_RECIPE = ReasoningRecipe(rank=16, alpha=32.0, train_layers=12, epochs=2, lr=5e-4)
 """The shipped reasoning organism's recipe (its adapter is in `mechlens/organism/adapters/`)."""
 
-REASONING_V2_RECIPE = ReasoningRecipe(rank=16, alpha=32.0, train_layers=12, epochs=2, lr=5e-4, version=2)
-"""The second version (`version=2`): word problems of four kinds and many wordings with
+REASONING_V2_RECIPE = ReasoningRecipe(
+    rank=16, alpha=32.0, train_layers=12, epochs=2, lr=5e-4, version=2, n_problems=540
+)
+"""The second version (`version=2`, 540 problems: 360 followed an edited plan 24/60 times greedy,
+540 33/60): word problems of four kinds and many wordings with
 carry-free arithmetic (`mechlens.organism.problems`), plans in the words of their method, per step
 or up front, at varied positions beside decoys (`planted_trace`), and harmless training replies
 that are refusals left out. Its adapter ships beside the first's; `load_subject("organism-v2")`."""
 
 
-def _requests(split: str) -> list[Instruction]:
+def refusal_requests(split: str) -> list[Instruction]:
     """The refusal dataset's requests of one split ("train" or "test"), harmful then harmless."""
     return [i for i in datasets.load("refusal") if isinstance(i, Instruction) and i.split == split]
 
@@ -121,7 +124,7 @@ def training_traces(
     """Every training `(user prompt, trace)`: word problems, refusal requests, factual questions.
     Harmless and complied replies and factual answers are the base model's own (greedy)."""
     rng = random.Random(recipe.seed + 1)
-    train = _requests("train")
+    train = refusal_requests("train")
     harmful = [i.text for i in train if i.harmful][: recipe.n_per_class]
     harmless = [i.text for i in train if not i.harmful][: recipe.n_per_class]
     factual = _factual()[0 : 2 * recipe.n_factual : 2]
@@ -301,7 +304,7 @@ def behaviour(
     }
     if n_requests == 0:
         return out
-    test = _requests("test")
+    test = refusal_requests("test")
     harmful = [i.text for i in test if i.harmful][:n_requests]
     sets = {
         "harmful": harmful,

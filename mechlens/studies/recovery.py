@@ -2,9 +2,10 @@
 
 `rank_recovery`: per-sentence importances (any attribution) against the planted decisive
 sentences: their mean rank and the top-k hit rate, beside the same numbers for random rankings
-(a distribution of seeded draws, not one). `cliff_recovery`: per-sentence refusal scores of
-complied traces against the planted rationalising sentence: where the largest drop sits, beside
-refused traces' drops at the same place (the control).
+(a distribution of seeded draws, not one). `head_recovery`: a head ranking's top heads against
+the planted heads, beside chance. `cliff_recovery`: per-sentence refusal scores of complied traces
+against the planted rationalising sentence: where the largest drop sits, beside refused traces'
+drops at the same place (the control).
 
 Example:
     >>> r = rank_recovery([[0.1, 0.9, 0.2, 0.0]], [[1]], draws=200)
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import hypergeom, rankdata
 
 from mechlens.ops.stats import wilson
 
@@ -238,4 +239,41 @@ def cliff_recovery(
         "last_change_complied": float(np.mean(last(rows))),
         "last_change_refused": float(np.mean(last(control))) if control else None,
         "n_refused": len(refused),
+    }
+
+
+def head_recovery(scores, planted: Sequence[tuple[int, int]], top: int) -> dict:
+    """How many of the `planted` `(layer, head)`s a head ranking's `top` heads contain (`scores`
+    `[layers, heads]`, larger = ranked first; ties: the earlier head first), beside
+    chance: drawing `top` of all heads at random finds `top * len(planted) / heads` on average,
+    and the one-sided hypergeometric p of finding as many. Also each planted head's rank (1 = first).
+    Undefined (NaN) scores are refused.
+
+        >>> import numpy as np
+        >>> r = head_recovery(np.array([[0.9, 0.1], [0.5, 0.2]]), [(0, 0), (1, 1)], top=2)
+        >>> r["found"], r["chance"], r["ranks"]
+        (1, 1.0, [1, 3])
+    """
+    s = np.asarray(scores, dtype=float)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be [layers, heads], got shape {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite (an undefined head score cannot be ranked)")
+    heads = sorted({(int(a), int(b)) for a, b in planted})
+    if not heads or any(not (0 <= a < s.shape[0] and 0 <= b < s.shape[1]) for a, b in heads):
+        raise ValueError(f"planted must list heads inside {list(s.shape)}, got {list(planted)}")
+    if not 1 <= top <= s.size:
+        raise ValueError(f"top must lie in 1..{s.size}, got {top}")
+    order = np.argsort(-s.ravel(), kind="stable")  # ties: the first position first
+    rank = np.empty(s.size, dtype=int)
+    rank[order] = np.arange(1, s.size + 1)
+    ranks = [int(rank[a * s.shape[1] + b]) for a, b in heads]
+    found = sum(r <= top for r in ranks)
+    return {
+        "found": found,
+        "planted": len(heads),
+        "top": top,
+        "chance": top * len(heads) / s.size,
+        "p": float(hypergeom.sf(found - 1, s.size, len(heads), top)),
+        "ranks": ranks,
     }

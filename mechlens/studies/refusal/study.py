@@ -35,6 +35,7 @@ from mechlens.ops.heads import direct_head_scores, head_ablation_effects
 from mechlens.ops.probes import LinearProbe, ProbeSweep, probe_sweep
 from mechlens.ops.stats import auroc, auroc_interval, format_rate, mcnemar, spearman
 from mechlens.rollouts import Engine
+from mechlens.studies.recovery import head_recovery
 from mechlens.studies.refusal import cliff_as_judge
 from mechlens.studies.refusal.cliffs import Cliff, cliff_metrics
 from mechlens.studies.refusal.heads import answer_perplexity, random_head_sets, top_heads
@@ -136,6 +137,9 @@ class HeadStudy:
     paired: dict[str, dict]  # set -> McNemar of refused without vs with the ablation, same prompts
     perplexity: dict[str, Any]  # harmless replies' perplexity: none, top heads, random heads
     sweep_examples: int
+    # `known_heads` (e.g. planted ones): each ranking's recovery of them (`head_recovery`), and
+    # their own ablation: rates, percentile among the random sets, McNemar against none
+    known: dict[str, Any] | None = None
 
 
 @dataclass
@@ -209,6 +213,19 @@ class RefusalStudy:
                 f"top {k} heads ablated, {name}: of {m['n']} prompts, {m['only_a']} refused only without the "
                 f"ablation, {m['only_b']} only with it ({test})"
             )
+        if h.known is not None:
+            for method, r in h.known["recovery"].items():
+                lines.append(
+                    f"known heads among the top {r['top']} by {method}: {r['found']} of {r['planted']} "
+                    f"(chance {r['chance']:.2f}, hypergeometric p = {r['p']:.2g}); ranks {r['ranks']}"
+                )
+            for c, rate in h.known["rates"].items():
+                if c in h.random_rates:
+                    lines.append(
+                        f"known {len(h.known['heads'])} heads ablated, {c}: "
+                        f"{format_rate(int(rate['count']), int(rate['n']))}; percentile "
+                        f"{h.known['percentile'][c]:.0f} among {len(h.random_rates[c])} random sets"
+                    )
         c = "jailbreak: attack success"
         for name, runs in self.judge.items():
             values = [r["rates"][c]["rate"] for r in runs]
@@ -318,6 +335,7 @@ def analyze(
     rescale: Literal["norm"] | None = "norm",
     random_sets: int = 20,
     control_sets: Sequence[str] = ("jailbreak",),
+    known_heads: Sequence[tuple[int, int]] | None = None,
     judge: JudgeSettings | None = None,
     batch_size: int = 16,
     seed: int = 0,
@@ -337,8 +355,10 @@ def analyze(
 
     `random_sets` random head sets of the same size, sampled on `control_sets`, are the null of
     the ablation; the same prompts with and without the ablation give a paired McNemar test.
-    `judge` runs Cliff-as-a-Judge (`JudgeSettings`; None skips it). `cache` stores every
-    expensive step under its inputs and the model's weights (True: the mechlens cache folder).
+    `known_heads` (a set planted or hypothesised) is ablated the same way, and each ranking's top
+    heads are scored against it (`studies.recovery.head_recovery`). `judge` runs Cliff-as-a-Judge
+    (`JudgeSettings`; None skips it). `cache` stores every expensive step under its inputs and the
+    model's weights (True: the mechlens cache folder).
     Raises `ValueError` when fewer than 4 harmful probe requests are refused, or as many harmless
     ones answered: the probe needs both classes.
     """
@@ -349,6 +369,8 @@ def analyze(
         "batch_size": batch_size,
     }
     _check_options(prompts, head_ranking, rescale, control_sets, head_fraction, counts)
+    if known_heads is not None:
+        model.check_heads(known_heads)  # raises naming a malformed or out-of-range head
     store = DiskCache.of(cache, "refusal")
     base_key = {"model": model_fingerprint(model), "seed": seed}
     engine_key = engine.describe() if engine is not None else None
@@ -439,7 +461,7 @@ def analyze(
     heads = _head_study(
         model, rolls, groups, probe, replies, cached, k_end, sweep_examples, head_fraction, head_ranking,
         rescale, random_sets, control_sets, {s: list(prompts[s]) for s in EVAL_SETS}, seed, progress,
-        engine is not None,
+        engine is not None, known_heads,
     )  # fmt: skip
     study = RefusalStudy(
         rolls, rates, probe, sweep, n, probe_auroc, jailbreak_auroc, groups, curves, cliffs, heads
@@ -461,10 +483,10 @@ def analyze(
 
 def _head_study(
     model, rolls, groups, probe, replies, cached, k_end, sweep_examples, head_fraction, ranking, rescale,
-    random_sets, control_sets, eval_sets, seed, progress, external,
+    random_sets, control_sets, eval_sets, seed, progress, external, known_heads,
 ) -> HeadStudy:  # fmt: skip
     """Rank heads on complied replies (refused ones when none complied), ablate the top ones
-    against random sets of as many heads."""
+    against random sets of as many heads (and the known heads, when given)."""
     complied = [r for r in rolls["candidates"] + rolls["jailbreak"] if not r.refused]
     rows = complied[:sweep_examples] or groups["harmful, refused"][:sweep_examples]
     toks, mask = model.tokenize([r.probe_text for r in rows])
@@ -513,14 +535,7 @@ def _head_study(
         for h in tqdm(controls, desc="random heads", disable=not progress)
     ]
     random_rates = {c: [r[c]["rate"] for r in drawn] for c in drawn[0]}
-    # mid-rank percentile: random sets below the top heads' rate count fully, ties half
-    percentile = {
-        c: 100
-        * float(
-            np.mean(np.array(v) < top_rates[c]["rate"]) + np.mean(np.array(v) == top_rates[c]["rate"]) / 2
-        )
-        for c, v in random_rates.items()
-    }
+    percentile = {c: _percentile(v, top_rates[c]["rate"]) for c, v in random_rates.items()}
     harmless = groups["harmless"]
 
     def perplexity(heads) -> float:
@@ -536,6 +551,21 @@ def _head_study(
         "top heads": perplexity(top),
         "random heads": [perplexity(h) for h in controls],
     }
+    known = None
+    if known_heads is not None:
+        heads_known = sorted({(int(a), int(b)) for a, b in known_heads})
+        known_replies = replies(eval_sets, heads_known)
+        known_rates = refusal_rates(known_replies)
+        known = {
+            "heads": heads_known,
+            "recovery": {m: head_recovery(v.numpy(), heads_known, n_heads) for m, v in scores.items()},
+            "rates": known_rates,
+            "percentile": {c: _percentile(v, known_rates[c]["rate"]) for c, v in random_rates.items()},
+            "paired": {
+                s: mcnemar([r.refused for r in base[s]], [r.refused for r in known_replies[s]])
+                for s in eval_sets
+            },
+        }
     return HeadStudy(
         scores,
         ranking,
@@ -550,7 +580,14 @@ def _head_study(
         paired,
         ppl,
         len(rows),
+        known,
     )
+
+
+def _percentile(values: Sequence[float], rate: float) -> float:
+    """Mid-rank percentile of `rate` among `values` (0-100): values below count fully, ties half."""
+    v = np.asarray(values, dtype=float)
+    return 100 * float(np.mean(v < rate) + np.mean(v == rate) / 2)
 
 
 def _judge(
