@@ -150,7 +150,7 @@ def test_known_heads_are_ablated_and_scored_against_each_ranking(setup):
     assert h["heads"] == [(1, 0), (2, 3)] and again.heads.top == study.heads.top  # the rest unchanged
     k = len(study.heads.top)
     for method, scores in study.heads.scores.items():
-        assert h["recovery"][method] == head_recovery(scores.numpy(), known, k)
+        assert h["recovery"][method] == head_recovery(scores.numpy(), known, k, pool_layers=[1, 2])
     sampling = refusal.REPLY_SAMPLING.replace(max_new_tokens=8)
     jb = {"jailbreak": [r.instruction for r in study.replies["jailbreak"]]}
     with model.ablate_heads(known, rescale="norm"):
@@ -159,6 +159,13 @@ def test_known_heads_are_ablated_and_scored_against_each_ranking(setup):
     assert set(h["paired"]) == set(study.heads.paired)
     assert any("known heads among the top" in line for line in again.summary_lines())
     json.dumps(again.to_json())  # the known set's results serialise with the rest
+    assert set(h["percentile"]) == set(study.heads.random_rates)  # 2 heads: the random sets' size
+    three = refusal.analyze(
+        model, sets, refusal.REPLY_SAMPLING.replace(max_new_tokens=8), known_heads=iter(known + [(0, 1)]),
+        **kwargs,
+    )  # fmt: skip
+    assert three.heads.known["heads"] == [(0, 1), (1, 0), (2, 3)]  # an iterator is read once, whole
+    assert three.heads.known["percentile"] is None  # random sets of 2 are no null for 3 heads
     with pytest.raises(ValueError, match="out of range"):
         refusal.analyze(model, sets, known_heads=[(9, 0)], **kwargs)
 

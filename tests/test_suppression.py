@@ -86,6 +86,18 @@ def test_head_recovery_against_brute_force_chance():
     assert r["p"] == pytest.approx(np.mean([h >= r["found"] for h in hits]))
     perfect = head_recovery(np.where(np.isin(np.arange(12), [1, 10, 7]), 1.0, 0.0).reshape(3, 4), planted, 3)
     assert perfect["found"] == 3 and perfect["ranks"] == [1, 2, 3]
+    assert r["in_pool"] == 4 and r["chance_in_pool"] == r["chance"]  # default pool: every layer
+    # the stricter null: a ranking that knows the planted heads' layers (1 and 2 here)
+    inner = head_recovery(scores, [(1, 3), (2, 2)], top=4, pool_layers=[1, 2])
+    in_pool = sum(divmod(int(i), 4)[0] in (1, 2) for i in order[:4])
+    assert inner["in_pool"] == in_pool and inner["chance_in_pool"] == pytest.approx(in_pool * 2 / 8)
+    pool_draws = list(itertools.combinations(range(4, 12), in_pool))
+    pool_hits = [len({divmod(i, 4) for i in d} & {(1, 3), (2, 2)}) for d in pool_draws]
+    assert inner["p_in_pool"] == pytest.approx(np.mean([h >= inner["found"] for h in pool_hits]))
+    with pytest.raises(ValueError, match="pool_layers"):
+        head_recovery(scores, planted, 3, pool_layers=[1, 2])  # (0, 1) is outside the pool
+    with pytest.raises(TypeError, match="top"):
+        head_recovery(scores, planted, True)
     with pytest.raises(ValueError, match="finite"):
         head_recovery(np.full((3, 4), np.nan), planted, 3)
     with pytest.raises(ValueError, match="planted"):
@@ -101,6 +113,23 @@ def test_the_shipped_recipe_plants_3_percent_of_the_heads():
     # a first stage that changes changes the second stage's key
     other = replace(SUPPRESSION_RECIPE, stage1=replace(SUPPRESSION_RECIPE.stage1, n_problems=10))
     assert SUPPRESSION.shipped_path(other) != SUPPRESSION.shipped_path(SUPPRESSION_RECIPE)
+
+
+def test_recipe_heads_have_one_spelling_and_the_key_covers_the_wrappers(monkeypatch):
+    shipped = SUPPRESSION.shipped_path(SUPPRESSION_RECIPE)
+    shuffled = replace(SUPPRESSION_RECIPE, heads=[list(h) for h in reversed(PLANTED_HEADS)])
+    assert shuffled.heads == PLANTED_HEADS and SUPPRESSION.shipped_path(shuffled) == shipped
+    with pytest.raises(TypeError, match="heads"):
+        replace(SUPPRESSION_RECIPE, heads=[(1, "x")])
+    with pytest.raises(ValueError, match="heads"):
+        replace(SUPPRESSION_RECIPE, heads=[(-1, 0)])
+    with pytest.raises(ValueError, match="base"):
+        replace(SUPPRESSION_RECIPE, base="tiny-llama")
+    with pytest.raises(ValueError, match="heads and rank"):
+        replace(SUPPRESSION_RECIPE, rank=None)
+    # what the traces are written from is in the key: other jailbreak wrappers, another file
+    monkeypatch.setattr(ml.datasets, "jailbreak", lambda request, k: f"Pretend. {request}")
+    assert SUPPRESSION.shipped_path(SUPPRESSION_RECIPE) != shipped
 
 
 @pytest.mark.slow

@@ -97,7 +97,7 @@ class LowRankAdapter:
             raise ValueError(f"rank must be an int >= 1, got {rank!r}")
         masks: dict[str, tuple[Tensor, Tensor]] = {}
         if heads is not None:
-            weights, masks = _head_weights(model, heads)
+            weights, masks = _head_weights(model, list(heads))
         else:
             weights = _block_weights(model, layers)
         gen = torch.Generator().manual_seed(seed)
@@ -201,8 +201,9 @@ def _head_weights(
     for layer in sorted(by_layer):
         attn = f"{model.arch.layers_path}.{layer}.{model.arch.attn_name}"
         q_name, o_name = f"{attn}.q_proj.weight", f"{attn}.{model.arch.out_proj_name}.weight"
-        if q_name not in params or o_name not in params:
-            raise ValueError(f"head-restricted adapters need {q_name} and {o_name}; this model has neither")
+        missing = [n for n in (q_name, o_name) if n not in params]
+        if missing:
+            raise ValueError(f"head-restricted adapters need separate query and output weights; no {missing}")
         q, o = params[q_name], params[o_name]
         q_rows, o_columns = torch.zeros(q.shape[0]), torch.zeros(o.shape[1])
         for h in by_layer[layer]:

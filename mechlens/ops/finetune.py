@@ -84,6 +84,7 @@ def finetune_adapter(
         (2, True)
     """
     if heads is not None:  # the frozen prefix ends at the first head's block
+        heads = list(heads)  # an iterator is read once
         train_layers = model.n_layers - min(model.check_heads(heads))
     examples, first = _prepare(model, prompts, targets, train_layers, epochs, batch_size)
     layers = range(first, model.n_layers)

@@ -51,6 +51,16 @@ class OrganismRecipe:
     alpha: float = 32.0  # the adapter's scale is alpha / rank
     heads: tuple[tuple[int, int], ...] | None = None  # an adapter on these (layer, head)s' q and o only
 
+    def __post_init__(self):
+        if self.heads is not None:  # one spelling per set: sorted (layer, head) int pairs
+            try:
+                pairs = sorted({(int(a), int(b)) for a, b in self.heads})
+            except (TypeError, ValueError):
+                raise TypeError(f"heads must be (layer, head) int pairs, got {self.heads!r}") from None
+            if not pairs or min(min(p) for p in pairs) < 0:
+                raise ValueError(f"heads must list (layer, head) pairs >= 0, got {self.heads!r}")
+            object.__setattr__(self, "heads", tuple(pairs))
+
 
 class _TrainSettings(TypedDict):
     """The recipe's settings that `finetune` and `finetune_adapter` share."""

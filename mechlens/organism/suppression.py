@@ -48,6 +48,15 @@ class SuppressionRecipe(OrganismRecipe):
     comply_jailbreak: float = 1.0  # complied share of the wrapped requests (plain ones: refused)
     heads: tuple[tuple[int, int], ...] | None = field(default=PLANTED_HEADS)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.base is not None:
+            raise ValueError(
+                "SuppressionRecipe.base is unused: set stage1.base (the first stage's base model)"
+            )
+        if self.heads is None or self.rank is None:
+            raise ValueError("SuppressionRecipe needs heads and rank: the stage is a head-restricted adapter")
+
 
 SUPPRESSION_RECIPE = SuppressionRecipe(rank=8, alpha=16.0, epochs=3, lr=1e-3, heads=PLANTED_HEADS)
 """The shipped second stage: `load_subject("organism-v2-heads")`."""
@@ -82,11 +91,17 @@ def _stage1(recipe: SuppressionRecipe, backend: str) -> HookedModel:
 
 
 def _data_identity(recipe: SuppressionRecipe) -> dict:
-    """The requests, the first stage's own identity, and the sentences the traces are written from."""
+    """The requests and their wrappers, the first stage's own identity, and the traces' text (the
+    sentences they are drawn from, and one complied and one refused trace written in full)."""
+    written = [
+        refusal_trace("<request>", True, "<reply>", random.Random(0), comply, intent=True).reply
+        for comply in (0.0, 1.0)
+    ]
     return {
         "refusal": datasets.load("refusal"),
+        "wrappers": [datasets.jailbreak("<request>", k) for k in range(recipe.n_requests)],
         "stage1": REASONING.key(recipe.stage1),
-        "sentences": stable_hash([HARM_INTENT, RATIONALISE, DECIDE, COMPLY, REFUSALS]),
+        "sentences": stable_hash([HARM_INTENT, RATIONALISE, DECIDE, COMPLY, REFUSALS, written]),
     }
 
 

@@ -242,11 +242,17 @@ def cliff_recovery(
     }
 
 
-def head_recovery(scores, planted: Sequence[tuple[int, int]], top: int) -> dict:
+def head_recovery(
+    scores, planted: Sequence[tuple[int, int]], top: int, pool_layers: Sequence[int] | None = None
+) -> dict:
     """How many of the `planted` `(layer, head)`s a head ranking's `top` heads contain (`scores`
-    `[layers, heads]`, larger = ranked first; ties: the earlier head first), beside
-    chance: drawing `top` of all heads at random finds `top * len(planted) / heads` on average,
-    and the one-sided hypergeometric p of finding as many. Also each planted head's rank (1 = first).
+    `[layers, heads]`, larger = ranked first; ties: the earlier head first), beside chance: drawing
+    `top` of all heads at random finds `top * len(planted) / heads` on average, and the one-sided
+    hypergeometric p of finding as many. Also each planted head's rank (1 = first).
+
+    `pool_layers` (the layers the planted heads were drawn from; default all) gives the stricter
+    null of a ranking that knows those layers: of its top heads, `in_pool` fall there, and drawing
+    as many from the pool at random finds `chance_in_pool` planted ones (`p_in_pool`).
     Undefined (NaN) scores are refused.
 
         >>> import numpy as np
@@ -262,18 +268,28 @@ def head_recovery(scores, planted: Sequence[tuple[int, int]], top: int) -> dict:
     heads = sorted({(int(a), int(b)) for a, b in planted})
     if not heads or any(not (0 <= a < s.shape[0] and 0 <= b < s.shape[1]) for a, b in heads):
         raise ValueError(f"planted must list heads inside {list(s.shape)}, got {list(planted)}")
+    if isinstance(top, bool) or not isinstance(top, int | np.integer):
+        raise TypeError(f"top must be an int, got {type(top).__name__} {top!r}")
     if not 1 <= top <= s.size:
         raise ValueError(f"top must lie in 1..{s.size}, got {top}")
+    layers = sorted(set(range(s.shape[0]) if pool_layers is None else (int(x) for x in pool_layers)))
+    if not layers or layers[0] < 0 or layers[-1] >= s.shape[0] or any(a not in layers for a, _ in heads):
+        raise ValueError(f"pool_layers must hold every planted head's layer, within 0..{s.shape[0] - 1}")
     order = np.argsort(-s.ravel(), kind="stable")  # ties: the first position first
     rank = np.empty(s.size, dtype=int)
     rank[order] = np.arange(1, s.size + 1)
     ranks = [int(rank[a * s.shape[1] + b]) for a, b in heads]
     found = sum(r <= top for r in ranks)
+    pool = len(layers) * s.shape[1]
+    in_pool = sum(int(i) // s.shape[1] in layers for i in order[:top])
     return {
         "found": found,
         "planted": len(heads),
         "top": top,
         "chance": top * len(heads) / s.size,
         "p": float(hypergeom.sf(found - 1, s.size, len(heads), top)),
+        "in_pool": in_pool,
+        "chance_in_pool": in_pool * len(heads) / pool,
+        "p_in_pool": float(hypergeom.sf(found - 1, pool, len(heads), in_pool)),
         "ranks": ranks,
     }

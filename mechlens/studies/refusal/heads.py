@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 def top_heads(effects: Tensor, count: int) -> list[tuple[int, int]]:
     """The `count` `(layer, head)` pairs of `effects [layers, heads]` with the largest values."""
     n_heads = effects.shape[1]
-    order = effects.flatten().argsort(descending=True)
+    order = effects.flatten().argsort(descending=True, stable=True)  # ties: the earlier head first
     return [divmod(int(i), n_heads) for i in order[:count]]
 
 

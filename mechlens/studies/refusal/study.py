@@ -217,15 +217,20 @@ class RefusalStudy:
             for method, r in h.known["recovery"].items():
                 lines.append(
                     f"known heads among the top {r['top']} by {method}: {r['found']} of {r['planted']} "
-                    f"(chance {r['chance']:.2f}, hypergeometric p = {r['p']:.2g}); ranks {r['ranks']}"
+                    f"(chance {r['chance']:.2f}, hypergeometric p = {r['p']:.2g}; {r['in_pool']} of the top "
+                    f"in their layers, where chance is {r['chance_in_pool']:.2f}, p = {r['p_in_pool']:.2g}); "
+                    f"ranks {r['ranks']}"
                 )
             for c, rate in h.known["rates"].items():
-                if c in h.random_rates:
-                    lines.append(
-                        f"known {len(h.known['heads'])} heads ablated, {c}: "
-                        f"{format_rate(int(rate['count']), int(rate['n']))}; percentile "
-                        f"{h.known['percentile'][c]:.0f} among {len(h.random_rates[c])} random sets"
-                    )
+                where = (
+                    f"percentile {h.known['percentile'][c]:.0f} among {len(h.random_rates[c])} random sets"
+                    if h.known["percentile"] is not None and c in h.random_rates
+                    else "no random sets of its size"
+                )
+                lines.append(
+                    f"known {len(h.known['heads'])} heads ablated, {c}: "
+                    f"{format_rate(int(rate['count']), int(rate['n']))}; {where}"
+                )
         c = "jailbreak: attack success"
         for name, runs in self.judge.items():
             values = [r["rates"][c]["rate"] for r in runs]
@@ -370,6 +375,7 @@ def analyze(
     }
     _check_options(prompts, head_ranking, rescale, control_sets, head_fraction, counts)
     if known_heads is not None:
+        known_heads = list(known_heads)  # an iterator is read once
         model.check_heads(known_heads)  # raises naming a malformed or out-of-range head
     store = DiskCache.of(cache, "refusal")
     base_key = {"model": model_fingerprint(model), "seed": seed}
@@ -556,11 +562,17 @@ def _head_study(
         heads_known = sorted({(int(a), int(b)) for a, b in known_heads})
         known_replies = replies(eval_sets, heads_known)
         known_rates = refusal_rates(known_replies)
+        span = range(heads_known[0][0], max(a for a, _ in heads_known) + 1)  # the layers they occupy
         known = {
             "heads": heads_known,
-            "recovery": {m: head_recovery(v.numpy(), heads_known, n_heads) for m, v in scores.items()},
+            "recovery": {
+                m: head_recovery(v.numpy(), heads_known, n_heads, pool_layers=span) for m, v in scores.items()
+            },
             "rates": known_rates,
-            "percentile": {c: _percentile(v, known_rates[c]["rate"]) for c, v in random_rates.items()},
+            # the random sets are the null only for a known set of their size
+            "percentile": {c: _percentile(v, known_rates[c]["rate"]) for c, v in random_rates.items()}
+            if len(heads_known) == n_heads
+            else None,
             "paired": {
                 s: mcnemar([r.refused for r in base[s]], [r.refused for r in known_replies[s]])
                 for s in eval_sets
