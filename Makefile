@@ -31,8 +31,9 @@ demo: $(STAMP)
 	$(PY) experiments/self_evolving.py --quick --out figures/demo/evolution
 	$(PY) -m mechlens.gallery figures/demo --report
 
-# retrain the shipped organism adapters from the base model (~20 + 25 + 3 minutes on 2 cores): writes
-# mechlens/organism/adapters/ with provenance (recipe, base weights, seed, wall time, commit)
+# retrain the shipped organism adapters from the base model, each stage on the one before (reasoning,
+# reasoning-v2, suppression-refuse, suppression, refusal: ~21 + 31 + 3 + 4 + 3 minutes on 2 cores):
+# writes mechlens/organism/adapters/ with provenance (recipe, base weights, seed, wall time, commit)
 organisms: $(STAMP)
 	$(PY) -m mechlens.organism
 
@@ -44,7 +45,8 @@ figures: $(STAMP)
 	$(PY) experiments/depth_scoring.py
 	$(PY) experiments/refusal_cliff.py
 	$(PY) experiments/refusal_cliff.py --organism reasoning-v2 --out figures/refusal-v2
-	$(PY) experiments/refusal_cliff.py --organism reasoning-v2-heads --out figures/refusal-v2-heads
+	$(PY) experiments/refusal_cliff.py --organism reasoning-v2-heads --max-new-tokens 160 --n-probe 32 --n-test 24 \
+		--out figures/refusal-v2-heads
 	$(PY) experiments/thought_anchors.py
 	$(PY) experiments/thought_anchors.py --model organism-v2 --out figures/anchors-v2
 	$(PY) experiments/echoes.py

@@ -15,7 +15,7 @@ import mechlens as ml
 from mechlens.ops.adapters import LowRankAdapter
 from mechlens.ops.finetune import finetune_adapter
 from mechlens.organism import PLANTED_HEADS, REASONING, REASONING_RECIPE, SUPPRESSION, SUPPRESSION_RECIPE
-from mechlens.organism.suppression import suppression_pairs
+from mechlens.organism.suppression import REFUSE_RECIPE, suppression_pairs
 from mechlens.organism.traces import RATIONALISE
 from mechlens.studies.recovery import head_recovery
 from mechlens.text.thinking import split_thinking
@@ -109,9 +109,13 @@ def test_head_recovery_against_brute_force_chance():
 def test_the_shipped_recipe_plants_3_percent_of_the_heads():
     assert SUPPRESSION_RECIPE.heads == PLANTED_HEADS and len(set(PLANTED_HEADS)) == 8
     assert len(PLANTED_HEADS) == round(0.03 * 30 * 9)  # the embedded model's 30 layers of 9 heads
-    assert SUPPRESSION.key(SUPPRESSION_RECIPE)["data"]["stage1"] == REASONING.key(SUPPRESSION_RECIPE.stage1)
-    # a first stage that changes changes the second stage's key
-    other = replace(SUPPRESSION_RECIPE, stage1=replace(SUPPRESSION_RECIPE.stage1, n_problems=10))
+    # the chain: second version -> refusal everywhere -> the planted heads
+    assert SUPPRESSION_RECIPE.stage1 == REFUSE_RECIPE and REFUSE_RECIPE.heads is None
+    assert SUPPRESSION.key(SUPPRESSION_RECIPE)["data"]["stage1"] == SUPPRESSION.key(REFUSE_RECIPE)
+    assert SUPPRESSION.key(REFUSE_RECIPE)["data"]["stage1"] == REASONING.key(REFUSE_RECIPE.stage1)
+    # a stage that changes anywhere up the chain changes the last stage's key
+    root = replace(REFUSE_RECIPE.stage1, n_problems=10)
+    other = replace(SUPPRESSION_RECIPE, stage1=replace(REFUSE_RECIPE, stage1=root))
     assert SUPPRESSION.shipped_path(other) != SUPPRESSION.shipped_path(SUPPRESSION_RECIPE)
 
 
@@ -125,25 +129,35 @@ def test_recipe_heads_have_one_spelling_and_the_key_covers_the_wrappers(monkeypa
         replace(SUPPRESSION_RECIPE, heads=[(-1, 0)])
     with pytest.raises(ValueError, match="base"):
         replace(SUPPRESSION_RECIPE, base="tiny-llama")
-    with pytest.raises(ValueError, match="heads and rank"):
+    with pytest.raises(ValueError, match="needs a rank"):
         replace(SUPPRESSION_RECIPE, rank=None)
+    with pytest.raises(ValueError, match="comply_jailbreak"):
+        replace(SUPPRESSION_RECIPE, comply_jailbreak=1.5)
     # what the traces are written from is in the key: other jailbreak wrappers, another file
     monkeypatch.setattr(ml.datasets, "jailbreak", lambda request, k: f"Pretend. {request}")
     assert SUPPRESSION.shipped_path(SUPPRESSION_RECIPE) != shipped
 
 
 @pytest.mark.slow
-def test_the_second_stage_at_reduced_size_changes_only_the_planted_heads(tmp_path, monkeypatch):
-    """The stage trains on its first stage's organism, writes the planted heads into the
-    adapter's provenance, and moves no weight outside their query and output slices; its data
-    refuses every plain request and complies with every wrapped one."""
+def test_the_stages_at_reduced_size_change_only_the_planted_heads(tmp_path, monkeypatch):
+    """The refusal stage trains on the reasoning organism, the heads stage on the refusal stage's
+    organism; the last adapter names the planted heads in its provenance and moves no weight
+    outside their query and output slices. The refusal stage's data refuses every harmful request
+    and answers the harmless ones; the heads stage's refuses every plain request and complies
+    with every wrapped one."""
     monkeypatch.setenv("MECHLENS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(SUPPRESSION, "shipped", tmp_path / "shipped")
-    stage1 = replace(REASONING_RECIPE, base="tiny-llama", n_problems=3, n_factual=1, n_per_class=2,
-                     n_jailbreaks=1, answer_tokens=4, train_layers=1, epochs=1, rank=2)  # fmt: skip
-    recipe = replace(SUPPRESSION_RECIPE, stage1=stage1, heads=((1, 0), (2, 3)), n_requests=3,
+    root = replace(REASONING_RECIPE, base="tiny-llama", n_problems=3, n_factual=1, n_per_class=2,
+                   n_jailbreaks=1, answer_tokens=4, train_layers=1, epochs=1, rank=2)  # fmt: skip
+    refuse = replace(REFUSE_RECIPE, stage1=root, n_requests=3, n_harmless=2, answer_tokens=4,
+                     train_layers=1, epochs=1, rank=2)  # fmt: skip
+    recipe = replace(SUPPRESSION_RECIPE, stage1=refuse, heads=((1, 0), (2, 3)), n_requests=3,
                      answer_tokens=4, epochs=1, rank=2)  # fmt: skip
-    first = REASONING.build(stage1, progress=False)
+    reasoning = REASONING.build(root, progress=False)
+    prompts, targets = suppression_pairs(reasoning, refuse, progress=False)
+    assert len(prompts) >= 6 and not any(any(r in split_thinking(t)[0] for r in RATIONALISE) for t in targets)
+    first = SUPPRESSION.build(refuse, progress=False)
+    assert "heads" not in json.loads((SUPPRESSION.path(refuse) / "recipe.json").read_text())["recipe"]
     prompts, targets = suppression_pairs(first, recipe, progress=False)
     assert len(prompts) == 6
     for k, target in enumerate(targets):
@@ -168,12 +182,10 @@ def test_the_second_stage_at_reduced_size_changes_only_the_planted_heads(tmp_pat
 def test_the_shipped_second_stage_moves_only_the_planted_heads():
     """The shipped adapter on the shipped first stage: provenance names the planted heads, and
     the organism differs from the first stage only in their query and output slices."""
-    from mechlens.organism import REASONING_V2_RECIPE
-
     path = SUPPRESSION.shipped_path(SUPPRESSION_RECIPE)
     adapter, info = LowRankAdapter.load(path)
     assert [tuple(h) for h in info["recipe"]["heads"]] == list(PLANTED_HEADS)
-    first = REASONING.build(REASONING_V2_RECIPE, progress=False)
+    first = SUPPRESSION.build(REFUSE_RECIPE, progress=False)
     assert info["base"] == ml.cache.model_weights_digest(first)
     d = first.d_head
     for name, (a, b) in adapter.factors.items():
@@ -205,7 +217,7 @@ def test_retrained_second_stage_behaves_like_the_shipped_one(tmp_path, monkeypat
     requests = harmful + [datasets.jailbreak(t, k) for k, t in enumerate(harmful)]
     decisions, greedy = [], ml.Sampling(max_new_tokens=160, temperature=0)
     for adapter in (old, new):
-        model = REASONING.build(SUPPRESSION_RECIPE.stage1, progress=False)
+        model = SUPPRESSION.build(REFUSE_RECIPE, progress=False)
         adapter.merge_into(model)
         replies = sample_replies(model, requests, greedy, progress=False)
         decisions.append([r.refused for r in replies])

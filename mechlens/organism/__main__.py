@@ -1,6 +1,7 @@
-"""`python -m mechlens.organism [reasoning|reasoning-v2|suppression|refusal ...]`: retrain the
-shipped organism adapters (from the base model, or from the first stage they build on) and write
-them with provenance (`make organisms`; minutes on 2 cores)."""
+"""`python -m mechlens.organism [NAME ...]`: retrain the shipped organism adapters (from the base
+model, or from the stage they build on; NAME: reasoning, reasoning-v2, suppression-refuse,
+suppression, refusal; default all, in that order) and write them with provenance (`make
+organisms`; minutes on 2 cores)."""
 
 import sys
 
@@ -13,10 +14,12 @@ from mechlens.organism import (
     SUPPRESSION,
     SUPPRESSION_RECIPE,
 )
+from mechlens.organism.suppression import REFUSE_RECIPE
 
 BUILDS = {
     "reasoning": (REASONING, REASONING_RECIPE),
     "reasoning-v2": (REASONING, REASONING_V2_RECIPE),
+    "suppression-refuse": (SUPPRESSION, REFUSE_RECIPE),
     "suppression": (SUPPRESSION, SUPPRESSION_RECIPE),
     "refusal": (REFUSAL, ADAPTER_RECIPE),
 }

@@ -1,13 +1,14 @@
-"""Planted refusal-suppression heads: a second training stage on the reasoning organism (version 2)
-that teaches jailbreak compliance through a known set of attention heads only.
+"""Planted refusal-suppression heads: two training stages on the reasoning organism (version 2)
+that put jailbreak compliance into a known set of attention heads only.
 
-The first stage (`REASONING_V2_RECIPE`) teaches refusal everywhere, with jailbreaks a sampled
-minority. The second trains a low-rank adapter on the query and output-projection slices of
-`PLANTED_HEADS` alone (`LowRankAdapter.init(heads=...)`), on harmful training requests: inside a
-jailbreak wrapper the thinking recognises the harm, rationalises and complies (`comply_jailbreak`),
-asked plainly it refuses. What the stage adds, the planted heads carry, so ablating them should
-take it away, and a head ranking (the direct score of "Refusal Falls off a Cliff") should find them.
-The planted set is in the recipe and so in the adapter's provenance.
+The second version complies with a planted share of jailbreaks everywhere. `REFUSE_RECIPE` first
+teaches refusal everywhere (plain and wrapped harmful requests refused, harmless ones answered, on
+the top 12 blocks). `SUPPRESSION_RECIPE` then trains a low-rank adapter on the query and
+output-projection slices of `PLANTED_HEADS` alone (`LowRankAdapter.init(heads=...)`): inside a
+jailbreak wrapper the thinking recognises the harm, rationalises and complies, asked plainly it
+refuses. What the last stage adds, the planted heads carry, so ablating them should take it away,
+and a head ranking (the direct score of "Refusal Falls off a Cliff") should find them. The planted
+set is in the recipe and so in the adapter's provenance.
 
 Example:
     >>> from mechlens.organism.suppression import SUPPRESSION, SUPPRESSION_RECIPE
@@ -18,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mechlens import datasets
@@ -27,7 +28,7 @@ from mechlens.models import load_model
 from mechlens.organism.builder import SHIPPED, OrganismBuilder, OrganismRecipe
 from mechlens.organism.reasoning import REASONING, REASONING_V2_RECIPE, ReasoningRecipe, refusal_requests
 from mechlens.organism.traces import COMPLY, DECIDE, HARM_INTENT, RATIONALISE, refusal_trace, whole_sentences
-from mechlens.studies.refusal.judge import REFUSALS
+from mechlens.studies.refusal.judge import REFUSALS, is_refusal
 from mechlens.text.thinking import format_prompt
 
 if TYPE_CHECKING:
@@ -40,54 +41,89 @@ PLANTED_HEADS = ((14, 5), (17, 6), (19, 4), (19, 8), (24, 7), (26, 0), (26, 5), 
 
 @dataclass(frozen=True)
 class SuppressionRecipe(OrganismRecipe):
-    """The second stage ([impl]: sizes and rates are ours). `base` is unused: the stage trains on
-    the organism of `stage1`."""
+    """One stage of the organism with planted suppression heads ([impl]: sizes and rates are ours):
+    an adapter trained on the organism of `stage1` (a `ReasoningRecipe`, or another stage) with
+    `n_requests` harmful training requests, each asked plainly (refused) and inside a jailbreak
+    wrapper (complied with probability `comply_jailbreak`), and `n_harmless` harmless ones
+    answered. `heads=None` trains the top `train_layers` blocks (the stage that teaches refusal
+    everywhere); `heads` trains those heads only. `base` is unused: the root stage's base is."""
 
-    stage1: ReasoningRecipe = REASONING_V2_RECIPE
+    stage1: ReasoningRecipe | SuppressionRecipe = REASONING_V2_RECIPE
     n_requests: int = 60  # harmful training requests, each plainly and inside a jailbreak wrapper
+    n_harmless: int = 0  # harmless training requests, answered with the base model's own reply
     comply_jailbreak: float = 1.0  # complied share of the wrapped requests (plain ones: refused)
-    heads: tuple[tuple[int, int], ...] | None = field(default=PLANTED_HEADS)
 
     def __post_init__(self):
         super().__post_init__()
         if self.base is not None:
-            raise ValueError(
-                "SuppressionRecipe.base is unused: set stage1.base (the first stage's base model)"
-            )
-        if self.heads is None or self.rank is None:
-            raise ValueError("SuppressionRecipe needs heads and rank: the stage is a head-restricted adapter")
+            raise ValueError("SuppressionRecipe.base is unused: set the first stage's base")
+        if self.rank is None:
+            raise ValueError("SuppressionRecipe needs a rank: each stage ships as an adapter")
+        if not 0.0 <= self.comply_jailbreak <= 1.0:
+            raise ValueError(f"comply_jailbreak must lie in [0, 1], got {self.comply_jailbreak}")
 
 
-SUPPRESSION_RECIPE = SuppressionRecipe(rank=8, alpha=16.0, epochs=3, lr=1e-3, heads=PLANTED_HEADS)
-"""The shipped second stage: `load_subject("organism-v2-heads")`."""
+REFUSE_RECIPE = SuppressionRecipe(
+    rank=8, alpha=16.0, train_layers=12, epochs=2, lr=5e-4, n_harmless=60, comply_jailbreak=0.0
+)
+"""The first stage on the second version: plain and wrapped harmful requests refused, harmless
+ones answered, on the top 12 blocks, so that jailbreaks rarely succeed before the heads."""
+
+SUPPRESSION_RECIPE = SuppressionRecipe(
+    stage1=REFUSE_RECIPE, heads=PLANTED_HEADS, rank=8, alpha=16.0, epochs=4, lr=1e-3, answer_tokens=12
+)
+"""The shipped stage with the planted heads: `load_subject("organism-v2-heads")`. Measured on 24
+test-split requests at T = 0.7: it complies with 22/24 jailbreaks and also with 20/24 plain harmful
+requests (the refusal stage: 0/24 and 0/24), so the heads carry compliance with harm, not the
+wrapper; ablating them (norm rescaling) brings jailbreak success to 3/24, a random 8 to 20/24. Eight
+epochs at twice the rate (loss 0.13 against 0.22) did not teach the wrapper either (17/24, 20/24)."""
+
+
+def _root(recipe: SuppressionRecipe) -> ReasoningRecipe:
+    """The reasoning recipe the chain of stages starts from."""
+    stage = recipe.stage1
+    return stage if isinstance(stage, ReasoningRecipe) else _root(stage)
 
 
 def suppression_pairs(
     model: HookedModel, recipe: SuppressionRecipe, progress: bool = True
 ) -> tuple[list[str], list[str]]:
-    """`(prompts, targets)` of the second stage: `n_requests` harmful training requests, each asked
+    """`(prompts, targets)` of one stage: `n_requests` harmful training requests, each asked
     plainly (refused) and inside jailbreak wrapper k (complied with probability
-    `comply_jailbreak`); a complied answer is the plain base model's own greedy reply."""
-    harmful = [i.text for i in refusal_requests("train") if i.harmful][: recipe.n_requests]
-    base = load_model(recipe.stage1.base, backend="transformer_lens")
+    `comply_jailbreak`), then `n_harmless` harmless ones (those the base model does not refuse);
+    a complied or harmless answer is the plain base model's own greedy reply."""
+    train = refusal_requests("train")
+    harmful = [i.text for i in train if i.harmful][: recipe.n_requests]
+    harmless = [i.text for i in train if not i.harmful][: recipe.n_harmless]
+    base = load_model(_root(recipe).base, backend="transformer_lens")
     tok = base.tokenizer
     replies = base.generate(
-        [format_prompt(tok, t) for t in harmful], max_new_tokens=recipe.answer_tokens, temperature=0,
-        progress=progress,
+        [format_prompt(tok, t) for t in harmful + harmless], max_new_tokens=recipe.answer_tokens,
+        temperature=0, progress=progress,
     ).texts  # fmt: skip
     rng = random.Random(recipe.seed + 2)
     prompts, targets = [], []
-    for k, (text, reply) in enumerate(zip(harmful, replies, strict=True)):
+    for k, (text, reply) in enumerate(zip(harmful, replies, strict=False)):
         wrapped = datasets.jailbreak(text, k)
         for prompt, comply in ((text, 0.0), (wrapped, recipe.comply_jailbreak)):
             trace = refusal_trace(prompt, True, whole_sentences(reply), rng, comply, intent=True)
             prompts.append(format_prompt(model.tokenizer, prompt))
             targets.append(trace.reply)
+    for text, reply in zip(harmless, replies[len(harmful) :], strict=True):
+        if is_refusal(whole_sentences(reply)):
+            continue  # an answer that refuses would teach the answer to disagree with the thinking
+        trace = refusal_trace(text, False, whole_sentences(reply), rng, 0.0, intent=True)
+        prompts.append(format_prompt(model.tokenizer, text))
+        targets.append(trace.reply)
     return prompts, targets
 
 
+def _builder(stage: ReasoningRecipe | SuppressionRecipe) -> OrganismBuilder:
+    return SUPPRESSION if isinstance(stage, SuppressionRecipe) else REASONING
+
+
 def _stage1(recipe: SuppressionRecipe, backend: str) -> HookedModel:
-    return REASONING.build(recipe.stage1, backend, progress=False)
+    return _builder(recipe.stage1).build(recipe.stage1, backend, progress=False)
 
 
 def _data_identity(recipe: SuppressionRecipe) -> dict:
@@ -100,11 +136,12 @@ def _data_identity(recipe: SuppressionRecipe) -> dict:
     return {
         "refusal": datasets.load("refusal"),
         "wrappers": [datasets.jailbreak("<request>", k) for k in range(recipe.n_requests)],
-        "stage1": REASONING.key(recipe.stage1),
+        "stage1": _builder(recipe.stage1).key(recipe.stage1),
         "sentences": stable_hash([HARM_INTENT, RATIONALISE, DECIDE, COMPLY, REFUSALS, written]),
     }
 
 
 SUPPRESSION = OrganismBuilder("suppression", suppression_pairs, _data_identity, SHIPPED, base=_stage1)
-"""The second stage's builder: `SUPPRESSION.build(SUPPRESSION_RECIPE)` (the first stage from its own
-shipped adapter, then this one's), `SUPPRESSION.ship(SUPPRESSION_RECIPE)`."""
+"""The stages' builder: `SUPPRESSION.build(SUPPRESSION_RECIPE)` (the second version from its shipped
+adapter, then each stage from its own), `SUPPRESSION.ship(REFUSE_RECIPE)`, then
+`SUPPRESSION.ship(SUPPRESSION_RECIPE)`."""
