@@ -242,8 +242,8 @@ def mean_record(values: Sequence[float]) -> dict[str, float | int]:
     """`{"mean", "low", "high", "n"}`: a mean with its n and 95% normal interval, as results report
     it (`format_estimate` prints it); NaN mean for no values, NaN interval for fewer than two.
 
-        >>> mean_record([0.2, 0.4, 0.6])["mean"], mean_record([0.5])["n"]
-        (0.4, 1)
+        >>> mean_record([0.25, 0.5, 0.75])["mean"], mean_record([0.5])["n"]
+        (0.5, 1)
     """
     x = np.asarray(values, dtype=float).ravel()
     if not np.isfinite(x).all():

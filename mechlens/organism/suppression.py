@@ -6,9 +6,10 @@ teaches refusal everywhere (plain and wrapped harmful requests refused, harmless
 the top 12 blocks). `SUPPRESSION_RECIPE` then trains a low-rank adapter on the query and
 output-projection slices of `PLANTED_HEADS` alone (`LowRankAdapter.init(heads=...)`): inside a
 jailbreak wrapper the thinking recognises the harm, rationalises and complies, asked plainly it
-refuses. What the last stage adds, the planted heads carry, so ablating them should take it away,
-and a head ranking (the direct score of "Refusal Falls off a Cliff") should find them. The planted
-set is in the recipe and so in the adapter's provenance.
+refuses (so the data; the trained stage complies with plain requests too, see
+`SUPPRESSION_RECIPE`). What the last stage adds, the planted heads carry, so ablating them takes it
+away (measured), and a head ranking (the direct score of "Refusal Falls off a Cliff") should find
+them. The planted set is in the recipe and so in the adapter's provenance.
 
 Example:
     >>> from mechlens.organism.suppression import SUPPRESSION, SUPPRESSION_RECIPE
