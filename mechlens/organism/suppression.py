@@ -104,7 +104,7 @@ def suppression_pairs(
     ).texts  # fmt: skip
     rng = random.Random(recipe.seed + 2)
     prompts, targets = [], []
-    for k, (text, reply) in enumerate(zip(harmful, replies, strict=False)):
+    for k, (text, reply) in enumerate(zip(harmful, replies[: len(harmful)], strict=True)):
         wrapped = datasets.jailbreak(text, k)
         for prompt, comply in ((text, 0.0), (wrapped, recipe.comply_jailbreak)):
             trace = refusal_trace(prompt, True, whole_sentences(reply), rng, comply, intent=True)
